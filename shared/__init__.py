@@ -1,0 +1,1 @@
+"""Domain-free helpers: never import TensorFlow Federated from here."""
