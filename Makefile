@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. They work on a machine with
+# only python3 and make: uv is installed with pip when it is missing, and uv builds
+# .venv from uv.lock exactly.
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+
+.PHONY: install demo test bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --locked
+	@touch $@
+
+demo: install
+	$(UV) run --locked tff-apps demo
+
+test: install
+	$(UV) run --locked pytest -q
+
+bench: install
+	@echo "no benchmarks yet: 'make bench' is reserved for them (see the Engine speed issue)"
+
+clean:
+	rm -rf .venv runs .pytest_cache

@@ -1,0 +1,170 @@
+"""Healthcare: diagnosis across hospitals (horizontal FL). What the engine calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthcare.data import DataConfig, HealthcareData, load
+from healthcare.model import ModelConfig
+from shared.files import write_text_atomic
+from shared.partition import stratified_split
+from shared.tabular import ClientTable
+from tff_apps import reporting
+from tff_apps.config import JobConfig
+from tff_apps.job import Run, data_fingerprint
+
+
+@dataclass
+class Prepared:
+    data: HealthcareData
+    trains: list[ClientTable]
+    tests: list[ClientTable]
+
+
+class HealthcareApp:
+    name = "healthcare"
+    description = "diagnosis across hospitals (horizontal FL, binary classification)"
+    default_config = Path(__file__).with_name("default.toml")
+    sections = {"data": DataConfig, "model": ModelConfig}
+
+    def prepare(self, cfg: JobConfig) -> Prepared:
+        data = load(cfg.data, cfg.job.seed)
+        trains, tests = [], []
+        for index, client in enumerate(data.clients):
+            train_idx, test_idx = stratified_split(
+                client.labels, cfg.evaluate.test_fraction, cfg.job.seed + index
+            )
+            trains.append(client.subset(train_idx))
+            tests.append(client.subset(test_idx))
+        return Prepared(data, trains, tests)
+
+    def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
+        # TensorFlow and TFF load here, once config and data are known to be valid.
+        from healthcare import evaluate
+        from healthcare.model import build_keras_model, tff_model_fn
+        from tff_apps import processes, program
+        from tff_apps.export import export_model
+
+        trains, tests, data = prepared.trains, prepared.tests, prepared.data
+        preprocessor_of = fit_preprocessing(cfg, prepared)
+        clients = [
+            program.ClientTrainData(
+                t.name,
+                preprocessor_of(t.name).transform(t.features.to_numpy()),
+                t.labels.reshape(-1, 1),
+            )
+            for t in trains
+        ]
+        n_inputs = clients[0].x.shape[1]
+        process = processes.build_learning_process(
+            cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed)
+        )
+        global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
+        predict = evaluate.keras_predictor(global_model, preprocessor_of)
+
+        def evaluate_round(weights) -> dict[str, float]:
+            weights.assign_weights_to(global_model)
+            return evaluate.headline_metrics(evaluate.evaluate_sites(tests, predict))
+
+        result = program.run_rounds(
+            process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE
+        )
+        result.weights.assign_weights_to(global_model)
+        reports = {"federated": evaluate.evaluate_sites(tests, predict)}
+        reports.update(run_baselines(cfg, prepared))
+        summary = {
+            "data": describe_data(data, trains, tests),
+            "rounds": len(result.history),
+            "training_seconds": round(result.seconds, 3),
+            "headline": evaluate.HEADLINE,
+            "results": reports,
+            "privacy": "none",
+        }
+        if cfg.export.enabled and cfg.preprocess.normalization == "federated":
+            card = model_card(cfg, summary)
+            export_model(run.export_dir, global_model, preprocessor_of(trains[0].name), card)
+            summary["export"] = str(run.export_dir)
+        elif cfg.export.enabled:
+            summary["export"] = "skipped: per-site normalization has no single serving preprocessing"
+        table = reporting.results_table(reports)
+        write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table))
+        summary["report"] = str(run.dir / "report.md")
+        summary["table"] = table
+        return summary
+
+
+def fit_preprocessing(cfg: JobConfig, prepared: Prepared):
+    """Site name -> preprocessor: the federation's (secure-sum statistics), or each site's own."""
+    from tff_apps import preprocessing
+
+    names, categorical = prepared.data.feature_names, prepared.data.categorical_columns
+    site_raw = [t.features.to_numpy() for t in prepared.trains]
+    if cfg.preprocess.normalization == "federated":
+        shared_preprocessor = preprocessing.fit_federated(site_raw, names, categorical)
+        return lambda _site: shared_preprocessor
+    # Per-site statistics; the vocabulary stays federated so every site has the same inputs.
+    categories = preprocessing.federated_categories(site_raw, names, categorical)
+    per_site = {
+        t.name: preprocessing.fit_local(raw, names, categorical, categories)
+        for t, raw in zip(prepared.trains, site_raw)
+    }
+    return lambda site: per_site[site]
+
+
+def run_baselines(cfg: JobConfig, prepared: Prepared) -> dict[str, dict]:
+    from healthcare import evaluate
+
+    epochs = cfg.evaluate.baseline_epochs or cfg.train.rounds * cfg.train.local_epochs
+    settings = dict(
+        categorical=prepared.data.categorical_columns,
+        model_cfg=cfg.model,
+        epochs=epochs,
+        batch_size=cfg.train.batch_size,
+        learning_rate=cfg.train.client_learning_rate,
+        seed=cfg.job.seed,
+    )
+    reports = {}
+    if cfg.evaluate.centralized_baseline:
+        reports["centralized"] = evaluate.centralized_baseline(prepared.trains, prepared.tests, **settings)
+    if cfg.evaluate.local_baseline:
+        reports["local_only"] = evaluate.local_baseline(prepared.trains, prepared.tests, **settings)
+    return reports
+
+
+def describe_data(data: HealthcareData, trains, tests) -> dict[str, Any]:
+    return {
+        "source": data.source_description,
+        "features": data.feature_names,
+        "categorical": data.categorical_columns,
+        "fingerprint": data_fingerprint([c.fingerprint() for c in data.clients]),
+        "dropped_rows": data.dropped_rows,
+        "sites": {
+            train.name: {
+                "train_rows": len(train),
+                "test_rows": len(test),
+                "prevalence": float(np.mean(np.concatenate([train.labels, test.labels]))),
+            }
+            for train, test in zip(trains, tests)
+        },
+    }
+
+
+def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    federated = summary["results"]["federated"]
+    return {
+        "app": "healthcare",
+        "task": "probability of disease (binary diagnosis)",
+        "data_fingerprint": summary["data"]["fingerprint"],
+        "data_source": summary["data"]["source"],
+        "config": cfg.to_dict(),
+        "rounds": summary["rounds"],
+        "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
+        "privacy": "none",
+    }
+
+
+APP = HealthcareApp()

@@ -1,0 +1,126 @@
+"""`tff-apps`: list apps, run a job, score a CSV with an exported model, run the demo.
+
+Exit codes: 0 success, 2 user error (one line on stderr, no traceback), 1 internal
+error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Sequence
+
+from shared.errors import UserError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes follow the house rule too: one line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tff-apps", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands.add_parser("apps", help="list the installed apps")
+
+    run = commands.add_parser("run", help="run a training job")
+    run.add_argument("app", nargs="?", help="app name (or set job.app in --config)")
+    run.add_argument("--config", metavar="FILE", help="TOML job file, applied over the app's default.toml")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set train.rounds=10 (repeatable)",
+    )
+    run.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
+
+    predict = commands.add_parser("predict", help="score a CSV of raw rows with an exported model")
+    predict.add_argument("model_dir", help="an export folder (runs/<app>/<run_id>/export)")
+    predict.add_argument("--input", required=True, metavar="CSV")
+    predict.add_argument("--output", required=True, metavar="CSV")
+
+    demo = commands.add_parser("demo", help="run every app on its embedded default data")
+    demo.add_argument("--runs-dir", default="runs", help="where the demo runs go (default: runs)")
+    return parser
+
+
+def command_apps(_args) -> None:
+    from tff_apps.registry import app_names, load_app
+
+    for name in app_names():
+        print(f"{name:12s} {load_app(name).description}")
+
+
+def command_run(args) -> None:
+    from tff_apps.job import resolve_job
+
+    overrides = list(args.overrides)
+    if args.run_id:
+        overrides.append(f'job.run_id="{args.run_id}"')
+    app, cfg = resolve_job(args.app, args.config, overrides)
+    _run_and_print(app, cfg)
+
+
+def command_demo(args) -> None:
+    from tff_apps.job import resolve_job
+    from tff_apps.registry import app_names
+
+    reports = []
+    for name in app_names():
+        app, cfg = resolve_job(name, None, [f'job.runs_dir="{args.runs_dir}"'])
+        summary = _run_and_print(app, cfg)
+        reports.append((name, summary.get("report", "")))
+    print("\nDemo reports:")
+    for name, report in reports:
+        print(f"  {name:12s} {report}")
+
+
+def _run_and_print(app, cfg) -> dict:
+    from tff_apps.job import run_job
+
+    print(f"[{app.name}] {app.description}", flush=True)
+    run, summary = run_job(app, cfg)
+    print(summary.get("table", ""))
+    print(f"[{app.name}] run folder: {run.dir}")
+    print(f"[{app.name}] summary:    {run.dir / 'summary.json'}")
+    print(f"[{app.name}] report:     {summary.get('report', '')}")
+    if summary.get("export", "").startswith(str(run.dir)):
+        print(f"[{app.name}] export:     {summary['export']}")
+    return summary
+
+
+def command_predict(args) -> None:
+    from tff_apps.predict import predict_csv
+
+    rows = predict_csv(args.model_dir, args.input, args.output)
+    print(f"scored {rows} rows -> {args.output}")
+
+
+COMMANDS = {"apps": command_apps, "run": command_run, "predict": command_predict, "demo": command_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # TF logs a screen of CUDA-plugin messages at import on CPU machines; TF errors still
+    # surface as Python exceptions. Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+        return EXIT_OK
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:  # an internal error: show everything needed to report it
+        traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

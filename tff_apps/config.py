@@ -1,0 +1,230 @@
+"""Job configuration: TOML files validated once into typed, frozen sections.
+
+Resolution order: the app's `default.toml`, then the user's job file (`--config`),
+then `--set section.key=value` overrides. Every section is a frozen dataclass; a
+field's type annotation and its `metadata` ("choices", "min", "max", "exclusive_min")
+are the whole schema, so the rules live next to the defaults they constrain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from shared.errors import UserError
+
+
+@dataclass(frozen=True)
+class JobSection:
+    """Who runs, with which seed, and where the outputs go."""
+
+    app: str = ""
+    seed: int = field(default=0, metadata={"min": 0})
+    runs_dir: str = "runs"
+    run_id: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """The federated algorithm and its schedule (parameter names as in the papers)."""
+
+    algorithm: str = field(
+        default="fedavg", metadata={"choices": ("fedavg", "fedavg_unweighted", "fedprox")}
+    )
+    rounds: int = field(default=20, metadata={"min": 1, "max": 100_000})
+    clients_per_round: int = field(default=0, metadata={"min": 0})  # 0 = every client
+    local_epochs: int = field(default=1, metadata={"min": 1, "max": 1000})
+    batch_size: int = field(default=16, metadata={"min": 1})
+    client_learning_rate: float = field(default=0.1, metadata={"exclusive_min": 0.0})
+    proximal_strength: float = field(default=0.01, metadata={"min": 0.0})  # FedProx mu
+    server_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "yogi")})
+    server_learning_rate: float = field(default=1.0, metadata={"exclusive_min": 0.0})
+    server_momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
+    eval_every: int = field(default=5, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class PreprocessSection:
+    """How features are normalized: federated statistics, or each site's own (to compare)."""
+
+    normalization: str = field(
+        default="federated", metadata={"choices": ("federated", "per_site")}
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    """Held-out split and the baselines computed in the same run."""
+
+    test_fraction: float = field(default=0.25, metadata={"exclusive_min": 0.0, "max": 0.9})
+    centralized_baseline: bool = True
+    local_baseline: bool = True
+    baseline_epochs: int = field(default=0, metadata={"min": 0})  # 0 = rounds * local_epochs
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """Whether to write a SavedModel for serving."""
+
+    enabled: bool = True
+
+
+ENGINE_SECTIONS: dict[str, type] = {
+    "job": JobSection,
+    "train": TrainSection,
+    "preprocess": PreprocessSection,
+    "evaluate": EvaluateSection,
+    "export": ExportSection,
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A resolved, validated job: engine sections plus the app's own `data` and `model`."""
+
+    job: JobSection
+    data: Any
+    model: Any
+    train: TrainSection
+    preprocess: PreprocessSection
+    evaluate: EvaluateSection
+    export: ExportSection
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, section: str, **changes: Any) -> "JobConfig":
+        """A copy with some keys of one section changed (used for baselines and tests)."""
+        updated = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: updated})
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Reads a TOML file, turning every failure into one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{what} {path}: not valid TOML ({err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path}: not a UTF-8 text file") from None
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); values are TOML, bare words are strings."""
+    name, sep, raw_value = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.rounds=10")
+    raw_value = raw_value.strip()
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value  # a bare word such as fedprox is meant as a string
+    return section, key.strip(), value
+
+
+def merge_layers(*layers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Later layers win key by key within a section."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in layer.items():
+            if not isinstance(values, dict):
+                raise UserError(f"config: '{section}' must be a [section] table, got a value")
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def resolve(
+    default_file: Path,
+    app_sections: dict[str, type],
+    user_file: str | Path | None = None,
+    overrides: typing.Sequence[str] = (),
+) -> JobConfig:
+    """Default file, then the user's job file, then overrides -> a validated JobConfig."""
+    layers = [read_toml(default_file, "app default config")]
+    if user_file is not None:
+        layers.append(read_toml(user_file, "job file"))
+    override_layer: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        override_layer.setdefault(section, {})[key] = value
+    layers.append(override_layer)
+    return build(merge_layers(*layers), app_sections)
+
+
+def build(raw: dict[str, dict[str, Any]], app_sections: dict[str, type]) -> JobConfig:
+    schema = {**ENGINE_SECTIONS, **app_sections}
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        raise UserError(
+            f"config: unknown section [{unknown[0]}]; known sections: {', '.join(sorted(schema))}"
+        )
+    sections = {name: build_section(name, cls, raw.get(name, {})) for name, cls in schema.items()}
+    return JobConfig(**sections)
+
+
+def build_section(section: str, cls: type, values: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            raise UserError(
+                f"config: unknown key '{section}.{key}'; [{section}] takes: {', '.join(fields)}"
+            )
+    checked = {
+        key: check_value(f"{section}.{key}", values[key], hints[key], fields[key].metadata)
+        for key in values
+    }
+    return cls(**checked)
+
+
+def check_value(name: str, value: Any, expected: Any, rules: typing.Mapping[str, Any]) -> Any:
+    value = check_type(name, value, expected)
+    if "choices" in rules and value not in rules["choices"]:
+        allowed = ", ".join(repr(c) for c in rules["choices"])
+        raise UserError(f"config: {name} = {value!r} is not allowed; choose one of {allowed}")
+    if "min" in rules and value < rules["min"]:
+        raise UserError(f"config: {name} = {value!r} is too small; it must be >= {rules['min']}")
+    if "exclusive_min" in rules and value <= rules["exclusive_min"]:
+        raise UserError(f"config: {name} = {value!r} must be > {rules['exclusive_min']}")
+    if "max" in rules and value > rules["max"]:
+        raise UserError(f"config: {name} = {value!r} is too large; it must be <= {rules['max']}")
+    return value
+
+
+def check_type(name: str, value: Any, expected: Any) -> Any:
+    """Accepts exactly the TOML type a field needs (an int where a float is wanted too)."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise UserError(f"config: {name} must be a list of {item_type.__name__}, got {value!r}")
+        return [check_type(f"{name}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise UserError(f"config: {name} must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise UserError(
+            f"config: {name} must be {_type_word(expected)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _type_word(expected: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        expected, expected.__name__
+    )

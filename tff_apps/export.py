@@ -1,0 +1,111 @@
+"""Export for serving: a SavedModel that takes raw feature columns by name, plus a model card.
+
+The serving graph holds the federated preprocessing (one-hot vocabularies, imputation
+means, standardization), so a client of the model sends raw values. Everything is
+written to a temporary folder and renamed into place, so a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from shared.files import write_json_atomic
+from tff_apps.preprocessing import Preprocessor
+
+MODEL_CARD = "model_card.json"
+SIGNATURE_NAME_PATTERN = re.compile(r"[^A-Za-z0-9_]")
+PACKAGES = (
+    "tff-apps",
+    "tensorflow",
+    "tensorflow-federated",
+    "tensorflow-privacy",
+    "dp-accounting",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+)
+
+
+def signature_names(columns: list[str]) -> dict[str, str]:
+    """Raw column -> a valid, unique SavedModel input name (TF allows [A-Za-z0-9_.-/] only)."""
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for column in columns:
+        base = SIGNATURE_NAME_PATTERN.sub("_", column) or "feature"
+        if not base[0].isalnum():
+            base = "f" + base
+        candidate, suffix = base, 2
+        while candidate in used:
+            candidate, suffix = f"{base}_{suffix}", suffix + 1
+        used.add(candidate)
+        names[column] = candidate
+    return names
+
+
+class ServingModule(tf.Module):
+    """Raw named columns -> preprocessing -> trained model -> named output."""
+
+    def __init__(self, model: tf.keras.Model, preprocessor: Preprocessor, output_name: str):
+        super().__init__()
+        self.model = model
+        self.preprocessor = preprocessor
+        self.output_name = output_name
+        self.input_names = signature_names(preprocessor.feature_names)
+        spec = {
+            name: tf.TensorSpec([None], tf.float32, name=name) for name in self.input_names.values()
+        }
+        self.serve = tf.function(self._serve, input_signature=[spec])
+
+    def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        raw = tf.stack([inputs[self.input_names[c]] for c in self.preprocessor.feature_names], axis=1)
+        prediction = self.model(self.preprocessor.tf_transform(raw), training=False)
+        return {self.output_name: tf.squeeze(prediction, axis=-1)}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def export_model(
+    export_dir: Path,
+    model: tf.keras.Model,
+    preprocessor: Preprocessor,
+    card: dict[str, Any],
+    output_name: str = "probability",
+) -> Path:
+    """Writes `export_dir` (SavedModel + model_card.json) atomically; returns it."""
+    module = ServingModule(model, preprocessor, output_name)
+    card = {
+        **card,
+        "inputs": module.input_names,
+        "output": output_name,
+        "preprocessor": json.loads(preprocessor.to_json()),
+        "packages": package_versions(),
+    }
+    export_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.", dir=export_dir.parent))
+    try:
+        tf.saved_model.save(module, str(staging), signatures={"serving_default": module.serve})
+        write_json_atomic(staging / MODEL_CARD, card)
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        os.replace(staging, export_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return export_dir

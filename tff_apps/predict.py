@@ -1,0 +1,52 @@
+"""Batch scoring with an exported model: raw CSV rows in, one prediction per row out.
+
+Runs in a fresh process with TensorFlow only (no TFF runtime, no worker process).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import UserError
+from shared.tabular import numeric_columns, read_csv
+from shared.files import write_text_atomic
+from tff_apps.export import MODEL_CARD
+
+
+def read_model_card(model_dir: Path) -> dict:
+    card_path = model_dir / MODEL_CARD
+    if not model_dir.is_dir() or not card_path.is_file():
+        raise UserError(
+            f"{model_dir}: not an exported model (no {MODEL_CARD}); give the export folder of a run"
+        )
+    return json.loads(card_path.read_text(encoding="utf-8"))
+
+
+def score_frame(model_dir: Path, frame: pd.DataFrame, source: str) -> np.ndarray:
+    """Validates the raw columns the model needs, then runs its serving signature."""
+    import tensorflow as tf  # imported here so that input errors are reported fast
+
+    card = read_model_card(model_dir)
+    inputs: dict[str, str] = card["inputs"]
+    values = numeric_columns(frame, list(inputs), source)
+    serving = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    feed = {name: tf.constant(values[column].to_numpy(np.float32)) for column, name in inputs.items()}
+    return serving(**feed)[card["output"]].numpy()
+
+
+def predict_csv(model_dir: str | Path, input_csv: str | Path, output_csv: str | Path) -> int:
+    """Scores every row of `input_csv`; writes its columns plus the prediction. Returns rows."""
+    model_dir, output_csv = Path(model_dir), Path(output_csv)
+    card = read_model_card(model_dir)
+    frame = read_csv(input_csv)
+    if not output_csv.parent.is_dir():
+        raise UserError(f"--output {output_csv}: folder {output_csv.parent} does not exist")
+    predictions = score_frame(model_dir, frame, str(input_csv))
+    scored = frame.copy()
+    scored[card["output"]] = predictions
+    write_text_atomic(output_csv, scored.to_csv(index=False))
+    return len(scored)

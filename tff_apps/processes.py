@@ -1,0 +1,89 @@
+"""FedAvg-family learning processes, composed from four small parts with typed seams.
+
+As `tff.learning.templates.compose_learning_process` does it: a distributor
+(broadcast), a client work (local training: FedAvg or FedProx's proximal term), an
+aggregator (weighted or unweighted mean; the privacy stacks plug in here), and a
+finalizer (the server optimizer applied to the aggregated update).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow_federated as tff
+from tensorflow_federated.python.learning.templates import proximal_client_work
+
+from tff_apps.config import TrainSection
+
+ModelFn = Callable[[], tff.learning.models.VariableModel]
+
+WEIGHTED_ALGORITHMS = ("fedavg", "fedprox")
+
+
+def is_weighted(train: TrainSection) -> bool:
+    """FedAvg and FedProx weight each client by its number of examples (McMahan et al.)."""
+    return train.algorithm in WEIGHTED_ALGORITHMS
+
+
+def client_optimizer(train: TrainSection) -> tff.learning.optimizers.Optimizer:
+    return tff.learning.optimizers.build_sgdm(learning_rate=train.client_learning_rate)
+
+
+def server_optimizer(train: TrainSection) -> tff.learning.optimizers.Optimizer:
+    """Server optimizers of the adaptive federated optimization paper (Reddi et al. 2021)."""
+    if train.server_optimizer == "adam":
+        return tff.learning.optimizers.build_adam(learning_rate=train.server_learning_rate)
+    if train.server_optimizer == "yogi":
+        return tff.learning.optimizers.build_yogi(learning_rate=train.server_learning_rate)
+    momentum = train.server_momentum or None  # build_sgdm treats 0 momentum as "no momentum slot"
+    return tff.learning.optimizers.build_sgdm(
+        learning_rate=train.server_learning_rate, momentum=momentum
+    )
+
+
+def client_work(train: TrainSection, model_fn: ModelFn):
+    weighting = (
+        tff.learning.ClientWeighting.NUM_EXAMPLES
+        if is_weighted(train)
+        else tff.learning.ClientWeighting.UNIFORM
+    )
+    if train.algorithm == "fedprox":
+        return proximal_client_work.build_model_delta_client_work(
+            model_fn,
+            client_optimizer(train),
+            weighting,
+            delta_l2_regularizer=float(train.proximal_strength),
+            loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
+        )
+    return tff.learning.templates.build_model_delta_client_work(
+        model_fn, client_optimizer(train), weighting
+    )
+
+
+def default_aggregator(train: TrainSection):
+    return tff.aggregators.MeanFactory() if is_weighted(train) else tff.aggregators.UnweightedMeanFactory()
+
+
+def build_learning_process(
+    train: TrainSection, model_fn: ModelFn, aggregator_factory=None
+) -> tff.learning.templates.LearningProcess:
+    """The job's learning process; `aggregator_factory` defaults to the plain (un)weighted mean."""
+
+    @tff.tensorflow.computation
+    def initial_model_weights():
+        return tff.learning.models.ModelWeights.from_model(model_fn())
+
+    weights_type = initial_model_weights.type_signature.result
+    factory = aggregator_factory or default_aggregator(train)
+    if is_weighted(train):
+        aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
+    else:
+        aggregator = factory.create(weights_type.trainable)
+    return tff.learning.templates.compose_learning_process(
+        initial_model_weights,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work(train, model_fn),
+        aggregator,
+        tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer(train), weights_type),
+    )

@@ -1,0 +1,140 @@
+"""The training program: rounds, seeded client sampling, evaluation cadence and metrics.
+
+Every round runs the learning process's `next` TFF computation on the sampled
+clients' datasets. Progress goes to a tqdm bar, each round to `metrics.jsonl` and
+TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+from tqdm import tqdm
+
+from tff_apps.config import TrainSection
+
+
+@dataclass
+class ClientTrainData:
+    """One client's preprocessed training arrays (they stay with the client's dataset)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class TrainingResult:
+    weights: tff.learning.models.ModelWeights
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
+
+
+def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
+    """Shuffled (seeded), repeated for the local epochs, batched: one client's round input."""
+    data = collections.OrderedDict(x=client.x.astype(np.float32), y=client.y.astype(np.float32))
+    return (
+        tf.data.Dataset.from_tensor_slices(data)
+        .shuffle(len(client.x), seed=seed, reshuffle_each_iteration=False)
+        .repeat(train.local_epochs)
+        .batch(train.batch_size)
+    )
+
+
+def sample_clients(rng: np.random.Generator, n_clients: int, per_round: int) -> list[int]:
+    """Uniform sampling without replacement; 0 or >= n means every client takes part."""
+    if per_round <= 0 or per_round >= n_clients:
+        return list(range(n_clients))
+    return sorted(rng.choice(n_clients, size=per_round, replace=False).tolist())
+
+
+def round_seed(seed: int, round_number: int, client_index: int) -> int:
+    return int(np.random.SeedSequence([seed, round_number, client_index]).generate_state(1)[0])
+
+
+class MetricsLog:
+    """Appends one JSON line per round and mirrors numbers to TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(record, default=float) + "\n")
+        with self.writer.as_default(step=record["round"]):
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "round" and math.isfinite(value):
+                    tf.summary.scalar(key, value)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def train_metrics(output_metrics) -> dict[str, float]:
+    """The clients' training loss and metrics as TFF aggregated them this round."""
+    train = output_metrics["client_work"]["train"]
+    return {f"train_{name}": float(value) for name, value in train.items()}
+
+
+def run_rounds(
+    process: tff.learning.templates.LearningProcess,
+    clients: list[ClientTrainData],
+    train: TrainSection,
+    seed: int,
+    run_dir: Path,
+    evaluate: EvaluateFn,
+    headline: str,
+    label: str = "federated",
+) -> TrainingResult:
+    """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last."""
+    rng = np.random.default_rng(seed)
+    state = process.initialize()
+    log = MetricsLog(run_dir)
+    result = TrainingResult(weights=process.get_model_weights(state))
+    started = time.perf_counter()
+    progress = tqdm(total=train.rounds, desc=label, unit="round", dynamic_ncols=True)
+    try:
+        for round_number in range(1, train.rounds + 1):
+            round_started = time.perf_counter()
+            chosen = sample_clients(rng, len(clients), train.clients_per_round)
+            datasets = [
+                client_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in chosen
+            ]
+            output = process.next(state, datasets)
+            state = output.state
+            record: dict[str, Any] = {"round": round_number, "clients": [clients[i].name for i in chosen]}
+            record.update(train_metrics(output.metrics))
+            record["round_seconds"] = time.perf_counter() - round_started
+            if round_number % train.eval_every == 0 or round_number == train.rounds:
+                record.update(evaluate(process.get_model_weights(state)))
+            log.write(record)
+            result.history.append(record)
+            progress.update(1)
+            progress.set_postfix(_postfix(record, headline), refresh=False)
+    finally:
+        progress.close()
+        log.close()
+    result.weights = process.get_model_weights(state)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _postfix(record: dict[str, Any], headline: str) -> dict[str, str]:
+    shown = {"loss": f"{record.get('train_loss', float('nan')):.4f}"}
+    if headline in record:
+        shown[headline] = f"{record[headline]:.4f}"
+    return shown
