@@ -52,7 +52,8 @@ def headline_metrics(report: dict) -> dict[str, float]:
 def keras_predictor(model: tf.keras.Model, preprocessor_of: Callable[[str], Preprocessor]) -> PredictFn:
     def predict(table: ClientTable) -> np.ndarray:
         x = preprocessor_of(table.name).transform(table.features.to_numpy())
-        return model.predict(x, batch_size=1024, verbose=0).reshape(-1)
+        # A direct call, not model.predict: predict re-traces a tf.function per new model.
+        return model(x, training=False).numpy().reshape(-1)
 
     return predict
 

@@ -120,7 +120,9 @@ class Runtime:
     """Context manager running TFF computations on a worker it owns.
 
     ``with Runtime(): ...`` starts one ``worker_binary``, makes it TFF's default
-    execution context, and stops it on every exit path.
+    execution context, and stops it on every exit path. Enter it from the main
+    thread: PDEATHSIG is tied to the entering thread, SIGTERM handling needs the
+    main thread, and TFF's context stack is per thread.
     """
 
     def __init__(
@@ -192,6 +194,10 @@ class Runtime:
                 stdin=subprocess.DEVNULL,
                 stdout=log if log is not None else subprocess.DEVNULL,
                 stderr=subprocess.STDOUT,
+                # Own process group: a terminal Ctrl-C is ours to handle (the
+                # code may catch it and go on); the worker is stopped by
+                # __exit__, or by PDEATHSIG if we die.
+                process_group=0,
                 preexec_fn=_pdeathsig_preexec(),
             )
         finally:
@@ -234,17 +240,21 @@ class Runtime:
     def _shutdown(self) -> None:
         """Idempotent teardown shared by __exit__, failed __enter__ and atexit."""
         atexit.unregister(self._shutdown)
+        # Worker first; every later step runs even if a second Ctrl-C/SIGTERM
+        # interrupts an earlier one (our SIGTERM handler stays on until last).
         try:
-            self._restore_context()
-            self._restore_sigterm_handler()
-        finally:
             process, self._process = self._process, None
             if process is not None:
                 _stop_process(process)
                 _log.debug("Stopped TFF worker pid %d (code %s)", process.pid, process.returncode)
-            channel, self._channel = self._channel, None
-            if channel is not None:
-                channel.close()
+        finally:
+            try:
+                self._restore_context()
+                channel, self._channel = self._channel, None
+                if channel is not None:
+                    channel.close()
+            finally:
+                self._restore_sigterm_handler()
 
     # -- signals -----------------------------------------------------------
 

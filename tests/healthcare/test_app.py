@@ -1,0 +1,183 @@
+"""The healthcare job end to end through the `tff-apps` command, as a user runs it.
+
+Each command runs in its own session (process group), so the tests can check that no
+process of ours outlives the command: TFF's worker binary leaks unless we stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import load_breast_cancer
+
+from shared.metrics import roc_auc
+
+SMALL_JOB = [
+    "--set", "train.rounds=3",
+    "--set", "train.eval_every=1",
+    "--set", "evaluate.baseline_epochs=3",
+]
+
+
+def tff_apps(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tff_apps.cli", *args],
+        capture_output=True, text=True, timeout=timeout, start_new_session=True,
+    )
+
+
+def processes_in_session(session_id: int) -> list[str]:
+    """Command lines of live (non-zombie) processes whose session is `session_id`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        state, session = fields[0], int(fields[3])
+        if session == session_id and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def raw_rows(n: int = 40) -> pd.DataFrame:
+    """Raw feature rows as a hospital would send them, named as the embedded source names them."""
+    data = load_breast_cancer()
+    columns = [name.replace(" ", "_") for name in data.feature_names]
+    frame = pd.DataFrame(data.data[:n], columns=columns)
+    frame.insert(0, "patient_id", [f"p{i}" for i in range(n)])
+    frame["malignant"] = 1 - data.target[:n]
+    return frame
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    result = tff_apps("run", "healthcare", *SMALL_JOB, "--set", f'job.runs_dir="{runs}"', "--run-id", "r1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs / "healthcare" / "r1"
+
+
+def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert summary["rounds"] == 3
+    assert summary["secure_sum"] == "simulated"
+    results = summary["results"]
+    assert set(results) == {"federated", "centralized", "local_only"}
+    for report in results.values():
+        assert 0.9 < report["pooled"]["auc"] <= 1.0
+        assert len(report["sites"]) == 5
+    rounds = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    assert rounds[-1]["test_auc"] == pytest.approx(results["federated"]["pooled"]["auc"], abs=1e-9)
+    assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
+    card = json.loads((finished_run / "export" / "model_card.json").read_text())
+    assert card["app"] == "healthcare" and card["privacy"] == "none" and card["rounds"] == 3
+    assert card["data_fingerprint"] == summary["data"]["fingerprint"]
+    assert card["config"]["train"]["rounds"] == 3
+    assert card["packages"]["tensorflow-federated"] == "0.87.0"
+    assert (finished_run / "export" / "saved_model.pb").is_file()
+
+
+def test_same_config_gives_the_same_model(finished_run: Path, tmp_path: Path):
+    result = tff_apps("run", "healthcare", *SMALL_JOB, "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "r2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads((finished_run / "summary.json").read_text())["results"]
+    second = json.loads((tmp_path / "healthcare" / "r2" / "summary.json").read_text())["results"]
+    assert second["federated"]["pooled"] == first["federated"]["pooled"]
+
+
+def test_predict_scores_raw_rows_in_a_fresh_process(finished_run: Path, tmp_path: Path):
+    rows = raw_rows()
+    rows.to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "scored.csv"
+    result = tff_apps("predict", str(finished_run / "export"), "--input", str(tmp_path / "in.csv"), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = pd.read_csv(out)
+    assert list(scored["patient_id"]) == list(rows["patient_id"])
+    probability = scored["probability"].to_numpy()
+    assert np.all((probability >= 0) & (probability <= 1))
+    assert roc_auc(rows["malignant"].to_numpy(), probability) > 0.95
+
+
+@pytest.mark.parametrize(
+    "breakage, named",
+    [
+        (lambda f: f.drop(columns=["mean_radius"]), "mean_radius"),
+        (lambda f: f.assign(worst_area=["big"] + list(f["worst_area"][1:])), "worst_area"),
+    ],
+    ids=["missing-column", "non-numeric-column"],
+)
+def test_predict_rejects_bad_csv_with_one_line_and_no_output(finished_run, tmp_path, breakage, named):
+    breakage(raw_rows()).to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "scored.csv"
+    result = tff_apps("predict", str(finished_run / "export"), "--input", str(tmp_path / "in.csv"), "--output", str(out))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and named in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "in.csv"]
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.rounds=0", "train.rounds"),
+        ("train.algorithm=fedsgd", "train.algorithm"),
+        ("train.bogus=1", "train.bogus"),
+        ("data.source=csv", "data.label_column"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path, override, named):
+    result = tff_apps("run", "healthcare", "--set", override, "--set", f'job.runs_dir="{tmp_path / "runs"}"')
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and named in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_app_is_a_user_error():
+    result = tff_apps("run", "astrology")
+    assert result.returncode == 2 and "healthcare" in result.stderr
+
+
+def test_no_process_outlives_a_normal_run(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", *SMALL_JOB,
+         "--set", "evaluate.local_baseline=false", "--set", f'job.runs_dir="{tmp_path}"'],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    process.communicate(timeout=240)  # returns only once nothing holds our pipe open
+    assert process.returncode == 0
+    assert processes_in_session(process.pid) == []
+
+
+def test_ctrl_c_stops_the_run_and_its_worker(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", "--set", "train.rounds=100000",
+         "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "interrupted"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    metrics = tmp_path / "healthcare" / "interrupted" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not metrics.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert metrics.exists(), "training never started"
+    workers = [c for c in processes_in_session(process.pid) if "worker_binary" in c]
+    assert len(workers) == 1
+    os.kill(process.pid, signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert processes_in_session(process.pid) == []
+    summary = json.loads((metrics.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert not (metrics.parent / "export").exists()
