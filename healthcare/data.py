@@ -40,8 +40,9 @@ Missing-value policy (csv):
 - In the columns listed in ``zero_means_missing`` a value of 0 also counts as
   missing (e.g. UCI ``chol``, where 0 means "not measured").
 - Rows whose label is missing are dropped; the count per site is reported in
-  ``HealthcareData.dropped_rows``. Any other label value that is not
-  ``positive_label`` is a negative (as decided by ``shared.tabular.binary_labels``).
+  ``HealthcareData.dropped_rows``. Any label value other than
+  ``positive_label`` is a negative; or, when ``negative_label`` is set, any value
+  other than it is a positive (UCI heart disease: ``num`` 0 healthy, 1-4 disease).
 - Missing feature values stay NaN here. The engine imputes them downstream with
   the federated mean (computed from per-site counts and sums, never from pooled
   rows). A column that is entirely missing at one site is allowed (it is imputed
@@ -67,7 +68,7 @@ from shared.partition import dirichlet_label_partition, quantity_weights
 from shared.tabular import (
     MISSING_TOKENS,
     ClientTable,
-    binary_labels,
+    label_matches,
     numeric_columns,
     read_csv,
     require_columns,
@@ -88,6 +89,7 @@ class DataConfig:
     site_column: str = ""  # csv, single-file layout: the column naming the hospital
     label_column: str = ""  # csv
     positive_label: str = "1"  # csv: the label value that means disease
+    negative_label: str = ""  # csv: if set, this value means healthy and every other value disease (UCI num: "0")
     feature_columns: list[str] = field(default_factory=list)  # csv: empty = every column except label/site
     categorical_columns: list[str] = field(default_factory=list)  # csv: one-hot encoded by the engine
     zero_means_missing: list[str] = field(default_factory=list)  # csv: columns where 0 means not measured
@@ -410,15 +412,11 @@ def _load_csv(cfg: DataConfig) -> HealthcareData:
             )
         )
 
-    # Labels are mapped once over all sites, so that a hospital without any positive
-    # case is allowed; only a positive_label that occurs nowhere is an error.
-    all_labels = binary_labels(
-        pd.concat(kept_labels, ignore_index=True), cfg.positive_label, f"data.path = '{cfg.path}'", cfg.label_column
-    )
-    start = 0
-    for client in clients:
-        client.labels = np.asarray(all_labels[start : start + len(client)], dtype=np.int64)
-        start += len(client)
+    # Each site maps its own labels; a hospital without a positive (or negative) case is
+    # allowed, a label value that occurs at no site is an error (usually a typo).
+    for client, labels in zip(clients, kept_labels):
+        client.labels = _site_labels(cfg, labels, client.name)
+    _require_both_classes(cfg, clients)
 
     for c in feature_names:
         if all(client.features[c].isna().all() for client in clients):
@@ -434,6 +432,28 @@ def _load_csv(cfg: DataConfig) -> HealthcareData:
         source_description=f"csv: {len(clients)} hospitals from {layout}",
         dropped_rows=dropped,
     )
+
+
+def _site_labels(cfg: DataConfig, labels: pd.Series, site: str) -> np.ndarray:
+    source = f"data.path = '{cfg.path}', site {site}"
+    if cfg.negative_label:
+        return (~label_matches(labels, cfg.negative_label, source, cfg.label_column)).astype(np.int64)
+    return label_matches(labels, cfg.positive_label, source, cfg.label_column).astype(np.int64)
+
+
+def _require_both_classes(cfg: DataConfig, clients: list[ClientTable]) -> None:
+    positives = sum(int(c.labels.sum()) for c in clients)
+    rows = sum(len(c) for c in clients)
+    if cfg.negative_label and positives == rows:
+        raise UserError(
+            f"data.negative_label = '{cfg.negative_label}' occurs in no row of label column "
+            f"'{cfg.label_column}'; name the value that means healthy"
+        )
+    if not cfg.negative_label and positives == 0:
+        raise UserError(
+            f"data.positive_label = '{cfg.positive_label}' occurs in no row of label column "
+            f"'{cfg.label_column}'; name the value that means disease (or set data.negative_label)"
+        )
 
 
 def _check_column_lists(cfg: DataConfig) -> None:

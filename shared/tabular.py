@@ -209,30 +209,37 @@ def binary_labels(
     values other than the positive one are class 0. Missing labels are a UserError, and
     so is a positive label that never occurs (usually a typo in the configuration).
     """
-    positive_text = str(positive_label).strip()
-    text = pd.Series(values).reset_index(drop=True)
-    is_null = text.isna().to_numpy()
-    text = text.where(~is_null, "").astype(str).str.strip()
-    is_missing = is_null | text.isin(MISSING_TOKENS).to_numpy()
+    is_positive = label_matches(values, positive_label, source, column)
+    if not is_positive.any():
+        raise UserError(
+            f"{source}: label column '{_shown(column)}' has no value equal to the positive "
+            f"label '{_shown(str(positive_label).strip())}' (values seen: {_distinct_values(_label_text(values))})"
+        )
+    return is_positive.astype(np.int64)
+
+
+def label_matches(values: pd.Series, label: str, source: str, column: str) -> np.ndarray:
+    """Boolean per row: the value equals `label` (as text, or as a number). Missing -> UserError."""
+    label_text = str(label).strip()
+    text = _label_text(values)
+    is_missing = text.isin(MISSING_TOKENS).to_numpy()
     if is_missing.any():
         first_missing = int(np.flatnonzero(is_missing)[0])
         raise UserError(
             f"{source}: label column '{_shown(column)}' is empty at row {first_missing + 1}; "
             "every row needs a label (drop the row or fill in the label)"
         )
-
-    is_positive = (text == positive_text).to_numpy()
-    positive_number = _as_number(positive_text)
-    if positive_number is not None:
+    matches = (text == label_text).to_numpy()
+    label_number = _as_number(label_text)
+    if label_number is not None:
         numbers = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-        is_positive |= numbers == positive_number
+        matches |= numbers == label_number
+    return matches
 
-    if not is_positive.any():
-        raise UserError(
-            f"{source}: label column '{_shown(column)}' has no value equal to the positive "
-            f"label '{_shown(positive_text)}' (values seen: {_distinct_values(text)})"
-        )
-    return is_positive.astype(np.int64)
+
+def _label_text(values: pd.Series) -> pd.Series:
+    text = pd.Series(values).reset_index(drop=True)
+    return text.where(~text.isna(), "").astype(str).str.strip()
 
 
 def _as_number(text: str) -> float | None:

@@ -346,8 +346,19 @@ def test_csv_single_file_row_without_site(tmp_path):
 
 
 def test_csv_positive_label_never_seen(folder):
-    with pytest.raises(UserError, match=r"'dx'.*positive label 'yes'"):
+    with pytest.raises(UserError, match=r"positive_label = 'yes'.*'dx'"):
         load(csv_cfg(folder, positive_label="yes"), seed=0)
+
+
+def test_csv_negative_label_makes_every_other_value_disease(tmp_path):
+    # UCI heart disease: num 0 = healthy, 1-4 = disease grades.
+    for site, nums in {"a": [0, 1, 2, 3, 4, 0] * 2, "b": [0, 0, 4, 2, 0, 1] * 2}.items():
+        body = "\n".join(f"{50 + i},{n}" for i, n in enumerate(nums))
+        _write(tmp_path / f"{site}.csv", "age,num\n" + body)
+    data = load(DataConfig(source="csv", path=str(tmp_path), label_column="num", negative_label="0"), seed=0)
+    assert [list(c.labels) for c in data.clients] == [[0, 1, 1, 1, 1, 0] * 2, [0, 0, 1, 1, 0, 1] * 2]
+    with pytest.raises(UserError, match=r"negative_label = '7'"):
+        load(DataConfig(source="csv", path=str(tmp_path), label_column="num", negative_label="7"), seed=0)
 
 
 def test_csv_column_lists_must_name_features(folder):

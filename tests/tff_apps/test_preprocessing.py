@@ -250,8 +250,9 @@ def test_fit_local_with_fixed_categories_keeps_the_federated_layout(fitted, site
     prep = pp.fit_local(sites[0], NAMES, CATEGORICAL, categories=fitted.categories)
     assert prep.expanded_names == EXPANDED
     mean, std = numpy_stats(sites[0], VOCAB)
-    cp4 = EXPANDED.index("cp=4")  # code 4 never occurs at site 0: a constant 0 column
-    assert mean[cp4] == 0.0 and std[cp4] == 0.0
-    std[cp4] = std[EXPANDED.index("const")] = 1.0
+    absent = [EXPANDED.index("cp=4"), EXPANDED.index("grade=5")]  # never at site 0: constant 0 columns
+    assert np.all(mean[absent] == 0.0) and np.all(std[absent] == 0.0)
+    assert np.flatnonzero(std == 0.0).tolist() == sorted(absent + [EXPANDED.index("const")])
+    std[std == 0.0] = 1.0
     np.testing.assert_allclose(prep.mean, mean, rtol=1e-12, atol=0)
     np.testing.assert_allclose(prep.std, std, rtol=1e-12, atol=0)
