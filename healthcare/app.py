@@ -101,15 +101,18 @@ def fit_preprocessing(cfg: JobConfig, prepared: Prepared):
     """Site name -> preprocessor: the federation's (secure-sum statistics), or each site's own."""
     from tff_apps import preprocessing
 
-    names, categorical = prepared.data.feature_names, prepared.data.categorical_columns
+    data = prepared.data
+    names, categorical = data.feature_names, data.categorical_columns
     site_raw = [t.features.to_numpy() for t in prepared.trains]
     if cfg.preprocess.normalization == "federated":
-        shared_preprocessor = preprocessing.fit_federated(site_raw, names, categorical)
+        shared_preprocessor = preprocessing.fit_federated(
+            site_raw, names, categorical, data.zero_means_missing
+        )
         return lambda _site: shared_preprocessor
     # Per-site statistics; the vocabulary stays federated so every site has the same inputs.
     categories = preprocessing.federated_categories(site_raw, names, categorical)
     per_site = {
-        t.name: preprocessing.fit_local(raw, names, categorical, categories)
+        t.name: preprocessing.fit_local(raw, names, categorical, categories, data.zero_means_missing)
         for t, raw in zip(prepared.trains, site_raw)
     }
     return lambda site: per_site[site]

@@ -103,6 +103,7 @@ class HealthcareData:
     categorical_columns: list[str]  # subset of feature_names to be one-hot encoded by the engine
     source_description: str  # one line
     dropped_rows: dict[str, int]  # per site: rows dropped (e.g. missing label)
+    zero_means_missing: list[str] = field(default_factory=list)  # also applied by the exported model
 
 
 def load(cfg: DataConfig, seed: int) -> HealthcareData:
@@ -247,6 +248,7 @@ def _load_heart(seed: int) -> HealthcareData:
         clients=clients,
         feature_names=list(HEART_FEATURES),
         categorical_columns=list(HEART_CATEGORICAL),
+        zero_means_missing=["chol"],  # raw UCI rows sent for scoring code "not measured" as 0
         source_description=f"heart: 4 hospitals generated from UCI per-site statistics (seed {seed})",
         dropped_rows={c.name: 0 for c in clients},
     )
@@ -429,6 +431,7 @@ def _load_csv(cfg: DataConfig) -> HealthcareData:
         clients=clients,
         feature_names=feature_names,
         categorical_columns=list(cfg.categorical_columns),
+        zero_means_missing=list(cfg.zero_means_missing),
         source_description=f"csv: {len(clients)} hospitals from {layout}",
         dropped_rows=dropped,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import tensorflow as tf
@@ -39,6 +39,7 @@ class Preprocessor:
     categories: dict[str, list[float]]
     mean: list[float]  # per expanded column
     std: list[float]
+    zero_means_missing: list[str] = field(default_factory=list)  # raw columns where 0 = not measured
 
     @property
     def expanded_names(self) -> list[str]:
@@ -49,10 +50,18 @@ class Preprocessor:
 
     def tf_transform(self, raw: tf.Tensor) -> tf.Tensor:
         """The same arithmetic in training and in the exported serving graph."""
+        raw = self._zeros_to_missing(raw)
         expanded = tf_expand(raw, self.feature_names, self.categories)
         mean = tf.constant(self.mean, tf.float32)
         imputed = tf.where(tf.math.is_nan(expanded), mean, expanded)
         return (imputed - mean) / tf.constant(self.std, tf.float32)
+
+    def _zeros_to_missing(self, raw: tf.Tensor) -> tf.Tensor:
+        """Serving receives raw rows, where e.g. UCI 'chol' = 0 still means 'not measured'."""
+        if not self.zero_means_missing:
+            return raw
+        flags = tf.constant([[name in self.zero_means_missing for name in self.feature_names]])
+        return tf.where(flags & tf.equal(raw, 0.0), tf.constant(float("nan")), raw)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -246,21 +255,24 @@ def local_moments(x: np.ndarray) -> Moments:
     return Moments(count, np.nan_to_num(mean), np.nan_to_num(var))
 
 
-def preprocessor_from(feature_names, categories, moments: Moments) -> Preprocessor:
+def preprocessor_from(feature_names, categories, moments: Moments, zero_means_missing=()) -> Preprocessor:
     """Columns with no value anywhere are imputed with 0; constant columns keep std 1."""
     std = np.sqrt(moments.var)
     std = np.where(std > 1e-12, std, 1.0)
     mean = np.where(moments.count > 0, moments.mean, 0.0)
-    return Preprocessor(list(feature_names), categories, mean.tolist(), std.tolist())
+    return Preprocessor(
+        list(feature_names), categories, mean.tolist(), std.tolist(), list(zero_means_missing)
+    )
 
 
 def fit_federated(
-    client_raw: list[np.ndarray], feature_names: list[str], categorical: list[str]
+    client_raw: list[np.ndarray], feature_names: list[str], categorical: list[str],
+    zero_means_missing=(),
 ) -> Preprocessor:
     """The federation's preprocessor: vocabularies and moments through secure sum."""
     categories = federated_categories(client_raw, feature_names, categorical)
     expanded = [expand(raw, feature_names, categories) for raw in client_raw]
-    return preprocessor_from(feature_names, categories, federated_moments(expanded))
+    return preprocessor_from(feature_names, categories, federated_moments(expanded), zero_means_missing)
 
 
 def local_categories(raw: np.ndarray, feature_names: list[str], categorical: list[str]) -> dict[str, list[float]]:
@@ -274,10 +286,11 @@ def local_categories(raw: np.ndarray, feature_names: list[str], categorical: lis
 
 
 def fit_local(
-    raw: np.ndarray, feature_names: list[str], categorical: list[str], categories=None
+    raw: np.ndarray, feature_names: list[str], categorical: list[str], categories=None,
+    zero_means_missing=(),
 ) -> Preprocessor:
     """A preprocessor from one table alone; `categories` fixed when the layout must match others."""
     if categories is None:
         categories = local_categories(raw, feature_names, categorical)
     expanded_raw = expand(raw, feature_names, categories)
-    return preprocessor_from(feature_names, categories, local_moments(expanded_raw))
+    return preprocessor_from(feature_names, categories, local_moments(expanded_raw), zero_means_missing)
