@@ -9,6 +9,7 @@ are the whole schema, so the rules live next to the defaults they constrain.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value); values are TOML, bare words are strings."""
     name, sep, raw_value = text.partition("=")
-    section, dot, key = name.strip().partition(".")
+    section, dot, key = (part.strip() for part in name.strip().partition("."))
     if not sep or not dot or not section or not key:
         raise UserError(f"--set {text!r}: expected section.key=value, e.g. --set train.rounds=10")
     raw_value = raw_value.strip()
@@ -157,12 +158,21 @@ def resolve(
     layers = [read_toml(default_file, "app default config")]
     if user_file is not None:
         layers.append(read_toml(user_file, "job file"))
+    schema = {**ENGINE_SECTIONS, **app_sections}
     override_layer: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, key, value = parse_override(text)
+        if _is_string_field(schema, section, key) and not isinstance(value, str):
+            value = text.partition("=")[2].strip()  # `--set data.positive_label=1` means "1"
         override_layer.setdefault(section, {})[key] = value
     layers.append(override_layer)
     return build(merge_layers(*layers), app_sections)
+
+
+def _is_string_field(schema: dict[str, type], section: str, key: str) -> bool:
+    if section not in schema:
+        return False
+    return typing.get_type_hints(schema[section]).get(key) is str
 
 
 def build(raw: dict[str, dict[str, Any]], app_sections: dict[str, type]) -> JobConfig:
@@ -193,6 +203,8 @@ def build_section(section: str, cls: type, values: dict[str, Any]):
 
 def check_value(name: str, value: Any, expected: Any, rules: typing.Mapping[str, Any]) -> Any:
     value = check_type(name, value, expected)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config: {name} = {value!r} must be a finite number")
     if "choices" in rules and value not in rules["choices"]:
         allowed = ", ".join(repr(c) for c in rules["choices"])
         raise UserError(f"config: {name} = {value!r} is not allowed; choose one of {allowed}")

@@ -58,7 +58,10 @@ def resolve_job(
     if app_name is None:
         if config_file is None:
             raise UserError("run: name an app (tff-apps run healthcare) or give --config JOB.toml")
-        app_name = config_lib.read_toml(config_file, "job file").get("job", {}).get("app", "")
+        job_table = config_lib.read_toml(config_file, "job file").get("job", {})
+        if not isinstance(job_table, dict):
+            raise UserError(f"job file {config_file}: 'job' must be a [job] table with app = \"NAME\"")
+        app_name = job_table.get("app", "")
         if not app_name:
             raise UserError(f"job file {config_file}: set job.app or name the app on the command line")
     app = load_app(app_name)

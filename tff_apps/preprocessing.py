@@ -61,7 +61,7 @@ class Preprocessor:
         if not self.zero_means_missing:
             return raw
         flags = tf.constant([[name in self.zero_means_missing for name in self.feature_names]])
-        return tf.where(flags & tf.equal(raw, 0.0), tf.constant(float("nan")), raw)
+        return tf.where(flags & tf.equal(raw, 0.0), tf.constant(float("nan"), raw.dtype), raw)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -91,15 +91,16 @@ def tf_expand(raw: tf.Tensor, feature_names: list[str], categories: dict[str, li
     for index, name in enumerate(feature_names):
         column = raw[:, index : index + 1]
         if name in categories:
-            vocabulary = tf.constant([categories[name]], tf.float32)
-            columns.append(tf.cast(tf.equal(column, vocabulary), tf.float32))
+            vocabulary = tf.constant([categories[name]], raw.dtype)
+            columns.append(tf.cast(tf.equal(column, vocabulary), raw.dtype))
         else:
             columns.append(column)
     return tf.concat(columns, axis=1)
 
 
 def expand(raw: np.ndarray, feature_names: list[str], categories: dict[str, list[float]]) -> np.ndarray:
-    return tf_expand(tf.constant(raw, tf.float32), feature_names, categories).numpy().astype(np.float64)
+    """float64 throughout, so the federated statistics are not rounded to float32 first."""
+    return tf_expand(tf.constant(raw, tf.float64), feature_names, categories).numpy()
 
 
 # ---------------------------------------------------------------- TFF computations

@@ -12,8 +12,8 @@ from typing import Callable
 
 import numpy as np
 import tensorflow_federated as tff
-from tensorflow_federated.python.learning.templates import proximal_client_work
 
+from tff_apps.client_works import build_fedprox_client_work
 from tff_apps.config import TrainSection
 
 ModelFn = Callable[[], tff.learning.models.VariableModel]
@@ -49,12 +49,9 @@ def client_work(train: TrainSection, model_fn: ModelFn):
         else tff.learning.ClientWeighting.UNIFORM
     )
     if train.algorithm == "fedprox":
-        return proximal_client_work.build_model_delta_client_work(
-            model_fn,
-            client_optimizer(train),
-            weighting,
-            delta_l2_regularizer=float(train.proximal_strength),
-            loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE,
+        # Not TFF's proximal_client_work: its proximal term has the wrong sign (client_works.py).
+        return build_fedprox_client_work(
+            model_fn, client_optimizer(train), weighting, float(train.proximal_strength)
         )
     return tff.learning.templates.build_model_delta_client_work(
         model_fn, client_optimizer(train), weighting
@@ -62,7 +59,11 @@ def client_work(train: TrainSection, model_fn: ModelFn):
 
 
 def default_aggregator(train: TrainSection):
-    return tff.aggregators.MeanFactory() if is_weighted(train) else tff.aggregators.UnweightedMeanFactory()
+    """A weighted factory, as the composer requires; unweighted FedAvg wraps the uniform mean
+    the way TFF's own `build_unweighted_fed_avg` does."""
+    if is_weighted(train):
+        return tff.aggregators.MeanFactory()
+    return tff.aggregators.as_weighted_aggregator(tff.aggregators.UnweightedMeanFactory())
 
 
 def build_learning_process(
@@ -76,10 +77,7 @@ def build_learning_process(
 
     weights_type = initial_model_weights.type_signature.result
     factory = aggregator_factory or default_aggregator(train)
-    if is_weighted(train):
-        aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
-    else:
-        aggregator = factory.create(weights_type.trainable)
+    aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
     return tff.learning.templates.compose_learning_process(
         initial_model_weights,
         tff.learning.templates.build_broadcast_process(weights_type),

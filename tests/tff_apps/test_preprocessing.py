@@ -115,14 +115,6 @@ def test_federated_equals_centralized_fit_local(fitted, sites):
     np.testing.assert_allclose(fitted.std, pooled.std, rtol=1e-9, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG tff_apps/preprocessing.py expand()/tf_expand(): raw values are cast to float32 "
-        "before the moments are computed, so statistics carry ~1e-8 relative error, not the "
-        "documented ~2**-40"
-    ),
-)
 def test_federated_moments_equal_pooled_numpy_for_general_float64_data(runtime):
     sites = make_sites(float32_exact=False)
     fitted = pp.fit_federated(sites, NAMES, CATEGORICAL)

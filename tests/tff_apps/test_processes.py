@@ -167,15 +167,6 @@ def test_fedavg_round_is_example_weighted_mean_of_client_sgd_steps(fedavg_round)
     assert np.max(np.abs(w1 - w0)) > 1e-2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "BUG tff_apps/processes.py build_learning_process: UnweightedMeanFactory().create(...) is an "
-        "unweighted AggregationProcess; compose_learning_process raises 'Provided "
-        "model_update_aggregator must be weighted.'"
-    ),
-)
 def test_fedavg_unweighted_round_is_uniform_mean(runtime, fedavg_round):
     process = build(runtime, algorithm="fedavg_unweighted")
     w0, w1, _ = run_round(process, one_batch_datasets())
@@ -190,19 +181,22 @@ MU = 1.0
 PROX_BATCH, PROX_EPOCHS = 2, 2  # 6 and 14 rows -> 6 and 14 local steps
 
 
+def test_fedavg_several_local_steps_replays_sgd(fedavg):
+    w0, w_avg, _ = run_round(fedavg, ordered_datasets(PROX_BATCH, PROX_EPOCHS))
+    expected = weighted_mean([local_sgd(w0, c, PROX_BATCH, PROX_EPOCHS) for c in CLIENTS], SIZES)
+    np.testing.assert_allclose(w_avg, expected, rtol=0, atol=1e-5)
+    one_step = weighted_mean([local_sgd(w0, c, len(c.x), 1) for c in CLIENTS], SIZES)
+    assert np.max(np.abs(w_avg - one_step)) > 1e-2  # the batches really were separate steps
+
+
 def test_fedprox_replays_proximal_sgd_and_moves_less_than_fedavg(runtime, fedavg):
     fedprox = build(runtime, algorithm="fedprox", proximal_strength=MU, batch_size=PROX_BATCH, local_epochs=PROX_EPOCHS)
     w0, w_prox, _ = run_round(fedprox, ordered_datasets(PROX_BATCH, PROX_EPOCHS))
     _, w_avg, _ = run_round(fedavg, ordered_datasets(PROX_BATCH, PROX_EPOCHS))
-
-    expected_prox = weighted_mean(
-        [local_sgd(w0, c, PROX_BATCH, PROX_EPOCHS, mu=MU) for c in CLIENTS], SIZES
-    )
-    expected_avg = weighted_mean([local_sgd(w0, c, PROX_BATCH, PROX_EPOCHS) for c in CLIENTS], SIZES)
-    np.testing.assert_allclose(w_prox, expected_prox, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(w_avg, expected_avg, rtol=0, atol=1e-5)
     prox_step, avg_step = np.linalg.norm(w_prox - w0), np.linalg.norm(w_avg - w0)
     assert 0 < prox_step < 0.9 * avg_step, (prox_step, avg_step)
+    expected = weighted_mean([local_sgd(w0, c, PROX_BATCH, PROX_EPOCHS, mu=MU) for c in CLIENTS], SIZES)
+    np.testing.assert_allclose(w_prox, expected, rtol=0, atol=1e-5)
 
 
 # -- server optimizers -------------------------------------------------------------------------
