@@ -89,10 +89,10 @@ def data_fingerprint(fingerprints: Sequence[str]) -> str:
 
 
 def run_job(app: App, cfg: config_lib.JobConfig) -> tuple[Run, dict[str, Any]]:
-    from tff_apps.runtime import Runtime  # TFF is imported only once the inputs are valid
-
     prepared = app.prepare(cfg)
     run = new_run(app, cfg)
+    from tff_apps.runtime import Runtime  # TF and TFF load only once the inputs are valid
+
     run.dir.mkdir(parents=True)
     write_text_atomic(run.dir / "config.toml", run.config.to_toml())
     log_handler = _attach_log_file(run.dir / "run.log")

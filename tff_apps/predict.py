@@ -28,11 +28,11 @@ def read_model_card(model_dir: Path) -> dict:
 
 def score_frame(model_dir: Path, frame: pd.DataFrame, source: str) -> np.ndarray:
     """Validates the raw columns the model needs, then runs its serving signature."""
-    import tensorflow as tf  # imported here so that input errors are reported fast
-
     card = read_model_card(model_dir)
     inputs: dict[str, str] = card["inputs"]
     values = numeric_columns(frame, list(inputs), source)
+    import tensorflow as tf  # imported only once the input is valid: errors come fast
+
     serving = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
     feed = {name: tf.constant(values[column].to_numpy(np.float32)) for column, name in inputs.items()}
     return serving(**feed)[card["output"]].numpy()
