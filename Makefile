@@ -20,7 +20,7 @@ test: install
 	$(UV) run --locked pytest -q
 
 bench: install
-	@echo "no benchmarks yet: 'make bench' is reserved for them (see the Engine speed issue)"
+	$(UV) run --locked python benchmarks/psi_bench.py
 
 clean:
 	rm -rf .venv runs .pytest_cache
