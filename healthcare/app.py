@@ -90,7 +90,7 @@ class HealthcareApp:
             summary["export"] = str(run.export_dir)
         elif cfg.export.enabled:
             summary["export"] = "skipped: per-site normalization has no single serving preprocessing"
-        table = reporting.results_table(reports)
+        table = reporting.results_table(reports, reporting.BINARY_COLUMNS)
         write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table))
         summary["report"] = str(run.dir / "report.md")
         summary["table"] = table

@@ -42,7 +42,9 @@ class TrainSection:
     rounds: int = field(default=20, metadata={"min": 1, "max": 100_000})
     clients_per_round: int = field(default=0, metadata={"min": 0})  # 0 = every client
     local_epochs: int = field(default=1, metadata={"min": 1, "max": 1000})
+    local_steps: int = field(default=0, metadata={"min": 0})  # >0: that many batches per round instead of epochs
     batch_size: int = field(default=16, metadata={"min": 1})
+    client_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam")})
     client_learning_rate: float = field(default=0.1, metadata={"exclusive_min": 0.0})
     proximal_strength: float = field(default=0.01, metadata={"min": 0.0})  # FedProx mu
     server_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "yogi")})

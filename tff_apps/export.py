@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -52,23 +52,40 @@ def signature_names(columns: list[str]) -> dict[str, str]:
 
 
 class ServingModule(tf.Module):
-    """Raw named columns -> preprocessing -> trained model -> named output."""
+    """Raw named columns in, named outputs out: `serve_fn(columns) -> {output: tensor}`.
 
-    def __init__(self, model: tf.keras.Model, preprocessor: Preprocessor, output_name: str):
+    `serve_fn` holds the app's preprocessing and calls `model`; tracking `model` here
+    puts its variables in the SavedModel.
+    """
+
+    def __init__(
+        self, model: tf.keras.Model, columns: list[str], serve_fn: Callable,
+        dtypes: dict[str, tf.DType] | None = None,
+    ):
         super().__init__()
         self.model = model
-        self.preprocessor = preprocessor
-        self.output_name = output_name
-        self.input_names = signature_names(preprocessor.feature_names)
+        self.input_names = signature_names(columns)
+        self._serve_fn = serve_fn
+        dtypes = dtypes or {}
         spec = {
-            name: tf.TensorSpec([None], tf.float32, name=name) for name in self.input_names.values()
+            name: tf.TensorSpec([None], dtypes.get(column, tf.float32), name=name)
+            for column, name in self.input_names.items()
         }
         self.serve = tf.function(self._serve, input_signature=[spec])
 
     def _serve(self, inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        raw = tf.stack([inputs[self.input_names[c]] for c in self.preprocessor.feature_names], axis=1)
-        prediction = self.model(self.preprocessor.tf_transform(raw), training=False)
-        return {self.output_name: tf.squeeze(prediction, axis=-1)}
+        return self._serve_fn({column: inputs[name] for column, name in self.input_names.items()})
+
+
+def tabular_serving(model: tf.keras.Model, preprocessor: Preprocessor, output_name: str) -> ServingModule:
+    """Raw feature columns -> the federated preprocessing -> model -> one value per row."""
+
+    def serve(columns: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        raw = tf.stack([columns[c] for c in preprocessor.feature_names], axis=1)
+        prediction = model(preprocessor.tf_transform(raw), training=False)
+        return {output_name: tf.squeeze(prediction, axis=-1)}
+
+    return ServingModule(model, preprocessor.feature_names, serve)
 
 
 def package_versions() -> dict[str, str]:
@@ -88,13 +105,17 @@ def export_model(
     card: dict[str, Any],
     output_name: str = "probability",
 ) -> Path:
+    """A tabular model with its preprocessing built in (see `export_module`)."""
+    card = {**card, "preprocessor": json.loads(preprocessor.to_json())}
+    return export_module(export_dir, tabular_serving(model, preprocessor, output_name), output_name, card)
+
+
+def export_module(export_dir: Path, module: ServingModule, output_name: str, card: dict[str, Any]) -> Path:
     """Writes `export_dir` (SavedModel + model_card.json) atomically; returns it."""
-    module = ServingModule(model, preprocessor, output_name)
     card = {
         **card,
         "inputs": module.input_names,
         "output": output_name,
-        "preprocessor": json.loads(preprocessor.to_json()),
         "packages": package_versions(),
     }
     export_dir.parent.mkdir(parents=True, exist_ok=True)

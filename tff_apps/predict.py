@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from shared.errors import UserError
-from shared.tabular import numeric_columns, read_csv
+from shared.tabular import numeric_columns, read_csv, require_columns
 from shared.files import write_text_atomic
 from tff_apps.export import MODEL_CARD
 
@@ -30,12 +30,32 @@ def score_frame(model_dir: Path, frame: pd.DataFrame, source: str) -> np.ndarray
     """Validates the raw columns the model needs, then runs its serving signature."""
     card = read_model_card(model_dir)
     inputs: dict[str, str] = card["inputs"]
-    values = numeric_columns(frame, list(inputs), source)
+    datetimes = [c for c, kind in card.get("input_types", {}).items() if kind == "datetime"]
+    values = numeric_columns(frame, [c for c in inputs if c not in datetimes], source)
+    for column in datetimes:
+        values[column] = epoch_seconds(frame, column, source)
     import tensorflow as tf  # imported only once the input is valid: errors come fast
 
     serving = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-    feed = {name: tf.constant(values[column].to_numpy(np.float32)) for column, name in inputs.items()}
+    specs = serving.structured_input_signature[1]
+    feed = {
+        name: tf.constant(values[column].to_numpy(), specs[name].dtype) for column, name in inputs.items()
+    }
     return serving(**feed)[card["output"]].numpy()
+
+
+def epoch_seconds(frame: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """Wall-clock timestamps (ISO text) -> seconds since 1970, as the model was trained on."""
+    require_columns(frame, [column], source)
+    parsed = pd.to_datetime(frame[column], errors="coerce")
+    if parsed.isna().any():
+        row = int(np.flatnonzero(parsed.isna().to_numpy())[0]) + 1
+        raise UserError(
+            f"{source}: column '{column}' row {row} is not a date and time; give e.g. 2012-03-01 08:05:00"
+        )
+    if parsed.dt.tz is not None:
+        parsed = parsed.dt.tz_localize(None)
+    return pd.Series(parsed.to_numpy().astype("datetime64[ns]").astype(np.int64) / 1e9, index=frame.index)
 
 
 def predict_csv(model_dir: str | Path, input_csv: str | Path, output_csv: str | Path) -> int:
@@ -47,6 +67,10 @@ def predict_csv(model_dir: str | Path, input_csv: str | Path, output_csv: str | 
         raise UserError(f"--output {output_csv}: folder {output_csv.parent} does not exist")
     predictions = score_frame(model_dir, frame, str(input_csv))
     scored = frame.copy()
-    scored[card["output"]] = predictions
+    if predictions.ndim == 2:  # one column per output step, e.g. forecast_5min ... forecast_60min
+        for index, name in enumerate(card["output_columns"]):
+            scored[name] = predictions[:, index]
+    else:
+        scored[card["output"]] = predictions
     write_text_atomic(output_csv, scored.to_csv(index=False))
     return len(scored)

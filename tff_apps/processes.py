@@ -27,6 +27,8 @@ def is_weighted(train: TrainSection) -> bool:
 
 
 def client_optimizer(train: TrainSection) -> tff.learning.optimizers.Optimizer:
+    if train.client_optimizer == "adam":  # state restarts every round: each round is a fresh local run
+        return tff.learning.optimizers.build_adam(learning_rate=train.client_learning_rate)
     return tff.learning.optimizers.build_sgdm(learning_rate=train.client_learning_rate)
 
 

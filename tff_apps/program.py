@@ -43,14 +43,23 @@ EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
 
 
 def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
-    """Shuffled (seeded), repeated for the local epochs, batched: one client's round input."""
-    data = collections.OrderedDict(x=client.x.astype(np.float32), y=client.y.astype(np.float32))
-    return (
-        tf.data.Dataset.from_tensor_slices(data)
-        .shuffle(len(client.x), seed=seed, reshuffle_each_iteration=False)
-        .repeat(train.local_epochs)
-        .batch(train.batch_size)
+    """One client's round input: `local_epochs` seeded shuffles of its rows, batched; or, with
+    `local_steps`, that many batches of rows drawn without replacement (seeded).
+
+    The rows are chosen here, at the client, so only this round's rows are handed to the
+    TFF runtime, not the client's whole table.
+    """
+    rng = np.random.default_rng(seed)
+    if train.local_steps > 0:
+        wanted = train.local_steps * train.batch_size
+        passes = -(-wanted // len(client.x))  # ceil: a small client cycles through its rows
+        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(passes)])[:wanted]
+    else:
+        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(train.local_epochs)])
+    data = collections.OrderedDict(
+        x=client.x[order].astype(np.float32), y=client.y[order].astype(np.float32)
     )
+    return tf.data.Dataset.from_tensor_slices(data).batch(train.batch_size)
 
 
 def sample_clients(rng: np.random.Generator, n_clients: int, per_round: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-TABLE_COLUMNS = (
+BINARY_COLUMNS = (
     ("pooled AUC", lambda r: r["pooled"]["auc"]),
     ("mean site AUC", lambda r: r["across_sites"]["auc"]["mean"]),
     ("worst site AUC", lambda r: r["across_sites"]["auc"]["worst"]),
@@ -14,6 +14,12 @@ TABLE_COLUMNS = (
     ("specificity", lambda r: r["pooled"]["specificity"]),
     ("Brier", lambda r: r["pooled"]["brier"]),
     ("ECE", lambda r: r["pooled"]["ece"]),
+)
+
+FORECAST_COLUMNS = tuple(
+    (f"{metric.upper()} {label}", lambda r, key=f"{metric}_{label}": r["overall"][key])
+    for label in ("15min", "30min", "60min")
+    for metric in ("mae", "rmse", "mape")
 )
 
 
@@ -31,32 +37,34 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def results_table(reports: dict[str, dict]) -> str:
+def results_table(reports: dict[str, dict], columns=BINARY_COLUMNS) -> str:
     """One row per method (federated and the baselines run beside it)."""
-    header = ["method"] + [name for name, _ in TABLE_COLUMNS]
-    rows = [[method] + [get(report) for _, get in TABLE_COLUMNS] for method, report in reports.items()]
+    header = ["method"] + [name for name, _ in columns]
+    rows = [[method] + [get(report) for _, get in columns] for method, report in reports.items()]
     return markdown_table(header, rows)
 
 
-def site_table(reports: dict[str, dict], metric: str = "auc") -> str:
-    """Per-site values of one metric, one column per method."""
+def client_table(reports: dict[str, dict], group: str = "sites", metric: str = "auc") -> str:
+    """Per-client (site, district) values of one metric, one column per method."""
     methods = list(reports)
-    sites = list(next(iter(reports.values()))["sites"])
-    rows = [[site] + [reports[m]["sites"][site][metric] for m in methods] for site in sites]
-    return markdown_table(["site"] + [f"{m} {metric}" for m in methods], rows)
+    clients = list(next(iter(reports.values()))[group])
+    rows = [[client] + [reports[m][group][client][metric] for m in methods] for client in clients]
+    return markdown_table([group[:-1]] + [f"{m} {metric}" for m in methods], rows)
 
 
-def markdown_report(run, summary: dict[str, Any], table: str) -> str:
-    reports = summary["results"]
-    return "\n\n".join(
-        [
-            f"# {run.app} run {run.run_id}",
-            f"Data: {summary['data']['source']}. Rounds: {summary['rounds']}.",
-            "## Results (held-out rows of every site)",
-            table,
-            "## Per site",
-            site_table(reports),
-            "## Resolved config",
-            "```toml\n" + run.config.to_toml() + "```",
-        ]
-    ) + "\n"
+def markdown_report(
+    run, summary: dict[str, Any], table: str, group: str = "sites", metric: str = "auc",
+    extra: dict[str, str] | None = None,
+) -> str:
+    parts = [
+        f"# {run.app} run {run.run_id}",
+        f"Data: {summary['data']['source']}. Rounds: {summary['rounds']}.",
+        f"## Results (held-out data of every {group[:-1]})",
+        table,
+        f"## Per {group[:-1]}",
+        client_table(summary["results"], group, metric),
+    ]
+    for title, text in (extra or {}).items():
+        parts += [f"## {title}", text]
+    parts += ["## Resolved config", "```toml\n" + run.config.to_toml() + "```"]
+    return "\n\n".join(parts) + "\n"
