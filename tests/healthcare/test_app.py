@@ -20,19 +20,13 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from shared.metrics import roc_auc
+from tests.cli import tff_apps
 
 SMALL_JOB = [
     "--set", "train.rounds=3",
     "--set", "train.eval_every=1",
     "--set", "evaluate.baseline_epochs=3",
 ]
-
-
-def tff_apps(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tff_apps.cli", *args],
-        capture_output=True, text=True, timeout=timeout, start_new_session=True,
-    )
 
 
 def processes_in_session(session_id: int) -> list[str]:

@@ -1,0 +1,66 @@
+"""The traffic job end to end through `tff-apps`, and scoring raw sensor history with its export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.cli import tff_apps
+
+SMALL_JOB = [
+    "--set", "data.n_districts=3", "--set", "data.sensors_per_district=4", "--set", "data.days=7",
+    "--set", "train.rounds=3", "--set", "train.local_steps=10", "--set", "train.eval_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def traffic_run(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    result = tff_apps("run", "traffic", *SMALL_JOB, "--set", f'job.runs_dir="{runs}"', "--run-id", "t")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs / "traffic" / "t"
+
+
+def test_run_reports_every_method_at_15_30_60_minutes(traffic_run: Path):
+    summary = json.loads((traffic_run / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["rounds"] == 3
+    methods = {"federated", "persistence", "historical_average", "local_only", "centralized"}
+    assert set(summary["results"]) == methods
+    for report in summary["results"].values():
+        assert len(report["districts"]) == 3
+        for horizon in ("15min", "30min", "60min"):
+            assert 0 < report["overall"][f"mae_{horizon}"] < report["overall"][f"rmse_{horizon}"] < 30
+    rounds = [json.loads(line) for line in (traffic_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and "val_mae_60min" in rounds[-1]
+    report = (traffic_run / "report.md").read_text()
+    assert "Data statistics against METR-LA" in report and "acf_lag288" in report
+
+
+def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, tmp_path: Path):
+    card = json.loads((traffic_run / "export" / "model_card.json").read_text())
+    summary = json.loads((traffic_run / "summary.json").read_text())
+    assert card["data_fingerprint"] == summary["data"]["fingerprint"] and card["rounds"] == 3
+    assert card["output_columns"][0] == "forecast_5min" and card["output_columns"][-1] == "forecast_60min"
+    rows = pd.DataFrame({f"speed_lag_{k}": [60.0 - k, 35.0, 0.0] for k in range(12)})
+    rows["timestamp"] = ["2012-03-05 08:00:00", "2012-03-05 17:30:00", "2012-03-10 03:00:00"]
+    rows["sensor_id"] = ["a", "b", "c"]
+    rows.to_csv(tmp_path / "history.csv", index=False)
+    result = tff_apps("predict", str(traffic_run / "export"), "--input", str(tmp_path / "history.csv"),
+                      "--output", str(tmp_path / "forecast.csv"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    forecast = pd.read_csv(tmp_path / "forecast.csv")
+    values = forecast[card["output_columns"]].to_numpy()
+    assert values.shape == (3, 12) and np.all((values > 5) & (values < 90))
+    assert list(forecast["sensor_id"]) == ["a", "b", "c"]
+    assert abs(values[0, 0] - 60) < abs(values[1, 0] - 60)  # a free-flowing sensor stays fast
+
+    rows.loc[1, "timestamp"] = "yesterday-ish"
+    rows.to_csv(tmp_path / "bad.csv", index=False)
+    bad = tff_apps("predict", str(traffic_run / "export"), "--input", str(tmp_path / "bad.csv"),
+                   "--output", str(tmp_path / "bad_out.csv"))
+    assert bad.returncode == 2 and "timestamp" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "bad_out.csv").exists()

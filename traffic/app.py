@@ -1,0 +1,258 @@
+"""Traffic: speed forecasting across road districts (horizontal FL on time series)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import UserError
+from shared.files import write_text_atomic
+from tff_apps import reporting
+from tff_apps.config import JobConfig
+from tff_apps.job import Run, data_fingerprint
+from traffic.data import DataConfig, TrafficData, load
+from traffic.model import ModelConfig
+from traffic.windows import split_bounds
+
+HISTORY = HORIZON = 12  # one hour in, one hour out, at 5-minute steps
+MIN_STEPS = 10 * (HISTORY + HORIZON)  # every split (the smallest is 10 %) must hold a window
+
+
+@dataclass
+class Prepared:
+    data: TrafficData
+
+
+class TrafficApp:
+    name = "traffic"
+    description = "speed forecasting across road districts (horizontal FL, time series)"
+    default_config = Path(__file__).with_name("default.toml")
+    sections = {"data": DataConfig, "model": ModelConfig}
+
+    def prepare(self, cfg: JobConfig) -> Prepared:
+        data = load(cfg.data, cfg.job.seed)
+        if len(data.timestamps) < MIN_STEPS:
+            raise UserError(
+                f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
+                f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
+            )
+        return Prepared(data)
+
+    def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
+        outcome = train_and_evaluate(cfg, prepared.data, run)
+        summary = {
+            "data": describe_data(prepared.data),
+            "rounds": outcome.rounds,
+            "training_seconds": round(outcome.seconds, 3),
+            "headline": "mae_60min",
+            "results": outcome.reports,
+            "privacy": "none",
+        }
+        if cfg.export.enabled and outcome.exported:
+            summary["export"] = str(run.export_dir)
+        table = reporting.results_table(outcome.reports, reporting.FORECAST_COLUMNS)
+        sections = {"Data statistics against METR-LA": outcome.statistics_table}
+        write_text_atomic(
+            run.dir / "report.md",
+            reporting.markdown_report(run, summary, table, group="districts", metric="mae_60min", extra=sections),
+        )
+        summary["report"] = str(run.dir / "report.md")
+        summary["table"] = table
+        return summary
+
+
+@dataclass
+class Outcome:
+    reports: dict[str, dict]
+    rounds: int
+    seconds: float
+    exported: bool
+    statistics_table: str
+
+
+def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
+    """Federated training, then the four baselines, on the same test windows."""
+    # TF and TFF load here, once config and data are known to be valid.
+    from tff_apps import processes, program
+    from traffic import evaluate
+    from traffic.model import build_keras_model, tff_model_fn
+    from traffic.windows import N_FEATURES
+
+    bounds = split_bounds(len(data.timestamps))
+    splits = district_splits(cfg, data, bounds)
+    clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
+    model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
+    process = processes.build_learning_process(cfg.train, model_fn)
+    global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
+    validation = district_splits(cfg, data, bounds, evaluate_on="validation")
+
+    def evaluate_round(weights) -> dict[str, float]:
+        weights.assign_weights_to(global_model)
+        report = evaluate.evaluate_districts(validation, keras_forecaster(global_model))
+        return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
+
+    result = program.run_rounds(
+        process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min"
+    )
+    result.weights.assign_weights_to(global_model)
+    reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
+    reports.update(run_baselines(cfg, data, splits, bounds))
+    exported = False
+    if cfg.export.enabled and cfg.preprocess.normalization == "federated":
+        export_forecaster(run, cfg, global_model, splits[0], data, len(result.history), reports["federated"])
+        exported = True
+    return Outcome(reports, len(result.history), result.seconds, exported, statistics_table(data))
+
+
+def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str, tuple[float, float]]:
+    """District -> (mean, std) of its training speeds: federated (secure sum) or its own."""
+    from tff_apps import preprocessing
+
+    columns = [d.speeds[:train_end].reshape(-1, 1) for d in data.districts]
+    if cfg.preprocess.normalization == "federated":
+        moments = preprocessing.federated_moments(columns)
+        stats = (float(moments.mean[0]), float(np.sqrt(moments.var[0])))
+        return {d.name: stats for d in data.districts}
+    own = [preprocessing.local_moments(c) for c in columns]
+    return {d.name: (float(m.mean[0]), float(np.sqrt(m.var[0]))) for d, m in zip(data.districts, own)}
+
+
+def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str = "test", stats=None):
+    """Per district: training windows (every `window_stride`-th) and evaluation windows."""
+    from traffic.evaluate import DistrictSplit
+    from traffic.windows import epoch_seconds, make_windows
+
+    stats = stats or normalization(cfg, data, bounds["train"][1])
+    seconds = epoch_seconds(data.timestamps)
+    splits = []
+    for district in data.districts:
+        mean, std = stats[district.name]
+        normalized = (district.speeds - mean) / std
+        train = make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
+        held_out = make_windows(normalized, seconds, bounds[evaluate_on], HISTORY, HORIZON)
+        splits.append(DistrictSplit(district.name, train, held_out, mean, std))
+    return splits
+
+
+def keras_forecaster(model):
+    def predict(split) -> np.ndarray:
+        outputs = [model(split.test.x[i : i + 8192], training=False).numpy() for i in range(0, len(split.test), 8192)]
+        return split.to_mph(np.concatenate(outputs))
+
+    return predict
+
+
+def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str, dict]:
+    from traffic import evaluate
+
+    reports = {
+        "persistence": evaluate.evaluate_districts(splits, evaluate.persistence),
+        "historical_average": evaluate.evaluate_districts(
+            splits,
+            evaluate.historical_average_fn({d.name: d.speeds for d in data.districts}, bounds["train"][1]),
+        ),
+    }
+    if cfg.evaluate.local_baseline:
+        own_stats = normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
+        local_splits = district_splits(cfg, data, bounds, stats=own_stats)
+        forecasts = {
+            s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), cfg.job.seed + i))(s)
+            for i, s in enumerate(local_splits)
+        }
+        reports["local_only"] = evaluate.evaluate_districts(local_splits, lambda s: forecasts[s.name])
+    if cfg.evaluate.centralized_baseline:
+        model = fit_forecaster(cfg, splits, sum(steps_of(cfg, s) for s in splits), cfg.job.seed)
+        reports["centralized"] = evaluate.evaluate_districts(splits, keras_forecaster(model))
+    return reports
+
+
+def steps_of(cfg: JobConfig, split) -> int:
+    """The SGD steps a district makes over the whole federated run (baselines get the same)."""
+    per_round = cfg.train.local_steps or cfg.train.local_epochs * -(-len(split.train) // cfg.train.batch_size)
+    return cfg.train.rounds * per_round
+
+
+def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
+    """CENTRALIZED BASELINE when given several districts: pools their training windows.
+
+    The same model, optimizer, batch size and number of steps as federated training
+    (a district alone: its own steps; pooled: the sum over districts).
+    """
+    import tensorflow as tf
+
+    from traffic.model import build_keras_model, masked_mae
+    from traffic.windows import N_FEATURES
+
+    x = np.concatenate([s.train.x for s in splits])
+    y = np.concatenate([s.train.y for s in splits])
+    rng = np.random.default_rng(seed)
+    wanted = steps * cfg.train.batch_size
+    order = np.concatenate([rng.permutation(len(x)) for _ in range(-(-wanted // len(x)))])[:wanted]
+    tf.keras.utils.set_random_seed(seed)
+    model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed)
+    optimizer = (
+        tf.keras.optimizers.Adam(cfg.train.client_learning_rate)
+        if cfg.train.client_optimizer == "adam"
+        else tf.keras.optimizers.SGD(cfg.train.client_learning_rate)
+    )
+    model.compile(optimizer=optimizer, loss=masked_mae)
+    model.fit(x[order], y[order], batch_size=cfg.train.batch_size, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+def export_forecaster(run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict) -> None:
+    from tff_apps.export import export_module
+    from traffic.model import serving_module
+
+    interval_minutes = data.interval_minutes
+    module = serving_module(model, split.mean, split.std, HISTORY, interval_minutes)
+    card = {
+        "app": "traffic",
+        "task": f"speed forecast for the next {HORIZON} steps of {interval_minutes} min, in the input's units",
+        "data_fingerprint": describe_data(data)["fingerprint"],
+        "data_source": data.description,
+        "rounds": rounds,
+        "config": cfg.to_dict(),
+        "metrics": report["overall"],
+        "privacy": "none",
+        "input_types": {"timestamp": "datetime"},
+        "output_columns": [f"forecast_{(k + 1) * interval_minutes}min" for k in range(HORIZON)],
+    }
+    export_module(run.export_dir, module, "forecast", card)
+
+
+def statistics_table(data: TrafficData) -> str:
+    from traffic.data import compare_to_targets, statistics
+
+    rows = [[key, generated, target, difference] for key, generated, target, difference in compare_to_targets(statistics(data))]
+    return reporting.markdown_table(["statistic", "this data", "METR-LA", "relative difference"], rows)
+
+
+def district_fingerprint(district) -> str:
+    """Each district hashes its own readings; the job's fingerprint combines these hashes."""
+    digest = hashlib.sha256()
+    digest.update(district.name.encode() + b"\0" + "\0".join(district.sensor_ids).encode())
+    digest.update(np.ascontiguousarray(np.nan_to_num(district.speeds, nan=-1.0), dtype="<f8").tobytes())
+    return digest.hexdigest()
+
+
+def describe_data(data: TrafficData) -> dict[str, Any]:
+    return {
+        "source": data.description,
+        "steps": len(data.timestamps),
+        "start": str(data.timestamps[0]),
+        "end": str(data.timestamps[-1]),
+        "interval_minutes": data.interval_minutes,
+        "fingerprint": data_fingerprint([district_fingerprint(d) for d in data.districts]),
+        "districts": {
+            d.name: {"sensors": len(d.sensor_ids), "missing_share": float(np.isnan(d.speeds).mean())}
+            for d in data.districts
+        },
+    }
+
+
+APP = TrafficApp()

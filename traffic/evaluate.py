@@ -1,0 +1,94 @@
+"""Forecast metrics at 15, 30 and 60 minutes, and the baselines run beside the federated model.
+
+Metrics follow the METR-LA protocol: MAE, RMSE and MAPE of the speed at step 3, 6 and 12
+(5-minute steps), with missing readings (NaN or 0) masked out; per district and over all
+districts' test windows. The centralized baseline is the only code that pools districts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from shared.metrics import mae, mape, rmse
+from traffic.windows import Windows
+
+HORIZONS = {"15min": 3, "30min": 6, "60min": 12}  # minutes -> step (1-based)
+HEADLINE = "test_mae_60min"
+STEPS_PER_WEEK = 7 * 24 * 12
+
+
+@dataclass
+class DistrictSplit:
+    """One district's windows and the statistics that turn them back into mph."""
+
+    name: str
+    train: Windows
+    test: Windows
+    mean: float
+    std: float
+
+    def to_mph(self, normalized: np.ndarray) -> np.ndarray:
+        return normalized * self.std + self.mean
+
+
+PredictFn = Callable[[DistrictSplit], np.ndarray]  # -> [N, horizon] forecasts in mph
+
+
+def forecast_metrics(actual: np.ndarray, forecast: np.ndarray) -> dict[str, float]:
+    """MAE / RMSE / MAPE at each horizon; actual NaN -> 0 so mask_zero drops it."""
+    actual = np.nan_to_num(actual, nan=0.0)
+    metrics = {}
+    for label, step in HORIZONS.items():
+        a, f = actual[:, step - 1], forecast[:, step - 1]
+        metrics[f"mae_{label}"] = mae(a, f)
+        metrics[f"rmse_{label}"] = rmse(a, f)
+        metrics[f"mape_{label}"] = mape(a, f)
+    return metrics
+
+
+def evaluate_districts(districts: list[DistrictSplit], predict: PredictFn) -> dict:
+    actual = {d.name: d.to_mph(d.test.y) for d in districts}
+    forecasts = {d.name: predict(d) for d in districts}
+    per_district = {name: forecast_metrics(actual[name], forecasts[name]) for name in actual}
+    overall = forecast_metrics(
+        np.concatenate(list(actual.values())), np.concatenate(list(forecasts.values()))
+    )
+    return {"overall": overall, "districts": per_district}
+
+
+def headline_metrics(report: dict) -> dict[str, float]:
+    return {f"test_{key}": value for key, value in report["overall"].items() if key.startswith(("mae", "rmse"))}
+
+
+def persistence(district: DistrictSplit) -> np.ndarray:
+    """Every future step = the last observed speed of the hour before (sensor mean if none)."""
+    speeds, observed = district.test.x[:, :, 0], district.test.x[:, :, 1] > 0.5
+    last_index = np.where(observed, np.arange(speeds.shape[1])[None, :], -1).max(axis=1)
+    rows = np.arange(len(speeds))
+    last = np.where(last_index >= 0, speeds[rows, np.maximum(last_index, 0)], 0.0)
+    horizon = district.test.y.shape[1]
+    return district.to_mph(np.repeat(last[:, None], horizon, axis=1))
+
+
+def historical_average_fn(district_speeds: dict[str, np.ndarray], train_end: int) -> PredictFn:
+    """Mean speed of each sensor at each 5-minute slot of the week, from the train split."""
+    tables = {}
+    for name, speeds in district_speeds.items():
+        slots = np.arange(train_end) % STEPS_PER_WEEK
+        train = speeds[:train_end]
+        sums = np.zeros((STEPS_PER_WEEK, speeds.shape[1]))
+        counts = np.zeros_like(sums)
+        np.add.at(sums, slots, np.nan_to_num(train))
+        np.add.at(counts, slots, ~np.isnan(train))
+        sensor_mean = np.nansum(train, axis=0) / np.maximum((~np.isnan(train)).sum(axis=0), 1)
+        tables[name] = np.where(counts > 0, sums / np.maximum(counts, 1), sensor_mean[None, :])
+
+    def predict(district: DistrictSplit) -> np.ndarray:
+        horizon = district.test.y.shape[1]
+        steps = (district.test.target_start[:, None] + np.arange(horizon)[None, :]) % STEPS_PER_WEEK
+        return tables[district.name][steps, district.test.sensor[:, None]]
+
+    return predict

@@ -1,0 +1,118 @@
+"""Keras forecasters: a GRU sequence model and a fast feed-forward model, and their TFF wrapping.
+
+Input: [batch, history, features] (normalized speed, observed flag, time of day and
+day of week as sin/cos); output: the normalized speed at each of the next `horizon`
+steps. The loss is masked: missing target readings (NaN) do not count, as in the
+METR-LA protocol.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The [model] section of a traffic job."""
+
+    kind: str = field(default="mlp", metadata={"choices": ("mlp", "gru")})
+    hidden_units: int = field(default=64, metadata={"min": 1, "max": 4096})
+
+
+def masked_mae(y_true, y_pred):
+    """Mean absolute error over the observed targets only (NaN = missing reading)."""
+    import tensorflow as tf  # deferred: the CLI validates input before paying for TF's import
+
+    observed = tf.logical_not(tf.math.is_nan(y_true))
+    errors = tf.abs(tf.where(observed, y_true, 0.0) - y_pred)
+    weights = tf.cast(observed, y_pred.dtype)
+    return tf.reduce_sum(errors * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+
+def masked_mae_loss():
+    """`masked_mae` as the `tf.keras.losses.Loss` object TFF's `from_keras_model` requires."""
+    import tensorflow as tf
+
+    class MaskedMAE(tf.keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            return masked_mae(y_true, y_pred)  # a scalar: keras' batch reduction leaves it as is
+
+    return MaskedMAE(name="masked_mae")
+
+
+def build_keras_model(cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0) -> "tf.keras.Model":
+    """Uncompiled; initializers carry op-level seeds (TFF traces model_fn into fresh graphs)."""
+    import tensorflow as tf
+
+    glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=seed + k)  # noqa: E731
+    inputs = tf.keras.Input(shape=(history, n_features), name="x")
+    if cfg.kind == "gru":
+        hidden = tf.keras.layers.GRU(
+            cfg.hidden_units,
+            kernel_initializer=glorot(0),
+            recurrent_initializer=tf.keras.initializers.Orthogonal(seed=seed + 1),
+        )(inputs)
+    else:
+        hidden = tf.keras.layers.Flatten()(inputs)
+        hidden = tf.keras.layers.Dense(cfg.hidden_units, activation="relu", kernel_initializer=glorot(0))(hidden)
+    hidden = tf.keras.layers.Dense(cfg.hidden_units, activation="relu", kernel_initializer=glorot(2))(hidden)
+    outputs = tf.keras.layers.Dense(horizon, kernel_initializer=glorot(3))(hidden)
+    return tf.keras.Model(inputs, outputs)
+
+
+def input_spec(history: int, n_features: int, horizon: int) -> collections.OrderedDict:
+    import tensorflow as tf
+
+    return collections.OrderedDict(
+        x=tf.TensorSpec([None, history, n_features], tf.float32),
+        y=tf.TensorSpec([None, horizon], tf.float32),
+    )
+
+
+def tff_model_fn(cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0):
+    """A no-argument constructor, as TFF requires: a fresh Keras model on every call."""
+    import tensorflow_federated as tff
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            build_keras_model(cfg, history, n_features, horizon, seed),
+            loss=masked_mae_loss(),
+            input_spec=input_spec(history, n_features, horizon),
+        )
+
+    return model_fn
+
+
+def serving_module(model, mean: float, std: float, history: int, interval_minutes: int):
+    """Raw recent history of one sensor (speed_lag_{k}: k steps before the latest; 0 or
+    empty = missing) and the latest reading's `timestamp` -> the forecast in input units.
+
+    Repeats `traffic.windows` feature arithmetic in TF; a test checks the two agree.
+    """
+    import tensorflow as tf
+
+    from tff_apps.export import ServingModule
+    from traffic.windows import EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY, SECONDS_PER_WEEK
+
+    columns = [f"speed_lag_{k}" for k in range(history - 1, -1, -1)] + ["timestamp"]
+    offsets = tf.constant([-(history - 1 - i) * interval_minutes * 60.0 for i in range(history)], tf.float64)
+
+    def serve(inputs):
+        speeds = tf.stack([inputs[c] for c in columns[:-1]], axis=1)  # oldest first
+        observed = tf.logical_not(tf.math.is_nan(speeds) | tf.equal(speeds, 0.0))
+        normalized = tf.where(observed, (speeds - mean) / std, 0.0)
+        seconds = inputs["timestamp"][:, None] + offsets[None, :]
+        day = 2 * np.pi * tf.math.floormod(seconds, SECONDS_PER_DAY) / SECONDS_PER_DAY
+        week = 2 * np.pi * tf.math.floormod(seconds + EPOCH_WEEKDAY_SHIFT, SECONDS_PER_WEEK) / SECONDS_PER_WEEK
+        clock = tf.cast(tf.stack([tf.sin(day), tf.cos(day), tf.sin(week), tf.cos(week)], axis=-1), tf.float32)
+        x = tf.concat([normalized[..., None], tf.cast(observed, tf.float32)[..., None], clock], axis=-1)
+        return {"forecast": model(x, training=False) * std + mean}
+
+    return ServingModule(model, columns, serve, dtypes={"timestamp": tf.float64})
