@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+
+def user_environment() -> dict[str, str]:
+    """This process's environment as a user's shell has it: importing TensorFlow in the
+    test process sets TF_CPP_MIN_LOG_LEVEL=1, which a user's shell does not have."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
 
 def tff_apps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Own session, so that tests can check no process of the command outlives it."""
     return subprocess.run(
         [sys.executable, "-m", "tff_apps.cli", *args],
-        capture_output=True, text=True, timeout=timeout, start_new_session=True,
+        capture_output=True, text=True, timeout=timeout, start_new_session=True, env=user_environment(),
     )
