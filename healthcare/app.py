@@ -42,6 +42,13 @@ class HealthcareApp:
             tests.append(client.subset(test_idx))
         return Prepared(data, trains, tests)
 
+    def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
+        """Training rows per hospital, as the program holds them (for [privacy])."""
+        return {t.name: len(t) for t in prepared.trains}
+
+    def fingerprint(self, prepared: Prepared) -> str:
+        return data_fingerprint([c.fingerprint() for c in prepared.data.clients])
+
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         # TensorFlow and TFF load here, once config and data are known to be valid.
         from healthcare import evaluate
@@ -61,7 +68,7 @@ class HealthcareApp:
         ]
         n_inputs = clients[0].x.shape[1]
         process = processes.build_learning_process(
-            cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed)
+            cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
         predict = evaluate.keras_predictor(global_model, preprocessor_of)
@@ -71,7 +78,8 @@ class HealthcareApp:
             return evaluate.headline_metrics(evaluate.evaluate_sites(tests, predict))
 
         result = program.run_rounds(
-            process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE
+            process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
+            privacy=run.privacy,
         )
         result.weights.assign_weights_to(global_model)
         reports = {"federated": evaluate.evaluate_sites(tests, predict)}
@@ -82,7 +90,7 @@ class HealthcareApp:
             "training_seconds": round(result.seconds, 3),
             "headline": evaluate.HEADLINE,
             "results": reports,
-            "privacy": "none",
+            "privacy": result.privacy,
         }
         if cfg.export.enabled and cfg.preprocess.normalization == "federated":
             card = model_card(cfg, summary)
@@ -166,7 +174,7 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "rounds": summary["rounds"],
         "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
-        "privacy": "none",
+        "privacy": summary["privacy"],
     }
 
 

@@ -1,6 +1,7 @@
 """`tff-apps`: list apps, run a job, score a CSV with an exported model, run the demo.
 
-Exit codes: 0 success, 2 user error (one line on stderr, no traceback), 1 internal
+Exit codes: 0 success, 2 user error (one line on stderr, no traceback), 3 refused by the
+lifetime privacy budget (one line giving the spent and remaining budget), 1 internal
 error, 130 interrupted.
 """
 
@@ -13,8 +14,10 @@ import traceback
 from typing import Sequence
 
 from shared.errors import UserError
+from tff_apps.ledger import BudgetExhausted
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BUDGET = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
         return EXIT_OK
+    except BudgetExhausted as err:  # a UserError: handled first, it has its own exit code
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BUDGET
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER

@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from shared.errors import UserError
+from tff_apps.privacy import PrivacySection
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ ENGINE_SECTIONS: dict[str, type] = {
     "preprocess": PreprocessSection,
     "evaluate": EvaluateSection,
     "export": ExportSection,
+    "privacy": PrivacySection,  # level "none" by default: a job without [privacy] is unchanged
 }
 
 
@@ -99,6 +101,7 @@ class JobConfig:
     preprocess: PreprocessSection
     evaluate: EvaluateSection
     export: ExportSection
+    privacy: PrivacySection = PrivacySection()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

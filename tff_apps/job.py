@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 
 from shared.errors import UserError
 from tff_apps import config as config_lib
+from tff_apps import private_run
 from shared.files import write_json_atomic, write_text_atomic
 from tff_apps.registry import load_app
 
@@ -36,7 +37,16 @@ class App(Protocol):
         """Loads and validates the data (raises UserError); no output is written yet."""
 
     def train(self, cfg: config_lib.JobConfig, prepared: Any, run: "Run") -> dict[str, Any]:
-        """Trains, evaluates, exports into `run.dir`; returns the summary's app part."""
+        """Trains, evaluates, exports into `run.dir`; returns the summary's app part.
+
+        Passes `run.privacy` to `processes.build_learning_process` and `program.run_rounds`.
+        """
+
+    # For [privacy] (horizontal apps): the clients' training example counts, by client name
+    # as the program will see them, and the data fingerprint that keys the lifetime ledger.
+    def client_rows(self, cfg: config_lib.JobConfig, prepared: Any) -> dict[str, int]: ...
+
+    def fingerprint(self, prepared: Any) -> str: ...
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Run:
     run_id: str
     dir: Path
     config: config_lib.JobConfig
+    privacy: Any = None  # a tff_apps.private_run.RunPrivacy when privacy.level is not "none"
 
     @property
     def export_dir(self) -> Path:
@@ -91,6 +102,17 @@ def data_fingerprint(fingerprints: Sequence[str]) -> str:
 def run_job(app: App, cfg: config_lib.JobConfig) -> tuple[Run, dict[str, Any]]:
     prepared = app.prepare(cfg)
     run = new_run(app, cfg)
+    # The privacy plan and the lifetime-budget reservation come before the run folder: a
+    # refused run (bad target, budget exhausted) leaves nothing behind.
+    run.privacy = private_run.start(app, run.config, prepared, run.run_id)
+    try:
+        return _run_prepared(app, prepared, run)
+    finally:
+        if run.privacy is not None:
+            run.privacy.finish()  # releases a reservation if no round ran (idempotent)
+
+
+def _run_prepared(app: App, prepared: Any, run: Run) -> tuple[Run, dict[str, Any]]:
     from tff_apps.runtime import Runtime  # TF and TFF load only once the inputs are valid
 
     run.dir.mkdir(parents=True)
@@ -109,6 +131,9 @@ def run_job(app: App, cfg: config_lib.JobConfig) -> tuple[Run, dict[str, Any]]:
         summary["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:
+        if run.privacy is not None:
+            run.privacy.finish()  # commit the spend that actually ran, failed run or not
+            summary["privacy"] = run.privacy.statement()
         summary["started"] = _iso(started)
         summary["seconds"] = round(time.time() - started, 3)
         summary["config"] = run.config.to_dict()

@@ -136,7 +136,7 @@ class Ledger:
                     "use a new run id"
                 )
             previous = [privacy.spend_from_json(json.loads(row["event"])) for row in rows]
-            chosen = _composition_accountant([row["accountant"] for row in rows] + [accountant])
+            chosen = composition_accountant([row["accountant"] for row in rows] + [accountant])
             spent = privacy.composed_epsilon(previous, delta, chosen)
             cumulative = privacy.composed_epsilon([*previous, event], delta, chosen)
             if lifetime_epsilon > 0 and cumulative > lifetime_epsilon:
@@ -233,7 +233,7 @@ class Ledger:
         at = min(row["delta"] for row in rows) if delta is None else delta
         spends = [privacy.spend_from_json(json.loads(row["event"])) for row in rows]
         return privacy.composed_epsilon(
-            spends, at, _composition_accountant([row["accountant"] for row in rows])
+            spends, at, composition_accountant([row["accountant"] for row in rows])
         )
 
     def history(self, fingerprint: str) -> list[LedgerEntry]:
@@ -270,7 +270,7 @@ class Ledger:
         ).fetchall()
 
 
-def _composition_accountant(accountants: Sequence[str]) -> str:
+def composition_accountant(accountants: Sequence[str]) -> str:
     return "pld" if accountants and all(a == "pld" for a in accountants) else "rdp"
 
 

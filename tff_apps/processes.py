@@ -69,9 +69,32 @@ def default_aggregator(train: TrainSection):
 
 
 def build_learning_process(
-    train: TrainSection, model_fn: ModelFn, aggregator_factory=None
+    train: TrainSection, model_fn: ModelFn, aggregator_factory=None, privacy=None
 ) -> tff.learning.templates.LearningProcess:
-    """The job's learning process; `aggregator_factory` defaults to the plain (un)weighted mean."""
+    """The job's learning process; `aggregator_factory` defaults to the plain (un)weighted mean.
+
+    `privacy` (the job's `run.privacy`, a `private_run.RunPrivacy`, or a `privacy.PrivacyPlan`)
+    switches in the DP mechanism the plan accounted for: at client level TFF's DP aggregator
+    with the plan's noise multiplier (uniform client weighting); at record level DP-SGD
+    client work (`dp_sgd`), whose round input is `dp_sgd.poisson_client_dataset`.
+    """
+    plan = getattr(privacy, "plan", privacy)
+    if plan is not None and plan.level == "record":
+        from tff_apps import dp_sgd
+
+        if aggregator_factory is not None:
+            raise ValueError("record-level DP builds its own (uniform mean) aggregator")
+        return dp_sgd.build_learning_process(
+            train, model_fn, plan.section.clip_norm, plan.noise_multiplier
+        )
+    if plan is not None and plan.level == "client":
+        from tff_apps import privacy as privacy_lib
+
+        if aggregator_factory is not None:
+            raise ValueError("client-level DP replaces the aggregator; pass one or the other")
+        aggregator_factory = privacy_lib.client_dp_aggregator(
+            plan.section, plan.sampling.participants, plan.noise_multiplier
+        )
 
     @tff.tensorflow.computation
     def initial_model_weights():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class TrainingResult:
     weights: tff.learning.models.ModelWeights
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    privacy: Any = "none"  # the privacy statement of the mechanism that ran
 
 
 EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
@@ -108,27 +110,51 @@ def run_rounds(
     evaluate: EvaluateFn,
     headline: str,
     label: str = "federated",
+    privacy=None,
 ) -> TrainingResult:
-    """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last."""
+    """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last.
+
+    With `privacy` (the job's `run.privacy`, a `private_run.RunPrivacy`): the plan's rounds
+    (fewer than `train.rounds` when the target ε would be passed), record-level round
+    inputs from `dp_sgd.poisson_client_dataset`, and ε so far after each round (`epsilon`),
+    accounted from the clients actually sampled.
+    """
     rng = np.random.default_rng(seed)
+    rounds = train.rounds
+    make_dataset = client_dataset
+    if privacy is not None:
+        privacy.check_clients({c.name: len(c.x) for c in clients})
+        rounds = privacy.rounds
+        if rounds < train.rounds:
+            logging.getLogger(__name__).info(
+                "privacy: stopping after %d of %d rounds (target ε %g)",
+                rounds, train.rounds, privacy.section.target_epsilon,
+            )
+        if privacy.level == "record":
+            from tff_apps import dp_sgd
+
+            make_dataset = dp_sgd.poisson_client_dataset
     state = process.initialize()
     log = MetricsLog(run_dir)
     result = TrainingResult(weights=process.get_model_weights(state))
     started = time.perf_counter()
-    progress = tqdm(total=train.rounds, desc=label, unit="round", dynamic_ncols=True)
+    progress = tqdm(total=rounds, desc=label, unit="round", dynamic_ncols=True)
     try:
-        for round_number in range(1, train.rounds + 1):
+        for round_number in range(1, rounds + 1):
             round_started = time.perf_counter()
             chosen = sample_clients(rng, len(clients), train.clients_per_round)
             datasets = [
-                client_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in chosen
+                make_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in chosen
             ]
             output = process.next(state, datasets)
             state = output.state
-            record: dict[str, Any] = {"round": round_number, "clients": [clients[i].name for i in chosen]}
+            names = [clients[i].name for i in chosen]
+            record: dict[str, Any] = {"round": round_number, "clients": names}
             record.update(train_metrics(output.metrics))
+            if privacy is not None:
+                record["epsilon"] = privacy.record_round(names)
             record["round_seconds"] = time.perf_counter() - round_started
-            if round_number % train.eval_every == 0 or round_number == train.rounds:
+            if round_number % train.eval_every == 0 or round_number == rounds:
                 record.update(evaluate(process.get_model_weights(state)))
             log.write(record)
             result.history.append(record)
@@ -139,6 +165,8 @@ def run_rounds(
         log.close()
     result.weights = process.get_model_weights(state)
     result.seconds = time.perf_counter() - started
+    if privacy is not None:
+        result.privacy = privacy.statement()
     return result
 
 

@@ -40,7 +40,22 @@ class TrafficApp:
                 f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
                 f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
             )
+        if cfg.privacy.level == "record":
+            raise UserError(
+                "privacy.level = 'record' is not offered for traffic: a training example is a "
+                "window and one reading lies in many windows, so per-example DP would not "
+                "protect a reading; use privacy.level = 'client'"
+            )
         return Prepared(data)
+
+    def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
+        """Training windows per district, as `district_splits` makes them (for [privacy])."""
+        start, end = split_bounds(len(prepared.data.timestamps))["train"]
+        per_sensor = max(0, end - HORIZON + 1 - (start + HISTORY))
+        return {d.name: per_sensor * len(d.sensor_ids) for d in prepared.data.districts}
+
+    def fingerprint(self, prepared: Prepared) -> str:
+        return describe_data(prepared.data)["fingerprint"]
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         outcome = train_and_evaluate(cfg, prepared.data, run)
@@ -50,7 +65,7 @@ class TrafficApp:
             "training_seconds": round(outcome.seconds, 3),
             "headline": "mae_60min",
             "results": outcome.reports,
-            "privacy": "none",
+            "privacy": outcome.privacy,
         }
         if cfg.export.enabled and outcome.exported:
             summary["export"] = str(run.export_dir)
@@ -72,6 +87,7 @@ class Outcome:
     seconds: float
     exported: bool
     statistics_table: str
+    privacy: Any = "none"
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
@@ -86,7 +102,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     splits = district_splits(cfg, data, bounds)
     clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
-    process = processes.build_learning_process(cfg.train, model_fn)
+    process = processes.build_learning_process(cfg.train, model_fn, privacy=run.privacy)
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
 
@@ -96,16 +112,21 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
 
     result = program.run_rounds(
-        process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min"
+        process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
+        privacy=run.privacy,
     )
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
     reports.update(run_baselines(cfg, data, splits, bounds))
     exported = False
     if cfg.export.enabled and cfg.preprocess.normalization == "federated":
-        export_forecaster(run, cfg, global_model, splits[0], data, len(result.history), reports["federated"])
+        export_forecaster(
+            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], result.privacy
+        )
         exported = True
-    return Outcome(reports, len(result.history), result.seconds, exported, statistics_table(data))
+    return Outcome(
+        reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy
+    )
 
 
 def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str, tuple[float, float]]:
@@ -204,7 +225,9 @@ def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
     return model
 
 
-def export_forecaster(run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict) -> None:
+def export_forecaster(
+    run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict, privacy="none"
+) -> None:
     from tff_apps.export import export_module
     from traffic.model import serving_module
 
@@ -218,7 +241,7 @@ def export_forecaster(run: Run, cfg: JobConfig, model, split, data: TrafficData,
         "rounds": rounds,
         "config": cfg.to_dict(),
         "metrics": report["overall"],
-        "privacy": "none",
+        "privacy": privacy,
         "input_types": {"timestamp": "datetime"},
         "output_columns": [f"forecast_{(k + 1) * interval_minutes}min" for k in range(HORIZON)],
     }
