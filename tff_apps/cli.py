@@ -1,4 +1,4 @@
-"""`tff-apps`: list apps, run a job, score a CSV with an exported model, run the demo.
+"""`tff-apps`: list apps, run a job, score a CSV with an exported model, audit a run, run the demo.
 
 Exit codes: 0 success, 2 user error (one line on stderr, no traceback), 3 refused by the
 lifetime privacy budget (one line giving the spent and remaining budget), 1 internal
@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("model_dir", help="an export folder (runs/<app>/<run_id>/export)")
     predict.add_argument("--input", required=True, metavar="CSV")
     predict.add_argument("--output", required=True, metavar="CSV")
+
+    audit = commands.add_parser(
+        "audit", help="membership-inference audit of a finished run's exported model"
+    )
+    audit.add_argument("run_dir", help="a run folder (runs/<app>/<run_id>) with an export")
 
     demo = commands.add_parser("demo", help="run every app on its embedded default data")
     demo.add_argument("--runs-dir", default="runs", help="where the demo runs go (default: runs)")
@@ -103,7 +108,26 @@ def command_predict(args) -> None:
     print(f"scored {rows} rows -> {args.output}")
 
 
-COMMANDS = {"apps": command_apps, "run": command_run, "predict": command_predict, "demo": command_demo}
+def command_audit(args) -> None:
+    from pathlib import Path
+
+    from tff_apps.audit import AUDIT_FILE, audit_run, table
+
+    result = audit_run(args.run_dir)
+    print(
+        f"membership-inference audit of {args.run_dir}: {result['member_count']} members (training "
+        f"records) vs {result['non_member_count']} non-members (held-out records); privacy: {result['privacy']}"
+    )
+    print(table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"audit: {Path(args.run_dir) / AUDIT_FILE}")
+
+
+COMMANDS = {
+    "apps": command_apps, "run": command_run, "predict": command_predict, "audit": command_audit,
+    "demo": command_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
