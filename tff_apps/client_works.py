@@ -38,6 +38,17 @@ def build_fedprox_client_work(
 
         return train(initial_weights, dataset)
 
+    def measure(outputs):
+        results, model_outputs = outputs
+        return results, tff.federated_zip(collections.OrderedDict(train=aggregate_metrics(model_outputs)))
+
+    return stateless_client_work(client_update, weights_type, data_type, measure)
+
+
+def stateless_client_work(client_update, weights_type, data_type, measure) -> client_works.ClientWorkProcess:
+    """The ClientWorkProcess around a per-client TF computation `client_update(weights, data)`:
+    no state; `measure(federated outputs) -> (client results, server measurements)`."""
+
     @tff.federated_computation
     def initialize():
         return tff.federated_value((), tff.SERVER)
@@ -48,8 +59,7 @@ def build_fedprox_client_work(
         tff.FederatedType(data_type, tff.CLIENTS),
     )
     def next_fn(state, weights, client_data):
-        results, model_outputs = tff.federated_map(client_update, (weights, client_data))
-        measurements = tff.federated_zip(collections.OrderedDict(train=aggregate_metrics(model_outputs)))
+        results, measurements = measure(tff.federated_map(client_update, (weights, client_data)))
         return tff.templates.MeasuredProcessOutput(state, results, measurements)
 
     return client_works.ClientWorkProcess(initialize, next_fn)

@@ -40,6 +40,7 @@ from tensorflow_federated.python.learning import loop_builder, tensor_utils
 from tensorflow_federated.python.learning.templates import client_works
 
 from tff_apps import privacy
+from tff_apps.client_works import stateless_client_work
 from tff_apps.config import TrainSection
 from tff_apps.program import ClientTrainData
 
@@ -170,24 +171,13 @@ def build_dp_sgd_client_work(
 
         return train(initial_weights, dataset)
 
-    @tff.federated_computation
-    def initialize():
-        return tff.federated_value((), tff.SERVER)
-
-    @tff.federated_computation(
-        initialize.type_signature.result,
-        tff.FederatedType(weights_type, tff.CLIENTS),
-        tff.FederatedType(data_type, tff.CLIENTS),
-    )
-    def next_fn(state, weights, client_data):
-        results = tff.federated_map(client_update, (weights, client_data))
+    def measure(results):
         # No training metrics: loss and counts computed on the records would not be private.
-        measurements = tff.federated_value(
+        return results, tff.federated_value(
             collections.OrderedDict(train=collections.OrderedDict()), tff.SERVER
         )
-        return tff.templates.MeasuredProcessOutput(state, results, measurements)
 
-    return client_works.ClientWorkProcess(initialize, next_fn)
+    return stateless_client_work(client_update, weights_type, data_type, measure)
 
 
 def _dp_sgd_local_training(
