@@ -24,6 +24,7 @@ status, who reserved it (pid, host) and when.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -100,6 +101,22 @@ class Ledger:
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
+    @contextlib.contextmanager
+    def _write_transaction(self):
+        """One BEGIN IMMEDIATE transaction: SQLite's write lock serializes concurrent runs,
+        and anything that fails inside rolls back whole."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.close()
+
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         db.execute("PRAGMA synchronous = FULL")
@@ -126,9 +143,7 @@ class Ledger:
             raise UserError(f"privacy.accountant = {accountant!r} is not allowed; choose one of 'rdp', 'pld'")
         own = privacy.epsilon(event, delta, accountant)
         payload = json.dumps(privacy.spend_to_json(event), sort_keys=True)
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._write_transaction() as db:
             rows = self._live_rows(db, fingerprint)
             if any(row["run_id"] == run_id for row in rows):
                 raise UserError(
@@ -162,13 +177,6 @@ class Ledger:
                     _now(),
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
         return Reservation(
             int(cursor.lastrowid), fingerprint, run_id, own, cumulative, float(delta), accountant
         )
@@ -192,9 +200,7 @@ class Ledger:
         self, reservation: Reservation | int, status: str, payload: str | None, own: float | None
     ) -> None:
         row_id = reservation.id if isinstance(reservation, Reservation) else int(reservation)
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._write_transaction() as db:
             found = db.execute("SELECT status FROM spends WHERE id = ?", (row_id,)).fetchone()
             if found is None or found[0] != "reserved":
                 state = "missing" if found is None else found[0]
@@ -208,13 +214,6 @@ class Ledger:
                     "UPDATE spends SET status = ?, event = ?, epsilon = ?, finished_at = ? WHERE id = ?",
                     (status, payload, own, _now(), row_id),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
 
     # -- reading -----------------------------------------------------------------------------
 

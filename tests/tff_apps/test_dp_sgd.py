@@ -19,17 +19,10 @@ from healthcare.model import ModelConfig, build_keras_model, tff_model_fn
 from tff_apps import dp_sgd, privacy
 from tff_apps.config import TrainSection
 from tff_apps.program import ClientTrainData
-from tff_apps.runtime import Runtime
 
 D = 3
 SEED = 5
 LR = 0.1
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    with Runtime() as rt:
-        yield rt
 
 
 def make_client(name: str, n: int, seed: int, d: int = D) -> ClientTrainData:

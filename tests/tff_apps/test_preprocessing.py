@@ -29,12 +29,6 @@ EXPANDED = ["age", "tiny", "huge", "cp=1", "cp=2", "cp=3", "cp=4", "const", "spa
 CONST = 2.5
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    with Runtime() as rt:
-        yield rt
-
-
 def make_sites(float32_exact: bool, seed: int = 7) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     sites = []

@@ -19,7 +19,6 @@ from tff_apps import privacy, processes
 from tff_apps.config import TrainSection, build_section
 from tff_apps.privacy import ClientSampling, PrivacySection, RecordSampling
 from tff_apps.program import ClientTrainData, client_dataset
-from tff_apps.runtime import Runtime
 
 DELTA = 1e-5
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -198,12 +197,6 @@ def test_mixed_levels_compose_tighter_than_adding():
 
 D = 3
 SEED = 2
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    with Runtime() as rt:
-        yield rt
 
 
 def make_client(name: str, n: int, shift: float, seed: int) -> ClientTrainData:

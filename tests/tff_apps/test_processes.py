@@ -19,7 +19,6 @@ from healthcare.model import ModelConfig, build_keras_model, tff_model_fn
 from tff_apps import processes
 from tff_apps.config import TrainSection
 from tff_apps.program import ClientTrainData, client_dataset
-from tff_apps.runtime import Runtime
 
 D = 3
 SEED = 3
@@ -35,12 +34,6 @@ ONE_BATCH = TrainSection(
     server_learning_rate=1.0,
     server_momentum=0.0,
 )
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    with Runtime() as rt:
-        yield rt
 
 
 def make_client(name: str, n: int, shift: float, seed: int) -> ClientTrainData:
