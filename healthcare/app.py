@@ -68,7 +68,8 @@ class HealthcareApp:
         ]
         n_inputs = clients[0].x.shape[1]
         process = processes.build_learning_process(
-            cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy
+            cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy,
+            secure=processes.secure_aggregation(cfg, clients),
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
         predict = evaluate.keras_predictor(global_model, preprocessor_of)
@@ -101,6 +102,11 @@ class HealthcareApp:
         table = reporting.results_table(reports, reporting.BINARY_COLUMNS)
         write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table))
         summary["report"] = str(run.dir / "report.md")
+        summary["report_html"] = str(reporting.html_report(
+            run, summary, table, round_metric=evaluate.HEADLINE, final_metric=lambda r: r["pooled"]["auc"],
+            metric_label="pooled test AUC", client_metric_label="test AUC",
+            roc={method: (report.labels, report.probabilities) for method, report in reports.items()},
+        ))
         summary["table"] = table
         return summary
 
@@ -165,6 +171,8 @@ def describe_data(data: HealthcareData, trains, tests) -> dict[str, Any]:
 
 
 def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    from tff_apps.privacy import privacy_statement, secure_aggregation
+
     federated = summary["results"]["federated"]
     return {
         "app": "healthcare",
@@ -174,7 +182,19 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "rounds": summary["rounds"],
         "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
-        "privacy": summary["privacy"],
+        # The statement of the mechanism that ran; a job without DP but with secure
+        # aggregation still states its mode (what the server saw of the updates).
+        "privacy": (
+            summary["privacy"]
+            if isinstance(summary["privacy"], dict) or cfg.privacy.secure_aggregation == "none"
+            else privacy_statement(
+                None,
+                secure=secure_aggregation(
+                    cfg.privacy, cfg.train, {k: v["train_rows"] for k, v in summary["data"]["sites"].items()}
+                ),
+                section=cfg.privacy,
+            )
+        ),
     }
 
 

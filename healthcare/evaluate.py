@@ -21,21 +21,31 @@ SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ec
 PredictFn = Callable[[ClientTable], np.ndarray]
 
 
-def evaluate_sites(tests: list[ClientTable], predict: PredictFn) -> dict:
+class SiteReport(dict):
+    """A report (the plain dict that summary.json holds) that also carries the pooled test
+    labels and probabilities for the ROC plot, as attributes: they never reach JSON."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+
+def evaluate_sites(tests: list[ClientTable], predict: PredictFn) -> SiteReport:
     """Per-hospital reports, the pooled test set, and the mean and worst hospital."""
     predictions = {table.name: predict(table) for table in tests}
     sites = {t.name: binary_report(t.labels, predictions[t.name]) for t in tests}
-    pooled = binary_report(
-        np.concatenate([t.labels for t in tests]), np.concatenate([predictions[t.name] for t in tests])
-    )
-    return {
+    labels = np.concatenate([t.labels for t in tests])
+    probabilities = np.concatenate([predictions[t.name] for t in tests])
+    pooled = binary_report(labels, probabilities)
+    report = SiteReport({
         "pooled": pooled,
         "sites": sites,
         "across_sites": {
             metric: summarize_sites(sites, metric, higher_is_better=metric not in ("brier", "ece"))
             for metric in SUMMARY_METRICS
         },
-    }
+    })
+    report.labels, report.probabilities = labels, probabilities
+    return report
 
 
 def headline_metrics(report: dict) -> dict[str, float]:

@@ -1,6 +1,7 @@
-"""`tff-apps`: list apps, run a job, score a CSV with an exported model, audit a run, run the demo.
+"""`tff-apps`: list apps, run or resume a job, list runs, score a CSV with an exported model, audit a run, run the demo.
 
-Exit codes: 0 success, 2 user error (one line on stderr, no traceback), 3 refused by the
+Exit codes: 0 success (also: the run id had already succeeded, nothing was done), 2 user
+error (one line on stderr, no traceback; also a run id another live process holds), 3 refused by the
 lifetime privacy budget (one line giving the spent and remaining budget), 1 internal
 error, 130 interrupted.
 """
@@ -39,12 +40,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one config value, e.g. --set train.rounds=10 (repeatable)",
     )
-    run.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
+    run.add_argument(
+        "--run-id",
+        help="name of the run folder (default: a timestamp); a finished run id is not trained "
+        "again, a failed or interrupted one resumes from its last checkpoint",
+    )
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue an existing run (its folder must exist) from its last checkpoint",
+    )
+
+    runs = commands.add_parser("runs", help="list the runs and how they ended (newest first)")
+    runs.add_argument("--runs-dir", default="runs", help="the runs folder (default: runs)")
+    runs.add_argument("--app", help="only this app's runs")
 
     predict = commands.add_parser("predict", help="score a CSV of raw rows with an exported model")
     predict.add_argument("model_dir", help="an export folder (runs/<app>/<run_id>/export)")
     predict.add_argument("--input", required=True, metavar="CSV")
     predict.add_argument("--output", required=True, metavar="CSV")
+
+    score = commands.add_parser(
+        "score", help="vertical inference: score customers from one CSV per party with a split model's export"
+    )
+    score.add_argument("model_dir", help="a vertical run's export folder (runs/finance/<run_id>/export)")
+    score.add_argument(
+        "--input", dest="inputs", action="append", default=[], required=True, metavar="PARTY=CSV",
+        help="one party's CSV, keyed by customer ID, e.g. --input lender=a.csv --input partner=b.csv",
+    )
+    score.add_argument("--output", required=True, metavar="CSV")
+    score.add_argument("--id-column", default="", help="the ID column of both CSVs (default: the job's)")
 
     audit = commands.add_parser(
         "audit", help="membership-inference audit of a finished run's exported model"
@@ -70,7 +94,17 @@ def command_run(args) -> None:
     if args.run_id:
         overrides.append(f'job.run_id="{args.run_id}"')
     app, cfg = resolve_job(args.app, args.config, overrides)
-    _run_and_print(app, cfg)
+    _run_and_print(app, cfg, resume=args.resume)
+
+
+def command_runs(args) -> None:
+    from tff_apps.runs import list_runs, table
+
+    records = list_runs(args.runs_dir, args.app)
+    if not records:
+        print(f"no runs in {args.runs_dir}" + (f" for app {args.app}" if args.app else ""))
+        return
+    print(table(records))
 
 
 def command_demo(args) -> None:
@@ -87,11 +121,18 @@ def command_demo(args) -> None:
         print(f"  {name:12s} {report}")
 
 
-def _run_and_print(app, cfg) -> dict:
+def _run_and_print(app, cfg, resume: bool = False) -> dict:
     from tff_apps.job import run_job
 
     print(f"[{app.name}] {app.description}", flush=True)
-    run, summary = run_job(app, cfg)
+    run, summary = run_job(app, cfg, resume=resume)
+    if run.already_finished:
+        print(
+            f"[{app.name}] run {run.run_id}: {summary.get('status')} on {summary.get('started', '?')}, "
+            f"{summary.get('rounds', '?')} rounds; already finished; not retrained"
+        )
+        print(f"[{app.name}] summary:    {run.dir / 'summary.json'}")
+        return summary
     print(summary.get("table", ""))
     print(f"[{app.name}] run folder: {run.dir}")
     print(f"[{app.name}] summary:    {run.dir / 'summary.json'}")
@@ -106,6 +147,29 @@ def command_predict(args) -> None:
 
     rows = predict_csv(args.model_dir, args.input, args.output)
     print(f"scored {rows} rows -> {args.output}")
+
+
+def command_score(args) -> None:
+    from pathlib import Path
+
+    from tff_apps.predict import read_model_card
+    from tff_apps.registry import load_app
+
+    inputs = {}
+    for item in args.inputs:
+        party, sep, path = item.partition("=")
+        if not sep or not party or not path:
+            raise UserError(f"score --input {item!r}: expected PARTY=CSV, e.g. --input lender=lender.csv")
+        inputs[party] = path
+    model_dir = Path(args.model_dir)
+    app = load_app(read_model_card(model_dir).get("app", ""))
+    if not hasattr(app, "score"):
+        raise UserError(f"{model_dir}: app {app.name!r} has one table per row; use tff-apps predict")
+    result = app.score(model_dir, inputs, args.output, args.id_column)
+    print(
+        f"scored {result['rows_written']} shared customers (match rate {result['match_rate_lender']:.3f} of "
+        f"the lender's rows) in {result['seconds']:.1f} s -> {args.output}"
+    )
 
 
 def command_audit(args) -> None:
@@ -125,7 +189,8 @@ def command_audit(args) -> None:
 
 
 COMMANDS = {
-    "apps": command_apps, "run": command_run, "predict": command_predict, "audit": command_audit,
+    "apps": command_apps, "run": command_run, "runs": command_runs, "predict": command_predict,
+    "score": command_score, "audit": command_audit,
     "demo": command_demo,
 }
 

@@ -52,6 +52,7 @@ class TrainSection:
     server_learning_rate: float = field(default=1.0, metadata={"exclusive_min": 0.0})
     server_momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
     eval_every: int = field(default=5, metadata={"min": 1})
+    checkpoint_every: int = field(default=5, metadata={"min": 0})  # rounds; 0 = no checkpoints
 
 
 @dataclass(frozen=True)

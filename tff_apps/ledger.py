@@ -101,26 +101,11 @@ class Ledger:
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
-    @contextlib.contextmanager
     def _write_transaction(self):
-        """One BEGIN IMMEDIATE transaction: SQLite's write lock serializes concurrent runs,
-        and anything that fails inside rolls back whole."""
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+        return write_transaction(self.path)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        db.execute("PRAGMA synchronous = FULL")
-        return db
+        return connect(self.path)
 
     # -- spending ----------------------------------------------------------------------------
 
@@ -132,12 +117,19 @@ class Ledger:
         delta: float,
         accountant: str,
         lifetime_epsilon: float,
+        resume: bool = False,
     ) -> Reservation:
         """Books this run's spend before it trains, or raises BudgetExhausted.
 
         The source's ε with this run = ε of the composition of every spend not released
         (committed, and reserved by running or dead runs) plus this one, at `delta`.
         `lifetime_epsilon` 0 means no budget (the spend is still recorded).
+
+        `resume`: the run id continues an interrupted run (the caller holds the run's lock).
+        Its live row, reserved by a killed process or committed by a failed one with the
+        rounds that ran, is reopened for the whole planned spend (budget checked again
+        against the other runs): the run keeps ONE row, so rounds already spent are not
+        counted twice; `commit` then records every round the run did in all its attempts.
         """
         if accountant not in privacy.ACCOUNTANTS:
             raise UserError(f"privacy.accountant = {accountant!r} is not allowed; choose one of 'rdp', 'pld'")
@@ -145,7 +137,10 @@ class Ledger:
         payload = json.dumps(privacy.spend_to_json(event), sort_keys=True)
         with self._write_transaction() as db:
             rows = self._live_rows(db, fingerprint)
-            if any(row["run_id"] == run_id for row in rows):
+            own_rows = [row for row in rows if row["run_id"] == run_id]
+            if own_rows and resume:
+                rows = [row for row in rows if row["run_id"] != run_id]
+            elif own_rows:
                 raise UserError(
                     f"job.run_id = {run_id!r} already has a privacy spend on this data in {self.path}; "
                     "use a new run id"
@@ -162,6 +157,14 @@ class Ledger:
                     f"needs ε = {own:.4g} (cumulative would be {cumulative:.4g}) at δ = {delta:g}; "
                     "lower privacy.target_epsilon or train.rounds, or raise privacy.lifetime_epsilon"
                 )
+            if own_rows and resume:
+                row_id = int(own_rows[0]["id"])
+                db.execute(
+                    "UPDATE spends SET event = ?, delta = ?, accountant = ?, status = 'reserved',"
+                    " epsilon = ?, pid = ?, host = ?, finished_at = NULL WHERE id = ?",
+                    (payload, float(delta), accountant, own, os.getpid(), socket.gethostname(), row_id),
+                )
+                return Reservation(row_id, fingerprint, run_id, own, cumulative, float(delta), accountant)
             cursor = db.execute(
                 "INSERT INTO spends (fingerprint, run_id, event, delta, accountant, status, epsilon,"
                 " pid, host, reserved_at) VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?)",
@@ -267,6 +270,30 @@ class Ledger:
         return db.execute(
             "SELECT * FROM spends WHERE fingerprint = ? AND status != 'released' ORDER BY id", (fingerprint,)
         ).fetchall()
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection in autocommit mode with durable commits (also used by `tff_apps.runs`)."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    db.execute("PRAGMA synchronous = FULL")
+    return db
+
+
+@contextlib.contextmanager
+def write_transaction(path: str | Path):
+    """One BEGIN IMMEDIATE transaction: SQLite's write lock serializes concurrent processes,
+    and anything that fails inside rolls back whole."""
+    db = connect(path)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
 
 
 def composition_accountant(accountants: Sequence[str]) -> str:

@@ -31,9 +31,13 @@ def score_frame(model_dir: Path, frame: pd.DataFrame, source: str) -> np.ndarray
     card = read_model_card(model_dir)
     inputs: dict[str, str] = card["inputs"]
     datetimes = [c for c, kind in card.get("input_types", {}).items() if kind == "datetime"]
-    values = numeric_columns(frame, [c for c in inputs if c not in datetimes], source)
+    strings = [c for c, kind in card.get("input_types", {}).items() if kind == "string"]
+    values = numeric_columns(frame, [c for c in inputs if c not in datetimes and c not in strings], source)
     for column in datetimes:
         values[column] = epoch_seconds(frame, column, source)
+    for column in strings:  # categorical text, compared with the model's vocabulary in the graph
+        require_columns(frame, [column], source)
+        values[column] = frame[column].astype(str).str.strip().to_numpy(dtype=object)
     import tensorflow as tf  # imported only once the input is valid: errors come fast
 
     serving = tf.saved_model.load(str(model_dir)).signatures["serving_default"]

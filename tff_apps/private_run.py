@@ -47,6 +47,11 @@ class RunPrivacy:
     participation: dict[str, int] = field(default_factory=dict)
     epsilon_so_far: float = 0.0
     finished: bool = False
+    round_participants: list[list[str]] = field(default_factory=list)  # per round, in order
+    secure: privacy.SecureAggregation | None = None  # the job's secure aggregation, if any
+    # what the learning process resolved for the mechanism (distributed DP: noise passed to
+    # TFF, scale, sensitivity after rounding); `processes.build_learning_process` fills it
+    mechanism_details: dict[str, Any] = field(default_factory=dict)
     _composition: privacy.Composition | None = None
 
     @property
@@ -89,7 +94,16 @@ class RunPrivacy:
         for name in participants:
             self.participation[name] = self.participation.get(name, 0) + 1
         self.epsilon_so_far = self._composition.epsilon(self.section.delta)
+        self.round_participants.append(list(participants))
         return self.epsilon_so_far
+
+    def restore(self, round_participants: Sequence[Sequence[str]]) -> None:
+        """A resumed run (from a checkpoint): accounts the rounds that ran before, in order,
+        so ε continues exactly as if the run had not stopped. Only on a fresh RunPrivacy."""
+        if self.rounds_run:
+            raise RuntimeError("RunPrivacy.restore: rounds were already recorded")
+        for participants in round_participants:
+            self.record_round(list(participants))
 
     # -- what ran ----------------------------------------------------------------------------
 
@@ -118,8 +132,10 @@ class RunPrivacy:
 
     def statement(self) -> dict[str, Any]:
         statement = privacy.privacy_statement(
-            self.plan, self.rounds_run, self._participation(), self.lifetime_spent()
+            self.plan, self.rounds_run, self._participation(), self.lifetime_spent(), secure=self.secure
         )
+        if self.mechanism_details:
+            statement["secure_aggregation"].update(self.mechanism_details)
         statement["rounds_planned"] = self.plan.rounds
         if self.ledger is not None:
             statement["ledger"] = str(self.ledger.path)
@@ -140,19 +156,26 @@ class RunPrivacy:
             self.ledger.commit(self.reservation, self.spend())
 
 
-def start(app, cfg, prepared, run_id: str) -> RunPrivacy | None:
-    """Plans the job's DP and reserves its lifetime budget; None when `privacy.level` is none.
+def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy | None:
+    """Plans the job's DP and reserves its lifetime budget; None when `privacy.level` is none
+    (a job with only `privacy.secure_aggregation` gets it checked here, and None).
 
-    Raises UserError (or ledger.BudgetExhausted) before anything is written.
+    Raises UserError (or ledger.BudgetExhausted) before anything is written. `resume`: the
+    run id continues an interrupted run, whose ledger row is reopened, not added to.
     """
     section: privacy.PrivacySection = cfg.privacy
-    if section.level == "none":
+    if section.level == "none" and section.secure_aggregation == "none":
         return None
     client_rows = getattr(app, "client_rows", None)
     fingerprint_of = getattr(app, "fingerprint", None)
     if client_rows is None or fingerprint_of is None:
-        raise UserError(f"privacy.level = {section.level!r}: app {app.name!r} does not support [privacy]")
+        key = "level" if section.level != "none" else "secure_aggregation"
+        raise UserError(f"privacy.{key} = {getattr(section, key)!r}: app {app.name!r} does not support [privacy]")
     rows = {str(name): int(n) for name, n in client_rows(cfg, prepared).items()}
+    # Secure aggregation is checked for every job, with or without DP (UserError before any output).
+    secure = privacy.secure_aggregation(section, cfg.train, rows)
+    if section.level == "none":
+        return None
     if section.level == "client":
         sampling: privacy.Sampling = privacy.client_sampling(cfg.train, len(rows))
     else:
@@ -163,12 +186,17 @@ def start(app, cfg, prepared, run_id: str) -> RunPrivacy | None:
             "privacy: %d of train.rounds = %d fit privacy.target_epsilon = %g",
             plan.rounds, cfg.train.rounds, section.target_epsilon,
         )
-    result = RunPrivacy(plan, fingerprint_of(prepared))
+    result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure)
     if section.lifetime_epsilon > 0:
         path = Path(section.ledger) if section.ledger else Path(cfg.job.runs_dir) / LEDGER_FILE
         result.ledger = Ledger(path)
         result.reservation = result.ledger.reserve(
             result.fingerprint, run_id, plan.spend(), section.delta, section.accountant,
-            section.lifetime_epsilon,
+            section.lifetime_epsilon, resume=resume,
         )
     return result
+
+
+def secure_sum_summary(section: privacy.PrivacySection, simulated_intrinsics_used: bool) -> str:
+    """summary.json's `secure_sum` (see `privacy.secure_sum_summary`)."""
+    return privacy.secure_sum_summary(section, simulated_intrinsics_used)

@@ -1,16 +1,25 @@
-"""The training program: rounds, seeded client sampling, evaluation cadence and metrics.
+"""The training program: rounds, seeded client sampling, evaluation cadence, metrics and
+checkpoints.
 
 Every round runs the learning process's `next` TFF computation on the sampled
 clients' datasets. Progress goes to a tqdm bar, each round to `metrics.jsonl` and
-TensorBoard event files.
+TensorBoard event files. Every `train.checkpoint_every` rounds (and after the last) the
+program state goes to `checkpoints/round_<N>` through `tff.program.FileProgramStateManager`:
+the learning process's state, the round, the client sampler's generator state and the
+clients of every round so far (for the privacy accountant). A run folder that already
+has checkpoints (a resumed run) continues after the latest one, with the same sampling and
+the same round inputs (`round_seed` depends on seed, round and client only), so it ends
+where an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +30,12 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from tqdm import tqdm
 
+from shared.files import write_text_atomic
 from tff_apps.config import TrainSection
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "round_"
+CHECKPOINTS_KEPT = 2
 
 
 @dataclass
@@ -94,6 +108,102 @@ class MetricsLog:
     def close(self) -> None:
         self.writer.close()
 
+    def keep_rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
+        """A resumed run: keeps the lines of rounds <= `last_round` (the checkpoint's), drops
+        the later ones (they run again) and a line cut short by a kill; returns those kept."""
+        if not self.path.exists():
+            return []
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] <= last_round:
+                kept.append(record)
+        write_text_atomic(self.path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
+        return kept
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives back: the loop continues at `round + 1`."""
+
+    round: int
+    state: Any
+    rng_state: dict[str, Any]
+    round_participants: list[list[str]]
+
+
+class Checkpoints:
+    """The program state every `every` rounds, through TFF's FileProgramStateManager.
+
+    Each version is written to a temporary folder and renamed into place
+    (`file_utils.write_saved_model`), and a temporary name is not a version, so a process
+    killed while saving leaves the previous checkpoint as the latest one; leftovers of such
+    a save are removed on resume.
+    """
+
+    def __init__(self, run_dir: Path, every: int):
+        self.every = every
+        self.root = Path(run_dir) / CHECKPOINT_DIR
+        self._manager = None
+
+    @property
+    def manager(self) -> tff.program.FileProgramStateManager:
+        if self._manager is None:
+            self._manager = tff.program.FileProgramStateManager(
+                root_dir=self.root, prefix=CHECKPOINT_PREFIX, keep_total=CHECKPOINTS_KEPT, keep_first=False
+            )
+        return self._manager
+
+    def due(self, round_number: int, last_round: int) -> bool:
+        return self.every > 0 and (round_number % self.every == 0 or round_number == last_round)
+
+    def save(self, round_number: int, state, rng: np.random.Generator, round_participants) -> None:
+        program_state = {
+            "state": state,
+            "round": np.int64(round_number),
+            "rng": json.dumps(rng.bit_generator.state),
+            "participants": json.dumps(round_participants),
+        }
+        asyncio.run(self.manager.save(program_state, round_number))
+
+    def load_latest(self, initial_state) -> Resumed | None:
+        if self.every <= 0 or not self.root.is_dir():
+            return None
+        for leftover in self.root.glob(f"{CHECKPOINT_PREFIX}*_temp*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a save cut short by a kill
+        structure = {"state": initial_state, "round": 0, "rng": "", "participants": ""}
+        loaded, version = asyncio.run(self.manager.load_latest(structure))
+        if loaded is None:
+            return None
+        round_number = int(loaded["round"])
+        if round_number != version:
+            raise RuntimeError(f"checkpoint {self.root}/{CHECKPOINT_PREFIX}{version} holds round {round_number}")
+        return Resumed(
+            round_number,
+            loaded["state"],
+            json.loads(_text(loaded["rng"])),
+            json.loads(_text(loaded["participants"])),
+        )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (`checkpoints/round_<N>`), or None."""
+    versions = []
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit():
+            versions.append((int(suffix), path))
+    return max(versions)[1] if versions else None
+
+
+def _text(value: Any) -> str:
+    if hasattr(value, "item"):
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
 
 def train_metrics(output_metrics) -> dict[str, float]:
     """The clients' training loss and metrics as TFF aggregated them this round."""
@@ -112,7 +222,9 @@ def run_rounds(
     label: str = "federated",
     privacy=None,
 ) -> TrainingResult:
-    """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last.
+    """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last;
+    checkpoints every `checkpoint_every` rounds and after the last. A run folder with a
+    checkpoint continues from it (metrics.jsonl keeps the rounds up to the checkpoint).
 
     With `privacy` (the job's `run.privacy`, a `private_run.RunPrivacy`): the plan's rounds
     (fewer than `train.rounds` when the target ε would be passed), record-level round
@@ -135,12 +247,26 @@ def run_rounds(
 
             make_dataset = dp_sgd.poisson_client_dataset
     state = process.initialize()
+    checkpoints = Checkpoints(run_dir, train.checkpoint_every)
+    resumed = checkpoints.load_latest(state)
+    first_round = 1
+    round_participants: list[list[str]] = []
+    if resumed is not None:
+        state, first_round = resumed.state, resumed.round + 1
+        rng.bit_generator.state = resumed.rng_state
+        round_participants = resumed.round_participants
+        if privacy is not None:
+            privacy.restore(round_participants)
+        logging.getLogger(__name__).info(
+            "resuming after round %d from %s", resumed.round, checkpoints.root
+        )
     log = MetricsLog(run_dir)
     result = TrainingResult(weights=process.get_model_weights(state))
+    result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
-    progress = tqdm(total=rounds, desc=label, unit="round", dynamic_ncols=True)
+    progress = tqdm(total=rounds, initial=first_round - 1, desc=label, unit="round", dynamic_ncols=True)
     try:
-        for round_number in range(1, rounds + 1):
+        for round_number in range(first_round, rounds + 1):
             round_started = time.perf_counter()
             chosen = sample_clients(rng, len(clients), train.clients_per_round)
             datasets = [
@@ -151,6 +277,7 @@ def run_rounds(
             names = [clients[i].name for i in chosen]
             record: dict[str, Any] = {"round": round_number, "clients": names}
             record.update(train_metrics(output.metrics))
+            record.update(output.metrics.get("secure_aggregation", {}))  # masked: protocol seconds, bytes
             if privacy is not None:
                 record["epsilon"] = privacy.record_round(names)
             record["round_seconds"] = time.perf_counter() - round_started
@@ -158,6 +285,9 @@ def run_rounds(
                 record.update(evaluate(process.get_model_weights(state)))
             log.write(record)
             result.history.append(record)
+            round_participants.append(names)
+            if checkpoints.due(round_number, rounds):
+                checkpoints.save(round_number, state, rng, round_participants)
             progress.update(1)
             progress.set_postfix(_postfix(record, headline), refresh=False)
     finally:

@@ -76,8 +76,28 @@ class TrafficApp:
             reporting.markdown_report(run, summary, table, group="districts", metric="mae_60min", extra=sections),
         )
         summary["report"] = str(run.dir / "report.md")
+        summary["report_html"] = str(html_report(run, summary, table, prepared.data, outcome))
         summary["table"] = table
         return summary
+
+
+def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, outcome) -> Path:
+    """report.html: MAE per round, per-district MAE, and 60-min forecasts of 3 sensors."""
+    from traffic.evaluate import forecast_series
+
+    federated = outcome.reports["federated"]
+    picks = [(d.name, 0) for d in data.districts[:3]] if len(data.districts) >= 3 else [
+        (data.districts[0].name, i) for i in range(min(3, len(data.districts[0].sensor_ids)))
+    ]
+    sensor_ids = {d.name: list(d.sensor_ids) for d in data.districts}
+    return reporting.html_report(
+        run, summary, table, round_metric="val_mae_60min", round_metric_split="validation",
+        final_metric=lambda r: r["overall"]["mae_60min"], metric_label="MAE at 60 min (mph)",
+        group="districts", client_metric="mae_60min", client_metric_label="MAE at 60 min (mph)",
+        forecasts=forecast_series(federated, data.timestamps, picks, sensor_ids),
+        forecast_title="Federated 60-minute forecast against actual speed (first 2 test days)",
+        forecast_ylabel="speed (mph)", extra={"Data statistics against METR-LA": outcome.statistics_table},
+    )
 
 
 @dataclass
@@ -102,7 +122,9 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     splits = district_splits(cfg, data, bounds)
     clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
-    process = processes.build_learning_process(cfg.train, model_fn, privacy=run.privacy)
+    process = processes.build_learning_process(
+        cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients)
+    )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
 

@@ -49,14 +49,52 @@ def forecast_metrics(actual: np.ndarray, forecast: np.ndarray) -> dict[str, floa
     return metrics
 
 
-def evaluate_districts(districts: list[DistrictSplit], predict: PredictFn) -> dict:
+class DistrictReport(dict):
+    """A report (the plain dict that summary.json holds) that also carries, as attributes
+    that never reach JSON, each district's test windows, actual speeds and forecasts (mph)."""
+
+    windows: dict[str, Windows]
+    actual: dict[str, np.ndarray]
+    forecasts: dict[str, np.ndarray]
+
+
+def evaluate_districts(districts: list[DistrictSplit], predict: PredictFn) -> DistrictReport:
     actual = {d.name: d.to_mph(d.test.y) for d in districts}
     forecasts = {d.name: predict(d) for d in districts}
     per_district = {name: forecast_metrics(actual[name], forecasts[name]) for name in actual}
     overall = forecast_metrics(
         np.concatenate(list(actual.values())), np.concatenate(list(forecasts.values()))
     )
-    return {"overall": overall, "districts": per_district}
+    report = DistrictReport({"overall": overall, "districts": per_district})
+    report.windows = {d.name: d.test for d in districts}
+    report.actual, report.forecasts = actual, forecasts
+    return report
+
+
+def forecast_series(
+    report: DistrictReport, timestamps, sensors: list[tuple[str, int]],
+    sensor_ids: dict[str, list[str]] | None = None, horizon: str = "60min", max_points: int = 2 * 24 * 12,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For the report's plot: per (district, sensor index), (time of the target, actual,
+    forecast) at one horizon over the sensor's first `max_points` test windows (two days at
+    5-minute steps). `timestamps` is the data's time index (a pandas DatetimeIndex)."""
+    step = HORIZONS[horizon]
+    series = {}
+    for district, sensor in sensors:
+        windows = report.windows[district]
+        rows = np.flatnonzero(windows.sensor == sensor)
+        rows = rows[np.argsort(windows.target_start[rows], kind="stable")][:max_points]
+        if len(rows) == 0:
+            continue
+        times = timestamps[windows.target_start[rows] + step - 1]
+        if getattr(times, "tz", None) is not None:
+            times = times.tz_localize(None)  # wall-clock time, as the data reads
+        name = sensor_ids[district][sensor] if sensor_ids else str(sensor)
+        series[f"{district}, sensor {name}"] = (
+            np.asarray(times, dtype="datetime64[ns]"),
+            report.actual[district][rows, step - 1], report.forecasts[district][rows, step - 1],
+        )
+    return series
 
 
 def headline_metrics(report: dict) -> dict[str, float]:

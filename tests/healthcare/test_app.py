@@ -83,6 +83,21 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
     assert card["config"]["train"]["rounds"] == 3
     assert card["packages"]["tensorflow-federated"] == "0.87.0"
     assert (finished_run / "export" / "saved_model.pb").is_file()
+    # report.html: the table first, every plot a real PNG (no ε plot without DP), config last.
+    import re
+
+    import matplotlib.image
+
+    assert summary["report_html"] == str(finished_run / "report.html")
+    assert set(results["federated"]) == {"pooled", "sites", "across_sites"}  # no arrays in JSON
+    page = (finished_run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources == ["plots/metric_per_round.png", "plots/roc_curves.png", "plots/per_client.png"]
+    for source in sources:
+        pixels = matplotlib.image.imread(finished_run / source)
+        assert pixels.shape[1] == 800 and pixels[..., :3].std() > 0.05
+    assert page.index("<td>federated</td>") < page.index("<img") < page.index("<pre>[job]")
+    assert "rounds = 3" in page[page.index("<pre>"):]
 
 
 def test_same_config_gives_the_same_model(finished_run: Path, tmp_path: Path):

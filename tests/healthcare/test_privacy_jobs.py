@@ -110,6 +110,54 @@ def test_client_level_adaptive_clip_epsilon(tmp_path):
     assert [r["epsilon"] for r in metrics][-1] == pytest.approx(expected, rel=0.01)
 
 
+def test_client_level_pld_epsilon_matches_an_independent_pld_computation(tmp_path):
+    z, rounds = 1.5, 3
+    result = run(
+        tmp_path, "pld",
+        "--set", f"train.rounds={rounds}", "--set", "train.local_epochs=1",
+        "--set", "privacy.level=client", "--set", "privacy.clipping=fixed",
+        "--set", f"privacy.noise_multiplier={z}", "--set", "privacy.accountant=pld",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, metrics = outputs(tmp_path / "healthcare" / "pld")
+    # Every client every round (PLD cannot account fixed-size sampling): the Gaussian
+    # mechanism with noise z*C under replace-one, i.e. L2 sensitivity 2C, composed `rounds` times.
+    def pld_epsilon(r: int) -> float:
+        mechanism = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=z, sensitivity=2.0, value_discretization_interval=1e-4
+        )
+        return mechanism.self_compose(r).get_epsilon_for_delta(DELTA)
+
+    statement = summary["privacy"]
+    assert statement["accountant"].startswith("PLD") and statement["rounds"] == rounds
+    assert statement["epsilon"] == pytest.approx(pld_epsilon(rounds), rel=0.01)
+    assert [r["epsilon"] for r in metrics] == pytest.approx([pld_epsilon(r) for r in (1, 2, 3)], rel=0.01)
+    assert statement["epsilon"] < rdp_epsilon(SELF(G(z / 2), rounds), REPLACE_ONE)  # PLD is tighter
+
+
+def test_baselines_train_the_configured_rounds_when_the_target_stops_training_early(monkeypatch):
+    from healthcare import app as healthcare_app
+    from healthcare import evaluate
+    from tff_apps import private_run
+    from tff_apps.job import resolve_job
+
+    z, m, configured, local_epochs = 1.0, 3, 6, 2
+    eps = [client_fixed_epsilon(z, N_CLIENTS, m, r) for r in (4, 5)]
+    app, cfg = resolve_job("healthcare", None, [
+        f"train.rounds={configured}", f"train.clients_per_round={m}", f"train.local_epochs={local_epochs}",
+        "privacy.level=client", "privacy.clipping=fixed", f"privacy.noise_multiplier={z}",
+        f"privacy.target_epsilon={sum(eps) / 2}",
+    ])
+    prepared = app.prepare(cfg)
+    assert private_run.start(app, cfg, prepared, "baselines").rounds == 4  # the target stops training early
+    epochs = []
+    record = lambda *args, **kwargs: epochs.append(kwargs["epochs"]) or {}  # noqa: E731
+    monkeypatch.setattr(evaluate, "centralized_baseline", record)
+    monkeypatch.setattr(evaluate, "local_baseline", record)
+    healthcare_app.run_baselines(cfg, prepared)
+    assert epochs == [configured * local_epochs] * 2
+
+
 # -- record level and the lifetime ledger --------------------------------------------------------
 
 

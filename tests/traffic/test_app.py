@@ -38,6 +38,21 @@ def test_run_reports_every_method_at_15_30_60_minutes(traffic_run: Path):
     assert [r["round"] for r in rounds] == [1, 2, 3] and "val_mae_60min" in rounds[-1]
     report = (traffic_run / "report.md").read_text()
     assert "Data statistics against METR-LA" in report and "acf_lag288" in report
+    # report.html: the table first, every plot a real PNG (no ε plot without DP), config last.
+    import re
+
+    import matplotlib.image
+
+    assert summary["report_html"] == str(traffic_run / "report.html")
+    assert set(summary["results"]["federated"]) == {"overall", "districts"}  # no arrays in JSON
+    page = (traffic_run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources == ["plots/metric_per_round.png", "plots/per_client.png", "plots/forecast_vs_actual.png"]
+    for source in sources:
+        pixels = matplotlib.image.imread(traffic_run / source)
+        assert pixels.shape[1] == 800 and pixels[..., :3].std() > 0.05
+    assert page.index("<td>federated</td>") < page.index("<img") < page.index("<pre>[job]")
+    assert "acf_lag288" in page and "local_steps = 10" in page[page.index("<pre>"):]
 
 
 def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, tmp_path: Path):

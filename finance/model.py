@@ -1,0 +1,440 @@
+"""The split model of vertical credit scoring: per-party encoders, bottom models and export.
+
+Each party turns ITS OWN raw columns into numbers with a `PartyEncoder` fitted on its
+own aligned training rows, and runs a bottom model on them that returns a partial
+score (a logit contribution). The model's logit for a customer is the sum of the two
+parties' partial scores; the probability of default is sigmoid(sum).
+
+Bottom-model weight format (shared with the engine, tff_apps/vertical.py): a list of
+float32 numpy arrays in Keras Dense order,
+
+- ``logistic``: ``[kernel (d, 1), bias (1,)]``  -> ``x @ kernel + bias``
+- ``mlp``: ``[kernel1 (d, h), bias1 (h,), kernel2 (h, 1), bias2 (1,)]``
+  -> ``relu(x @ kernel1 + bias1) @ kernel2 + bias2``
+
+`partial_score` computes it in numpy, `build_bottom_model` as a Keras model. Initial
+weights and the mini-batch order come from the engine (`tff_apps.vertical.initial_weights`,
+`batch_indices`), so the baselines train exactly like a vertical party.
+
+Export: `export_party` writes one party's bottom model as its own SavedModel that takes
+the party's RAW columns by name (float32 numerics, NaN = missing; string categoricals),
+applies the party's encoder and returns ``partial_score`` (float32, one per row).
+`score_vertical` does vertical inference from the two parties' CSVs: align by PSI,
+each party scores its own rows, sum, sigmoid.
+
+TensorFlow is imported inside the functions that need it, so validating a job (which
+builds `ModelConfig`) does not pay for TensorFlow's import.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import UserError
+from shared.tabular import MISSING_TOKENS, numeric_columns, read_csv, require_columns
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+__all__ = [
+    "ModelConfig",
+    "PartyEncoder",
+    "PartyScorer",
+    "KINDS",
+    "PARTY_EXPORT_KIND",
+    "OUTPUT",
+    "weight_shapes",
+    "partial_score",
+    "sigmoid",
+    "build_bottom_model",
+    "export_party",
+    "load_party",
+    "score_vertical",
+]
+
+KINDS = ("logistic", "mlp")
+PARTY_EXPORT_KIND = "finance_party_bottom_model"  # model_card.json "export_kind" of a party export
+OUTPUT = "partial_score"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The [model] section of a finance job."""
+
+    kind: str = field(default="logistic", metadata={"choices": KINDS})
+    hidden_units: int = field(default=16, metadata={"min": 1, "max": 4096})  # mlp only, per party
+    l2: float = field(default=0.0, metadata={"min": 0.0})  # l2/2 * ||kernels||^2 per party (biases not penalised)
+    # Gaussian noise on the gradients the passive party (partner) receives, in units of the
+    # per-example gradient sensitivity; 0 = off.
+    label_noise_multiplier: float = field(default=0.0, metadata={"min": 0.0})
+    partial_noise_std: float = field(default=0.0, metadata={"min": 0.0})  # noise on the partner's partial scores; 0 = off
+    score_bound: float = field(default=32.0, metadata={"exclusive_min": 0.0})  # partial scores clipped to +-bound before the secure sum
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def _category_values(values: Sequence | pd.Series) -> np.ndarray:
+    """Categorical cells as stripped text (None/NaN -> ""), an object array."""
+    series = pd.Series(values).reset_index(drop=True)
+    text = series.where(~series.isna(), "").astype(str).str.strip()
+    return text.to_numpy(dtype=object)
+
+
+@dataclass
+class PartyEncoder:
+    """One party's raw columns -> float32 model inputs, fitted on that party's rows only.
+
+    Categoricals: one-hot over the vocabulary seen in the training rows (sorted text);
+    an unseen or missing value encodes as all zeros. Missing tokens
+    (`shared.tabular.MISSING_TOKENS`, e.g. "", "NA") never enter the vocabulary.
+    Numerics: standardized with the training rows' mean and (population) std; a
+    missing value (NaN) becomes the mean, i.e. 0 after scaling; a constant column has
+    std 1. Encoded columns follow the raw column order (`feature_names`).
+    """
+
+    columns: list[str]  # raw columns, in order
+    categorical: list[str]  # subset of columns
+    vocabulary: dict[str, list[str]]  # categorical column -> categories (one output each)
+    mean: dict[str, float]  # numeric column -> training mean
+    std: dict[str, float]  # numeric column -> training std (> 0)
+
+    @classmethod
+    def fit(cls, features: pd.DataFrame, categorical: Sequence[str]) -> "PartyEncoder":
+        """Fit on ONE party's training rows (`features` = that party's raw columns)."""
+        columns = [str(c) for c in features.columns]
+        unknown = [c for c in categorical if c not in columns]
+        if unknown:
+            raise ValueError(f"categorical columns {unknown} are not among the columns {columns}")
+        if len(features) == 0:
+            raise ValueError("cannot fit an encoder on zero rows")
+        vocabulary, mean, std = {}, {}, {}
+        for column in columns:
+            if column in categorical:
+                values = _category_values(features[column])
+                vocabulary[column] = sorted({v for v in values if v not in MISSING_TOKENS})
+            else:
+                x = pd.to_numeric(features[column], errors="raise").to_numpy(dtype=np.float64)
+                present = x[~np.isnan(x)]
+                mu = float(present.mean()) if present.size else 0.0
+                sd = float(present.std()) if present.size else 1.0
+                mean[column] = mu
+                std[column] = sd if math.isfinite(sd) and sd > 1e-12 else 1.0
+        return cls(columns, [c for c in columns if c in categorical], vocabulary, mean, std)
+
+    @property
+    def numeric(self) -> list[str]:
+        return [c for c in self.columns if c not in self.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Names of the encoded columns: "col" for a numeric, "col=value" per category."""
+        names = []
+        for column in self.columns:
+            if column in self.categorical:
+                names.extend(f"{column}={value}" for value in self.vocabulary[column])
+            else:
+                names.append(column)
+        return names
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.feature_names)
+
+    def input_types(self) -> dict[str, str]:
+        """Raw column -> "string" (categorical) or "float" (numeric): the serving input dtypes."""
+        return {c: ("string" if c in self.categorical else "float") for c in self.columns}
+
+    def transform(self, features: pd.DataFrame) -> np.ndarray:
+        """float32 [rows, n_outputs]; numerics must already be numbers (NaN = missing)."""
+        missing = [c for c in self.columns if c not in features.columns]
+        if missing:
+            raise ValueError(f"columns {missing} are missing; the encoder needs {self.columns}")
+        parts = []
+        for column in self.columns:
+            if column in self.categorical:
+                values = _category_values(features[column])
+                vocab = np.asarray(self.vocabulary[column], dtype=object)
+                parts.append((values[:, None] == vocab[None, :]).astype(np.float32).reshape(len(values), len(vocab)))
+            else:
+                x = pd.to_numeric(features[column], errors="raise").to_numpy(dtype=np.float64).astype(np.float32)
+                mu, sd = np.float32(self.mean[column]), np.float32(self.std[column])
+                x = np.where(np.isnan(x), mu, x)
+                parts.append(((x - mu) / sd)[:, None])
+        if not parts:
+            return np.zeros((len(features), 0), np.float32)
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def tf_transform(self, columns: Mapping[str, "tf.Tensor"]) -> "tf.Tensor":
+        """The same arithmetic in TensorFlow (the serving graph): raw column tensors [batch] in.
+
+        Numerics come as float32 (NaN = missing), categoricals as strings.
+        """
+        import tensorflow as tf
+
+        parts = []
+        for column in self.columns:
+            if column in self.categorical:
+                text = tf.strings.strip(tf.convert_to_tensor(columns[column], tf.string))
+                vocab = tf.constant(self.vocabulary[column], dtype=tf.string, shape=[len(self.vocabulary[column])])
+                parts.append(tf.cast(tf.equal(text[:, None], vocab[None, :]), tf.float32))
+            else:
+                x = tf.cast(columns[column], tf.float32)
+                mu = tf.constant(self.mean[column], tf.float32)
+                sd = tf.constant(self.std[column], tf.float32)
+                x = tf.where(tf.math.is_nan(x), mu, x)
+                parts.append(((x - mu) / sd)[:, None])
+        return tf.concat(parts, axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> "PartyEncoder":
+        return cls(
+            columns=list(payload["columns"]),
+            categorical=list(payload["categorical"]),
+            vocabulary={k: list(v) for k, v in payload["vocabulary"].items()},
+            mean={k: float(v) for k, v in payload["mean"].items()},
+            std={k: float(v) for k, v in payload["std"].items()},
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartyEncoder":
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- bottom models
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"model kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+
+
+def weight_shapes(kind: str, n_inputs: int, hidden_units: int) -> list[tuple[int, ...]]:
+    """Shapes of a bottom model's weights, in the agreed (Keras Dense) order."""
+    _check_kind(kind)
+    if kind == "logistic":
+        return [(n_inputs, 1), (1,)]
+    return [(n_inputs, hidden_units), (hidden_units,), (hidden_units, 1), (1,)]
+
+
+def partial_score(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+    """A party's logit contribution per row (float32 [rows]) from its weights and encoded rows."""
+    x = np.asarray(x, dtype=np.float32)
+    if len(weights) == 2:
+        kernel, bias = weights
+        out = x @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32)
+    elif len(weights) == 4:
+        k1, b1, k2, b2 = (np.asarray(w, np.float32) for w in weights)
+        out = np.maximum(x @ k1 + b1, 0.0) @ k2 + b2
+    else:
+        raise ValueError(f"bottom-model weights are 2 (logistic) or 4 (mlp) arrays, got {len(weights)}")
+    return out.reshape(-1).astype(np.float32)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function, float64."""
+    z = np.asarray(z, dtype=np.float64)
+    out = np.empty_like(z)
+    positive = z >= 0
+    out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
+    e = np.exp(z[~positive])
+    out[~positive] = e / (1.0 + e)
+    return out
+
+
+def build_bottom_model(
+    kind: str, n_inputs: int, hidden_units: int, weights: Sequence[np.ndarray] | None = None,
+    seed: int = 0, l2: float = 0.0,
+) -> "tf.keras.Model":
+    """Keras bottom model: encoded rows [batch, n_inputs] -> one logit per row [batch, 1].
+
+    ``logistic`` = Dense(1); ``mlp`` = Dense(hidden_units, relu) -> Dense(1). No sigmoid:
+    the output is a partial score. `weights` (the agreed list format) are set if given;
+    otherwise kernels start Glorot-uniform with op-level seeds derived from `seed`.
+    `l2` adds l2/2 * sum(kernel**2) per Dense layer to the Keras loss, the penalty the
+    vertical engine (tff_apps/vertical.py) puts on each party's kernels.
+    """
+    import tensorflow as tf
+
+    _check_kind(kind)
+    regularizer = tf.keras.regularizers.l2(l2 / 2) if l2 > 0 else None
+    inputs = tf.keras.Input(shape=(n_inputs,), name="x")
+    hidden = inputs
+    if kind == "mlp":
+        hidden = tf.keras.layers.Dense(
+            hidden_units, activation="relu", kernel_regularizer=regularizer,
+            kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed), name="hidden",
+        )(hidden)
+    output = tf.keras.layers.Dense(
+        1, kernel_regularizer=regularizer,
+        kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed + 1), name="partial_score",
+    )(hidden)
+    model = tf.keras.Model(inputs, output)
+    if weights is not None:
+        expected = weight_shapes(kind, n_inputs, hidden_units)
+        got = [tuple(np.shape(w)) for w in weights]
+        if got != expected:
+            raise ValueError(f"{kind} bottom-model weights must have shapes {expected}, got {got}")
+        model.set_weights([np.asarray(w, np.float32) for w in weights])
+    return model
+
+
+# --------------------------------------------------------------------------- export and scoring
+
+
+def export_party(
+    export_dir: str | Path, party_name: str, encoder: PartyEncoder, model: "tf.keras.Model",
+    card: Mapping[str, Any], score_bound: float = 0.0,
+) -> Path:
+    """Write one party's bottom model as its own SavedModel (+ model_card.json), atomically.
+
+    `serving_default` takes the party's RAW columns by name (float32 for numerics,
+    NaN = missing; string for categoricals; shape [batch]), applies `encoder` and
+    returns ``partial_score`` (float32 [batch]). With `score_bound` > 0 the partial
+    score is clipped to +-score_bound; the engine's model clips (tff_apps/vertical.py),
+    so pass `ModelConfig.score_bound` to serve exactly the trained model. `model` is a
+    Keras bottom model, e.g. `build_bottom_model(kind, encoder.n_outputs, h, weights)`. The card gets
+    ``export_kind``, ``party``, ``encoder``, ``input_types`` and ``score_bound`` on top
+    of `card` (put e.g. ``run_id`` there: `score_vertical` refuses exports of two runs).
+    """
+    import tensorflow as tf
+
+    from tff_apps.export import ServingModule, export_module
+
+    bound = float(score_bound)
+
+    def serve(columns: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        score = tf.squeeze(model(encoder.tf_transform(columns), training=False), axis=-1)
+        if bound > 0:
+            score = tf.clip_by_value(score, -bound, bound)
+        return {OUTPUT: score}
+
+    module = ServingModule(model, encoder.columns, serve, dtypes={c: tf.string for c in encoder.categorical})
+    full_card = {
+        **dict(card),
+        "export_kind": PARTY_EXPORT_KIND,
+        "party": party_name,
+        "encoder": encoder.to_dict(),
+        "input_types": encoder.input_types(),
+        "score_bound": bound,
+        "combine": "probability = sigmoid(sum of the parties' partial_score for the same customer)",
+    }
+    return export_module(Path(export_dir), module, OUTPUT, full_card)
+
+
+class PartyScorer:
+    """A loaded party export: `scorer(frame, source)` -> float64 partial scores, one per row."""
+
+    def __init__(self, export_dir: Path, card: dict[str, Any]):
+        import tensorflow as tf
+
+        self.export_dir = export_dir
+        self.card = card
+        self.party: str = card.get("party", "")
+        self.inputs: dict[str, str] = card["inputs"]  # raw column -> signature input name
+        self.input_types: dict[str, str] = card.get("input_types", {})
+        self._serving = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.inputs)
+
+    def __call__(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
+        """Validates the raw columns (UserError naming `source` and the column), then scores."""
+        import tensorflow as tf
+
+        require_columns(frame, self.columns, source)
+        strings = [c for c in self.columns if self.input_types.get(c) == "string"]
+        numbers = numeric_columns(frame, [c for c in self.columns if c not in strings], source)
+        feed = {}
+        for column, name in self.inputs.items():
+            if column in strings:
+                feed[name] = tf.constant(_category_values(frame[column]).astype(str), tf.string)
+            else:
+                feed[name] = tf.constant(numbers[column].to_numpy(np.float32), tf.float32)
+        return self._serving(**feed)[OUTPUT].numpy().astype(np.float64)
+
+
+def load_party(export_dir: str | Path) -> PartyScorer:
+    """Load a party export written by `export_party`; UserError if it is not one."""
+    from tff_apps.predict import read_model_card
+
+    export_dir = Path(export_dir)
+    card = read_model_card(export_dir)
+    if card.get("export_kind") != PARTY_EXPORT_KIND:
+        raise UserError(
+            f"{export_dir}: is not a party's bottom model of a vertical (finance) model "
+            f"(model_card.json export_kind is {card.get('export_kind')!r}, expected '{PARTY_EXPORT_KIND}')"
+        )
+    return PartyScorer(export_dir, card)
+
+
+def score_vertical(
+    lender_export: str | Path, partner_export: str | Path, lender_csv: str | Path, partner_csv: str | Path,
+    id_column: str, output_csv: str | Path,
+) -> dict[str, Any]:
+    """Vertical inference: each party scores its own CSV rows, aligned by PSI, summed, sigmoid.
+
+    Writes ``<id_column>,probability`` (the lender's spelling of each shared customer's ID,
+    in the PSI's common order) to `output_csv` atomically. Returns match_count, match
+    rates, rows_written, psi_seconds and seconds (the whole call).
+    """
+    from finance.data import LENDER, PARTNER, psi_intersect, require_id_column
+    from shared.files import write_text_atomic
+
+    start = time.perf_counter()
+    output_csv = Path(output_csv)
+    if not output_csv.parent.is_dir():
+        raise UserError(f"{output_csv}: folder {output_csv.parent} does not exist")
+    lender_src, partner_src = str(lender_csv), str(partner_csv)
+    lender_frame, partner_frame = read_csv(lender_csv), read_csv(partner_csv)
+    require_id_column(lender_frame, id_column, lender_src)
+    require_id_column(partner_frame, id_column, partner_src)
+
+    lender, partner = load_party(lender_export), load_party(partner_export)
+    if lender.party == PARTNER and partner.party == LENDER:
+        raise UserError(f"{lender_export} is the partner's model and {partner_export} the lender's; swap the two")
+    if lender.party == partner.party:
+        raise UserError(f"{lender_export} and {partner_export} are both the {lender.party}'s model; give one per party")
+    runs = (lender.card.get("run_id"), partner.card.get("run_id"))
+    if all(runs) and runs[0] != runs[1]:
+        raise UserError(
+            f"{lender_export} (run {runs[0]}) and {partner_export} (run {runs[1]}) come from different runs; "
+            "use the two parties' exports of one run"
+        )
+    # Column checks before the PSI, so a wrong file fails fast.
+    require_columns(lender_frame, lender.columns, lender_src)
+    require_columns(partner_frame, partner.columns, partner_src)
+
+    result = psi_intersect(
+        lender_frame[id_column].to_numpy(dtype=object), partner_frame[id_column].to_numpy(dtype=object),
+        lender_src, partner_src,
+    )
+    # Each party scores only its own rows of the shared customers.
+    lender_rows = lender_frame.iloc[result.rows_a].reset_index(drop=True)
+    partner_rows = partner_frame.iloc[result.rows_b].reset_index(drop=True)
+    logit = lender(lender_rows, lender_src) + partner(partner_rows, partner_src)
+    out = pd.DataFrame({id_column: lender_rows[id_column].to_numpy(), "probability": sigmoid(logit)})
+    write_text_atomic(output_csv, out.to_csv(index=False))
+    return {
+        "match_count": result.match_count,
+        "match_rate_lender": result.match_rate_a,
+        "match_rate_partner": result.match_rate_b,
+        "rows_written": len(out),
+        "psi_seconds": result.seconds,
+        "seconds": time.perf_counter() - start,
+    }
