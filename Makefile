@@ -17,10 +17,12 @@ demo: install
 	$(UV) run --locked tff-apps demo
 
 test: install
-	$(UV) run --locked pytest -q
+	$(UV) run --locked pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(UV) run --locked python benchmarks/psi_bench.py
+	$(UV) run --locked python benchmarks/vertical_bench.py
+	$(UV) run --locked python benchmarks/secure_aggregation_bench.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

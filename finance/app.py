@@ -34,6 +34,7 @@ METHOD_COLUMNS = (
 )
 PARTIES = (LENDER, PARTNER)
 CARD_FILE = "model_card.json"
+SERVABLES = {party: f"finance_{party}" for party in PARTIES}  # export/<servable>/<version>/, one per party
 
 
 @dataclass
@@ -54,6 +55,11 @@ class FinanceApp:
 
     def prepare(self, cfg: JobConfig) -> Prepared:
         check_privacy(cfg)
+        if cfg.job.init_from:
+            raise UserError(
+                f"job.init_from = {cfg.job.init_from!r}: warm start is not supported for finance yet "
+                "(a split model); set job.init_from = \"\""
+            )
         data = load(cfg.data, cfg.job.seed)
         alignment = align(data)
         lender, partner = aligned(data, alignment)
@@ -127,7 +133,7 @@ class FinanceApp:
         summary["report_html"] = str(
             reporting.html_report(
                 run, summary, table, round_metric="auc", final_metric=lambda r: r["auc"],
-                metric_label="AUC", step_key="epoch", group=None,
+                metric_label="AUC", step_key="epoch", group=None, method="vertical",
                 roc=roc_inputs(result.party_weights, test_x, y_test, settings), extra=extra,
             )
         )
@@ -146,9 +152,13 @@ class FinanceApp:
                 + (f"; missing {', '.join(missing)}" if missing else "")
                 + (f"; unknown party {', '.join(unknown)}" if unknown else "")
             )
+        from tff_apps.predict import resolve_export
+
+        export_dir = export_root(Path(export_dir))
         card = read_export_card(export_dir)
         return score_vertical(
-            export_dir / LENDER, export_dir / PARTNER, inputs[LENDER], inputs[PARTNER],
+            resolve_export(export_dir / SERVABLES[LENDER]), resolve_export(export_dir / SERVABLES[PARTNER]),
+            inputs[LENDER], inputs[PARTNER],
             id_column or card.get("id_column", "id"), output,
         )
 
@@ -253,13 +263,15 @@ def roc_inputs(party_weights, test_x, y_test, settings) -> dict[str, tuple]:
 
 
 def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weights) -> None:
-    """export/lender and export/partner (one SavedModel each) and export/model_card.json.
+    """export/finance_lender/1 and export/finance_partner/1 (one SavedModel each, as TF
+    Serving reads them) and export/model_card.json.
 
     Written into a temporary folder renamed into place: never one party without the other.
     """
     import shutil
 
     from finance.model import build_bottom_model, export_party
+    from tff_apps.export import servable_dir
 
     staging = run.dir / ".export.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -277,9 +289,18 @@ def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weig
     for party, weights in zip(PARTIES, party_weights):
         encoder = encoders[party]
         model = build_bottom_model(cfg.model.kind, encoder.n_outputs, cfg.model.hidden_units, weights)
-        export_party(staging / party, party, encoder, model, card, cfg.model.score_bound)
-    write_json_atomic(staging / CARD_FILE, {**card, "parties": list(PARTIES)})
+        export_party(servable_dir(staging, SERVABLES[party]), party, encoder, model, card, cfg.model.score_bound)
+    write_json_atomic(staging / CARD_FILE, {**card, "parties": list(PARTIES), "servables": SERVABLES})
     staging.rename(run.export_dir)
+
+
+def export_root(path: Path) -> Path:
+    """A finance run's export/ folder, also when given one party's servable or version folder."""
+    for candidate in (path, path.parent, path.parent.parent):
+        card = candidate / CARD_FILE
+        if card.is_file() and '"parties"' in card.read_text(encoding="utf-8"):
+            return candidate
+    return path
 
 
 def read_export_card(export_dir: Path) -> dict[str, Any]:
@@ -287,7 +308,7 @@ def read_export_card(export_dir: Path) -> dict[str, Any]:
 
     card = read_model_card(Path(export_dir))
     if card.get("app") != "finance" or "parties" not in card:
-        raise UserError(f"{export_dir}: not the export folder of a finance run (it holds lender/ and partner/)")
+        raise UserError(f"{export_dir}: not the export folder of a finance run (it holds finance_lender/ and finance_partner/)")
     return card
 
 

@@ -54,7 +54,7 @@ class HealthcareApp:
         from healthcare import evaluate
         from healthcare.model import build_keras_model, tff_model_fn
         from tff_apps import processes, program
-        from tff_apps.export import export_model
+        from tff_apps.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
         preprocessor_of = fit_preprocessing(cfg, prepared)
@@ -80,7 +80,7 @@ class HealthcareApp:
 
         result = program.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
-            privacy=run.privacy,
+            privacy=run.privacy, init_from=run.init_from,
         )
         result.weights.assign_weights_to(global_model)
         reports = {"federated": evaluate.evaluate_sites(tests, predict)}
@@ -93,10 +93,15 @@ class HealthcareApp:
             "results": reports,
             "privacy": result.privacy,
         }
+        if result.lineage is not None:
+            summary["lineage"] = result.lineage
         if cfg.export.enabled and cfg.preprocess.normalization == "federated":
+            preprocessor = preprocessor_of(trains[0].name)
             card = model_card(cfg, summary)
-            export_model(run.export_dir, global_model, preprocessor_of(trains[0].name), card)
-            summary["export"] = str(run.export_dir)
+            card["serving_check"] = serving_check(global_model, preprocessor, trains[0])
+            model_dir = servable_dir(run.export_dir, self.name)
+            export_model(model_dir, global_model, preprocessor, card, weights=result.weights)
+            summary["export"] = str(model_dir)
         elif cfg.export.enabled:
             summary["export"] = "skipped: per-site normalization has no single serving preprocessing"
         table = reporting.results_table(reports, reporting.BINARY_COLUMNS)
@@ -170,6 +175,20 @@ def describe_data(data: HealthcareData, trains, tests) -> dict[str, Any]:
     }
 
 
+def serving_check(model, preprocessor, table: ClientTable, rows: int = 3) -> dict[str, Any]:
+    """A few raw rows (by serving input name) and the in-run model's outputs for them, so a
+    fresh process can check that the SavedModel predicts what the trained model did."""
+    from tff_apps.export import signature_names
+
+    raw = table.features[preprocessor.feature_names].iloc[:rows]
+    names = signature_names(preprocessor.feature_names)
+    outputs = model(preprocessor.transform(raw.to_numpy()), training=False).numpy().reshape(-1)
+    return {
+        "inputs": {names[c]: raw[c].astype(float).tolist() for c in preprocessor.feature_names},
+        "outputs": outputs.astype(float).tolist(),
+    }
+
+
 def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
     from tff_apps.privacy import privacy_statement, secure_aggregation
 
@@ -181,6 +200,7 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "data_source": summary["data"]["source"],
         "config": cfg.to_dict(),
         "rounds": summary["rounds"],
+        "lineage": summary.get("lineage"),
         "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
         # The statement of the mechanism that ran; a job without DP but with secure
         # aggregation still states its mode (what the server saw of the updates).

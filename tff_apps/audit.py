@@ -187,7 +187,7 @@ def load_run_records(run_dir: Path) -> RunRecords:
         raise UserError(
             f"{run_dir}: not a finished run (no config.toml); give a run folder, e.g. runs/healthcare/<run_id>"
         )
-    card_path = run_dir / "export" / "model_card.json"
+    card_path = _model_dir(run_dir) / "model_card.json"
     if not card_path.is_file():
         raise UserError(
             f"{run_dir}: the run has no exported model ({card_path} is missing); audit a finished run "
@@ -232,6 +232,13 @@ def load_run_records(run_dir: Path) -> RunRecords:
     return RunRecords(app_name, cfg.job.run_id, cfg.job.seed, fingerprint, prepared.trains, prepared.tests)
 
 
+def _model_dir(run_dir: Path) -> Path:
+    """The run's served model: `export/<app>/<highest version>/`."""
+    from tff_apps.predict import resolve_export
+
+    return resolve_export(run_dir / "export")
+
+
 def _read_json(path: Path, run_dir: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir}: not a finished run ({path.name} is missing)")
@@ -273,7 +280,8 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     """Runs both attacks; writes audit.json, the model card's `audit`, and the report section."""
     run_dir = Path(run_dir)
     records = load_run_records(run_dir)
-    scorer = ExportedScorer(run_dir / "export")
+    model_dir = _model_dir(run_dir)
+    scorer = ExportedScorer(model_dir)
 
     def score(tables, kind: str) -> tuple[np.ndarray, np.ndarray]:
         # One site at a time: no site's raw rows are pooled with another's, only the scores.
@@ -293,7 +301,7 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     )
     notes = resolution_notes(loss["non_members"], "loss threshold")
     notes += resolution_notes(learned["non_members"], "learned")
-    card = json.loads((run_dir / "export" / "model_card.json").read_text(encoding="utf-8"))
+    card = json.loads((model_dir / "model_card.json").read_text(encoding="utf-8"))
     result = {
         "run": str(run_dir),
         "app": records.app,
@@ -310,7 +318,7 @@ def audit_run(run_dir: str | Path) -> dict[str, Any]:
     }
     write_json_atomic(run_dir / AUDIT_FILE, result)
     card["audit"] = {k: v for k, v in result.items() if k != "run"}
-    write_json_atomic(run_dir / "export" / "model_card.json", card)
+    write_json_atomic(model_dir / "model_card.json", card)
     report = run_dir / "report.md"
     if report.is_file():
         write_text_atomic(report, with_report_section(report.read_text(encoding="utf-8"), result))

@@ -1,4 +1,4 @@
-"""`tff-apps`: list apps, run or resume a job, list runs, score a CSV with an exported model, audit a run, run the demo.
+"""`tff-apps`: list apps, run or resume a job, list runs, score a CSV with an exported model, audit a run, run the demo, serve a TFF worker.
 
 Exit codes: 0 success (also: the run id had already succeeded, nothing was done), 2 user
 error (one line on stderr, no traceback; also a run id another live process holds), 3 refused by the
@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true",
         help="continue an existing run (its folder must exist) from its last checkpoint",
     )
+    run.add_argument(
+        "--workers", metavar="HOST:PORT,...",
+        help="running TFF workers (tff-apps worker) to spread each round's clients over, "
+        "e.g. --workers 127.0.0.1:8001,127.0.0.1:8002 (default: one local worker)",
+    )
+
+    worker = commands.add_parser(
+        "worker", help="run one TFF worker (the C++ worker_binary) in the foreground until SIGTERM/Ctrl-C"
+    )
+    worker.add_argument("--port", type=int, required=True, help="port to serve on (all interfaces, no TLS)")
+    worker.add_argument("--host", default="127.0.0.1", help="the address to announce (default: 127.0.0.1)")
+    worker.add_argument("--log", metavar="FILE", help="append the worker's own output to FILE")
 
     runs = commands.add_parser("runs", help="list the runs and how they ended (newest first)")
     runs.add_argument("--runs-dir", default="runs", help="the runs folder (default: runs)")
@@ -93,8 +105,33 @@ def command_run(args) -> None:
     overrides = list(args.overrides)
     if args.run_id:
         overrides.append(f'job.run_id="{args.run_id}"')
+    workers = parse_workers(args.workers) if args.workers is not None else ()
     app, cfg = resolve_job(args.app, args.config, overrides)
-    _run_and_print(app, cfg, resume=args.resume)
+    _run_and_print(app, cfg, resume=args.resume, workers=workers)
+
+
+def parse_workers(value: str) -> tuple[str, ...]:
+    """`--workers host:port,host:port` -> ("host:port", ...); anything else is a UserError."""
+    workers = []
+    for item in value.split(","):
+        address = item.strip()
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+            raise UserError(
+                f"--workers {value!r}: expected HOST:PORT[,HOST:PORT...] with ports in 1..65535, got {item!r}"
+            )
+        if address in workers:
+            raise UserError(f"--workers {value!r}: {address} is listed twice")
+        workers.append(address)
+    return tuple(workers)
+
+
+def command_worker(args) -> None:
+    from tff_apps.runtime import serve_worker  # does not import TensorFlow
+
+    code = serve_worker(args.port, host=args.host, log_path=args.log)
+    if code:
+        raise SystemExit(code)
 
 
 def command_runs(args) -> None:
@@ -121,11 +158,13 @@ def command_demo(args) -> None:
         print(f"  {name:12s} {report}")
 
 
-def _run_and_print(app, cfg, resume: bool = False) -> dict:
+def _run_and_print(app, cfg, resume: bool = False, workers: tuple[str, ...] = ()) -> dict:
     from tff_apps.job import run_job
 
     print(f"[{app.name}] {app.description}", flush=True)
-    run, summary = run_job(app, cfg, resume=resume)
+    if workers:
+        print(f"[{app.name}] clients spread over {len(workers)} workers: {', '.join(workers)}", flush=True)
+    run, summary = run_job(app, cfg, resume=resume, **({"workers": workers} if workers else {}))
     if run.already_finished:
         print(
             f"[{app.name}] run {run.run_id}: {summary.get('status')} on {summary.get('started', '?')}, "
@@ -191,7 +230,7 @@ def command_audit(args) -> None:
 COMMANDS = {
     "apps": command_apps, "run": command_run, "runs": command_runs, "predict": command_predict,
     "score": command_score, "audit": command_audit,
-    "demo": command_demo,
+    "demo": command_demo, "worker": command_worker,
 }
 
 
@@ -212,7 +251,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception:  # an internal error: show everything needed to report it
+    except Exception as err:  # an internal error: show everything needed to report it
+        runtime = sys.modules.get("tff_apps.runtime")
+        if runtime is not None and isinstance(err, runtime.WorkerLost):  # names the worker; no traceback
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INTERNAL
         traceback.print_exc()
         return EXIT_INTERNAL
 

@@ -31,6 +31,9 @@ class JobSection:
     runs_dir: str = "runs"
     run_id: str = ""
     description: str = ""
+    # Warm start: "" = off; "latest" = the latest succeeded run of this app in runs_dir with an
+    # export; or an export path (a run's export/ folder, a servable folder or a version folder).
+    init_from: str = ""
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class Run:
     privacy: Any = None  # a tff_apps.private_run.RunPrivacy when privacy.level is not "none"
     resumed: bool = False  # the folder existed: a failed, interrupted or killed attempt continues
     already_finished: bool = False  # the run id had succeeded: nothing was done
+    init_from: Any = None  # an InitFrom when job.init_from is set (warm start)
 
     @property
     def export_dir(self) -> Path:
@@ -163,14 +164,72 @@ def _lookup(table: dict[str, Any], name: str) -> Any:
     return table.get(section, {}).get(key) if key else table.get(section)
 
 
+@dataclass
+class InitFrom:
+    """`job.init_from`, resolved: the parent's servable version folder (with weights.npz)."""
+
+    source: str  # the parent's run id, or the export path as given
+    model_dir: Path
+    parent_data_fingerprint: str | None
+
+    def lineage(self) -> dict[str, Any]:
+        return {
+            "init_from": self.source,
+            "parent_export": str(self.model_dir),
+            "parent_data_fingerprint": self.parent_data_fingerprint,
+        }
+
+
+def resolve_init_from(run: Run) -> InitFrom | None:
+    """"" -> None; "latest" -> the newest succeeded run of this app in runs_dir (not this one)
+    whose export exists; else an export path. UserError if there is none or it cannot warm-start."""
+    wanted = run.config.job.init_from.strip()
+    if not wanted:
+        return None
+    from tff_apps.predict import resolve_export  # loads TF: only once the job is known to be valid
+
+    if wanted == "latest":
+        for record in runs.list_runs(run.config.job.runs_dir, run.app):
+            if record.status == "succeeded" and record.run_id != run.run_id:
+                model_dir = resolve_export(Path(record.run_dir) / "export")
+                if (model_dir / "weights.npz").is_file():
+                    return _init_from(record.run_id, model_dir, run)
+        raise UserError(
+            f"job.init_from = 'latest': no succeeded {run.app} run with an export in {run.config.job.runs_dir}; "
+            "run one first or set job.init_from to an export path"
+        )
+    model_dir = resolve_export(Path(wanted))
+    if not (model_dir / "weights.npz").is_file():
+        raise UserError(
+            f"job.init_from = {wanted!r}: not the export of a {run.app} run with its weights (no weights.npz); "
+            "give a run's export folder or 'latest'"
+        )
+    return _init_from(wanted, model_dir, run)
+
+
+def _init_from(source: str, model_dir: Path, run: Run) -> InitFrom:
+    try:
+        card = json.loads((model_dir / "model_card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"job.init_from = {source!r}: {model_dir}/model_card.json is missing or not JSON") from None
+    if card.get("app") != run.app:
+        raise UserError(
+            f"job.init_from = {source!r}: {model_dir} is a {card.get('app')!r} model; this job runs {run.app!r}"
+        )
+    return InitFrom(source, model_dir, card.get("data_fingerprint"))
+
+
 def data_fingerprint(fingerprints: Sequence[str]) -> str:
     """One hash over the sites' own hashes: identifies the data without revealing it."""
     return hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
 
 
-def run_job(app: App, cfg: config_lib.JobConfig, resume: bool = False) -> tuple[Run, dict[str, Any]]:
+def run_job(
+    app: App, cfg: config_lib.JobConfig, resume: bool = False, workers: Sequence[str] = ()
+) -> tuple[Run, dict[str, Any]]:
     """Runs the job, resumes its run id, or (run id succeeded already) returns its summary
-    with `run.already_finished`. `resume`: the run folder must exist."""
+    with `run.already_finished`. `resume`: the run folder must exist. `workers`: running TFF
+    workers ("host:port") to spread each round's clients over, instead of a local worker."""
     if resume and not cfg.job.run_id:
         raise UserError("--resume: name the run to continue with --run-id (or job.run_id)")
     run = new_run(app, cfg)
@@ -179,6 +238,7 @@ def run_job(app: App, cfg: config_lib.JobConfig, resume: bool = False) -> tuple[
         run.already_finished = True  # checked again under the lock below
         return run, previous
     prepared = app.prepare(run.config)
+    run.init_from = resolve_init_from(run)
     registry = runs.Registry(run.config.job.runs_dir)
     label = f"{app.name}/{run.run_id}"
     with _sigterm_as_exit(), runs.RunLock(run.dir, label) as lock:
@@ -196,7 +256,7 @@ def run_job(app: App, cfg: config_lib.JobConfig, resume: bool = False) -> tuple[
             registry.ended(app.name, run.run_id, run.dir, "refused", error=str(err))
             raise
         try:
-            return _run_prepared(app, prepared, run, registry, lock)
+            return _run_prepared(app, prepared, run, registry, lock, workers)
         finally:
             if run.privacy is not None:
                 run.privacy.finish()  # releases a reservation if no round ran (idempotent)
@@ -231,7 +291,7 @@ def _create_run_folder(run: Run) -> None:
 
 
 def _run_prepared(
-    app: App, prepared: Any, run: Run, registry: runs.Registry, lock: runs.RunLock
+    app: App, prepared: Any, run: Run, registry: runs.Registry, lock: runs.RunLock, workers: Sequence[str] = ()
 ) -> tuple[Run, dict[str, Any]]:
     from tff_apps.runtime import Runtime  # TF and TFF load only once the inputs are valid
 
@@ -254,7 +314,9 @@ def _run_prepared(
         summary["resumed"] = True
     try:
         registry.started(app.name, run.run_id, run.dir)
-        with Runtime(log_path=run.dir / "worker.log") as runtime:
+        if workers:
+            summary["workers"] = list(workers)
+        with Runtime(log_path=run.dir / "worker.log", workers=workers) as runtime:
             summary.update(app.train(run.config, prepared, run))
             summary["secure_sum"] = private_run.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
         summary["status"] = "succeeded"

@@ -17,7 +17,25 @@ from shared.files import write_text_atomic
 from tff_apps.export import MODEL_CARD
 
 
+def resolve_export(path: str | Path) -> Path:
+    """A run's `export/` folder, a servable's `export/<name>/` folder or one of its version
+    folders -> the version folder to load (the highest integer version, as TF Serving picks).
+
+    An `export/` folder with several servables (finance: one per party) is returned as it
+    is; so is a path that is not an export (`read_model_card` then says so).
+    """
+    path = Path(path)
+    if not path.is_dir() or (path / "saved_model.pb").is_file():
+        return path
+    versions = [p for p in path.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()]
+    if versions:
+        return max(versions, key=lambda p: int(p.name))
+    servables = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and resolve_export(p) != p]
+    return resolve_export(servables[0]) if len(servables) == 1 else path
+
+
 def read_model_card(model_dir: Path) -> dict:
+    model_dir = resolve_export(model_dir)
     card_path = model_dir / MODEL_CARD
     if not model_dir.is_dir() or not card_path.is_file():
         raise UserError(
@@ -28,6 +46,7 @@ def read_model_card(model_dir: Path) -> dict:
 
 def score_frame(model_dir: Path, frame: pd.DataFrame, source: str) -> np.ndarray:
     """Validates the raw columns the model needs, then runs its serving signature."""
+    model_dir = resolve_export(model_dir)
     card = read_model_card(model_dir)
     inputs: dict[str, str] = card["inputs"]
     datetimes = [c for c, kind in card.get("input_types", {}).items() if kind == "datetime"]
@@ -64,7 +83,7 @@ def epoch_seconds(frame: pd.DataFrame, column: str, source: str) -> pd.Series:
 
 def predict_csv(model_dir: str | Path, input_csv: str | Path, output_csv: str | Path) -> int:
     """Scores every row of `input_csv`; writes its columns plus the prediction. Returns rows."""
-    model_dir, output_csv = Path(model_dir), Path(output_csv)
+    model_dir, output_csv = resolve_export(model_dir), Path(output_csv)
     card = read_model_card(model_dir)
     frame = read_csv(input_csv)
     if not output_csv.parent.is_dir():

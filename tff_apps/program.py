@@ -53,6 +53,7 @@ class TrainingResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     privacy: Any = "none"  # the privacy statement of the mechanism that ran
+    lineage: dict[str, Any] | None = None  # a warm start (`job.init_from`): where the weights came from
 
 
 EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
@@ -205,6 +206,34 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def warm_start(process, state, init_from, run_dir: Path):
+    """`job.init_from`: the initial state's model weights become the parent export's
+    (`weights.npz`). Returns (state, lineage); UserError when the shapes differ."""
+    from shared.errors import UserError
+    from tff_apps.export import WEIGHTS_FILE, load_weights, weights_digest
+
+    trainable, non_trainable = load_weights(init_from.model_dir / WEIGHTS_FILE)
+    current = process.get_model_weights(state)
+    wanted = [tuple(np.shape(w)) for w in [*current.trainable, *current.non_trainable]]
+    given = [tuple(w.shape) for w in [*trainable, *non_trainable]]
+    if wanted != given:
+        raise UserError(
+            f"job.init_from = {init_from.source!r}: its model ({init_from.model_dir}) has weight shapes {given}, "
+            f"run {Path(run_dir).name} needs {wanted}; warm-start from a run with the same features and model config"
+        )
+    weights = tff.learning.models.ModelWeights(
+        trainable=[w.astype(np.float32) for w in trainable],
+        non_trainable=[w.astype(np.float32) for w in non_trainable],
+    )
+    if hasattr(process, "set_model_weights"):
+        state = process.set_model_weights(state, weights)
+    else:  # secure_rounds.MaskedLearningProcess: state is a LearningAlgorithmState (NamedTuple)
+        state = state._replace(global_model_weights=weights)
+    start = process.get_model_weights(state)
+    lineage = {**init_from.lineage(), "initial_weights_sha256": weights_digest(start.trainable, start.non_trainable)}
+    return state, lineage
+
+
 def train_metrics(output_metrics) -> dict[str, float]:
     """The clients' training loss and metrics as TFF aggregated them this round."""
     train = output_metrics["client_work"]["train"]
@@ -221,6 +250,7 @@ def run_rounds(
     headline: str,
     label: str = "federated",
     privacy=None,
+    init_from=None,
 ) -> TrainingResult:
     """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last;
     checkpoints every `checkpoint_every` rounds and after the last. A run folder with a
@@ -230,6 +260,9 @@ def run_rounds(
     (fewer than `train.rounds` when the target ε would be passed), record-level round
     inputs from `dp_sgd.poisson_client_dataset`, and ε so far after each round (`epsilon`),
     accounted from the clients actually sampled.
+
+    With `init_from` (the job's `run.init_from`, a `job.InitFrom`): round 1 starts from the
+    parent export's weights (`warm_start`); `result.lineage` records it.
     """
     rng = np.random.default_rng(seed)
     rounds = train.rounds
@@ -247,6 +280,9 @@ def run_rounds(
 
             make_dataset = dp_sgd.poisson_client_dataset
     state = process.initialize()
+    lineage = None
+    if init_from is not None:
+        state, lineage = warm_start(process, state, init_from, run_dir)
     checkpoints = Checkpoints(run_dir, train.checkpoint_every)
     resumed = checkpoints.load_latest(state)
     first_round = 1
@@ -261,7 +297,7 @@ def run_rounds(
             "resuming after round %d from %s", resumed.round, checkpoints.root
         )
     log = MetricsLog(run_dir)
-    result = TrainingResult(weights=process.get_model_weights(state))
+    result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage)
     result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
     progress = tqdm(total=rounds, initial=first_round - 1, desc=label, unit="round", dynamic_ncols=True)

@@ -109,7 +109,7 @@ def html_report(
     round_metric: str, final_metric: Callable[[dict], float], metric_label: str,
     round_metric_split: str = "test", step_key: str = "round",
     group: str | None = "sites", client_metric: str = "auc", client_metric_label: str | None = None,
-    roc: dict[str, tuple] | None = None,
+    roc: dict[str, tuple] | None = None, method: str = "federated",
     forecasts: dict[str, tuple] | None = None, forecast_title: str = "Forecast against actual",
     forecast_ylabel: str = "value", extra: dict[str, str] | None = None,
 ) -> Path:
@@ -124,21 +124,21 @@ def html_report(
     records = read_metrics(run.dir / "metrics.jsonl")
     results = summary.get("results", {})
     finals = {}
-    for method, report in results.items():
-        if method == "federated" and round_metric_split == "test":
+    for name, report in results.items():
+        if name == method and round_metric_split == "test":
             continue  # the curve's last point is this value
         try:
-            finals[method if method != "federated" else "federated (final model)"] = final_metric(report)
+            finals[name if name != method else f"{method} (final model)"] = final_metric(report)
         except (KeyError, TypeError):
             continue
-    on = "" if round_metric_split == "test" else f"federated on {round_metric_split} data per {step_key}; lines: test data"
+    on = "" if round_metric_split == "test" else f"{method} on {round_metric_split} data per {step_key}; lines: test data"
     drawers: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         (
-            f"{metric_label} per {step_key}: federated curve, final values of the other methods as lines"
+            f"{metric_label} per {step_key}: {method} curve, final values of the other methods as lines"
             + (f" ({on})" if on else " (test data)"),
             "metric_per_round.png",
             lambda p: plots.metric_per_round(
-                records, round_metric, finals, p, metric_label, xlabel=step_key,
+                records, round_metric, finals, p, metric_label, xlabel=step_key, label=method,
                 title=f"{metric_label} per {step_key}" + (f"\n{on}" if on else ""),
             ),
         ),

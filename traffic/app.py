@@ -67,8 +67,12 @@ class TrafficApp:
             "results": outcome.reports,
             "privacy": outcome.privacy,
         }
+        if outcome.lineage is not None:
+            summary["lineage"] = outcome.lineage
         if cfg.export.enabled and outcome.exported:
-            summary["export"] = str(run.export_dir)
+            from tff_apps.export import servable_dir
+
+            summary["export"] = str(servable_dir(run.export_dir, self.name))
         table = reporting.results_table(outcome.reports, reporting.FORECAST_COLUMNS)
         sections = {"Data statistics against METR-LA": outcome.statistics_table}
         write_text_atomic(
@@ -108,6 +112,7 @@ class Outcome:
     exported: bool
     statistics_table: str
     privacy: Any = "none"
+    lineage: dict[str, Any] | None = None
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
@@ -135,7 +140,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
 
     result = program.run_rounds(
         process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
-        privacy=run.privacy,
+        privacy=run.privacy, init_from=run.init_from,
     )
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
@@ -143,11 +148,13 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     exported = False
     if cfg.export.enabled and cfg.preprocess.normalization == "federated":
         export_forecaster(
-            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], result.privacy
+            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], result.privacy,
+            weights=result.weights, lineage=result.lineage,
         )
         exported = True
     return Outcome(
-        reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy
+        reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
+        result.lineage,
     )
 
 
@@ -248,9 +255,10 @@ def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
 
 
 def export_forecaster(
-    run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict, privacy="none"
+    run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict, privacy="none",
+    weights=None, lineage=None,
 ) -> None:
-    from tff_apps.export import export_module
+    from tff_apps.export import export_module, servable_dir
     from traffic.model import serving_module
 
     interval_minutes = data.interval_minutes
@@ -266,8 +274,31 @@ def export_forecaster(
         "privacy": privacy,
         "input_types": {"timestamp": "datetime"},
         "output_columns": [f"forecast_{(k + 1) * interval_minutes}min" for k in range(HORIZON)],
+        "lineage": lineage,
+        "serving_check": serving_check(model, split, data),
     }
-    export_module(run.export_dir, module, "forecast", card)
+    export_module(servable_dir(run.export_dir, "traffic"), module, "forecast", card, weights=weights)
+
+
+def serving_check(model, split, data: TrafficData, rows: int = 3) -> dict[str, Any]:
+    """The first test windows of `split`'s district as raw serving inputs (speed_lag_k =
+    k steps before the latest reading, `timestamp` = its epoch seconds; 0 = missing) and
+    the in-run model's forecasts for them, in the input's units."""
+    from traffic.windows import epoch_seconds
+
+    district = next(d for d in data.districts if d.name == split.name)
+    seconds = epoch_seconds(data.timestamps)
+    inputs: dict[str, list[float]] = {f"speed_lag_{k}": [] for k in range(HISTORY - 1, -1, -1)}
+    inputs["timestamp"] = []
+    for row in range(rows):
+        latest = int(split.test.target_start[row]) - 1
+        sensor = int(split.test.sensor[row])
+        for k in range(HISTORY):
+            value = district.speeds[latest - k, sensor]
+            inputs[f"speed_lag_{k}"].append(0.0 if np.isnan(value) else float(value))
+        inputs["timestamp"].append(float(seconds[latest]))
+    outputs = split.to_mph(model(split.test.x[:rows], training=False).numpy())
+    return {"inputs": inputs, "outputs": outputs.astype(float).tolist()}
 
 
 def statistics_table(data: TrafficData) -> str:

@@ -49,12 +49,12 @@ def test_each_party_exports_its_own_model(default_run: Path):
     export = default_run / "export"
     card = json.loads((export / "model_card.json").read_text())
     assert card["app"] == "finance" and card["parties"] == ["lender", "partner"]
-    for party in ("lender", "partner"):
-        party_card = json.loads((export / party / "model_card.json").read_text())
+    for party in ("lender", "partner"):  # one TF Serving servable per party: export/finance_<party>/1
+        party_card = json.loads((export / f"finance_{party}" / "1" / "model_card.json").read_text())
         assert party_card["party"] == party
-        assert (export / party / "saved_model.pb").is_file()
-    lender_inputs = json.loads((export / "lender" / "model_card.json").read_text())["inputs"]
-    partner_inputs = json.loads((export / "partner" / "model_card.json").read_text())["inputs"]
+        assert (export / f"finance_{party}" / "1" / "saved_model.pb").is_file()
+    lender_inputs = json.loads((export / "finance_lender" / "1" / "model_card.json").read_text())["inputs"]
+    partner_inputs = json.loads((export / "finance_partner" / "1" / "model_card.json").read_text())["inputs"]
     assert not set(lender_inputs) & set(partner_inputs)  # a party's model reads only its columns
 
 
@@ -85,6 +85,13 @@ def test_score_command_does_vertical_inference(default_run: Path, tmp_path: Path
     assert set(scores["id"].str.strip().str.casefold()) == set(lender_ids) & set(partner_ids)
     assert len(scores) == 800 and scores["probability"].between(0, 1).all()
     assert scores["probability"].std() > 0.01  # real scores, not a constant
+    # A party's servable version folder names the same export (tff_apps.predict.resolve_export).
+    again = tff_apps(
+        "score", str(default_run / "export" / "finance_lender" / "1"), "--input", f"lender={lender_csv}",
+        "--input", f"partner={partner_csv}", "--output", str(tmp_path / "again.csv"),
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again.csv"), scores)
 
 
 def test_score_refuses_a_missing_party(default_run: Path, tmp_path: Path):
@@ -101,6 +108,7 @@ def test_score_refuses_a_missing_party(default_run: Path, tmp_path: Path):
     [
         ("privacy.level=\"client\"", "model.label_noise_multiplier"),
         ("data.source=\"csv\"", "lender_csv"),
+        ("job.init_from=latest", "not supported for finance"),
     ],
 )
 def test_user_mistakes_exit_2_and_leave_nothing(tmp_path: Path, override: str, expected: str):

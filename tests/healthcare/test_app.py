@@ -77,12 +77,13 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
     assert rounds[-1]["test_auc"] == pytest.approx(results["federated"]["pooled"]["auc"], abs=1e-9)
     assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
-    card = json.loads((finished_run / "export" / "model_card.json").read_text())
+    card = json.loads((finished_run / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["app"] == "healthcare" and card["privacy"] == "none" and card["rounds"] == 3
     assert card["data_fingerprint"] == summary["data"]["fingerprint"]
     assert card["config"]["train"]["rounds"] == 3
     assert card["packages"]["tensorflow-federated"] == "0.87.0"
-    assert (finished_run / "export" / "saved_model.pb").is_file()
+    assert (finished_run / "export" / "healthcare" / "1" / "saved_model.pb").is_file()  # as TF Serving reads it
+    assert summary["export"] == str(finished_run / "export" / "healthcare" / "1")
     # report.html: the table first, every plot a real PNG (no ε plot without DP), config last.
     import re
 
@@ -98,6 +99,35 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
         assert pixels.shape[1] == 800 and pixels[..., :3].std() > 0.05
     assert page.index("<td>federated</td>") < page.index("<img") < page.index("<pre>[job]")
     assert "rounds = 3" in page[page.index("<pre>"):]
+
+
+def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(finished_run: Path):
+    from tests.tff_apps.test_serving import check_served_like_in_run
+
+    check_served_like_in_run(finished_run / "export" / "healthcare" / "1", atol=1e-5)
+
+
+def test_warm_start_from_the_latest_run_records_its_lineage(finished_run: Path):
+    from tff_apps.export import load_weights, weights_digest
+
+    runs = finished_run.parent.parent
+    result = tff_apps(
+        "run", "healthcare", "--set", "train.rounds=1", "--set", "evaluate.centralized_baseline=false",
+        "--set", "evaluate.local_baseline=false", "--set", "job.init_from=latest",
+        "--set", f'job.runs_dir="{runs}"', "--run-id", "warm",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent_dir = finished_run / "export" / "healthcare" / "1"
+    parent = json.loads((parent_dir / "model_card.json").read_text())
+    card = json.loads((runs / "healthcare" / "warm" / "export" / "healthcare" / "1" / "model_card.json").read_text())
+    lineage = card["lineage"]
+    assert lineage["init_from"] == "r1" and lineage["parent_export"] == str(parent_dir)
+    assert lineage["parent_data_fingerprint"] == parent["data_fingerprint"]
+    # Round 0 of the warm run holds exactly the parent's final weights.
+    assert lineage["initial_weights_sha256"] == weights_digest(*load_weights(parent_dir / "weights.npz"))
+    assert parent["lineage"] is None
+    first_round = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert first_round(runs / "healthcare" / "warm") < first_round(finished_run)  # it starts trained
 
 
 def test_same_config_gives_the_same_model(finished_run: Path, tmp_path: Path):
@@ -145,6 +175,7 @@ def test_predict_rejects_bad_csv_with_one_line_and_no_output(finished_run, tmp_p
         ("train.algorithm=fedsgd", "train.algorithm"),
         ("train.bogus=1", "train.bogus"),
         ("data.source=csv", "data.label_column"),
+        ("job.init_from=latest", "job.init_from"),  # no earlier run to start from
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path, override, named):

@@ -83,7 +83,7 @@ def test_client_level_fixed_clip_stops_before_the_target_and_accounts_what_ran(t
     per_round = [r["epsilon"] for r in rounds]
     assert per_round == pytest.approx(eps[:4], rel=0.01)
     assert all(a < b for a, b in zip(per_round, per_round[1:]))
-    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["privacy"] == statement and card["rounds"] == 4
 
 

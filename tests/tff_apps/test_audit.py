@@ -110,10 +110,11 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path):
 
 
 def test_an_app_other_than_healthcare_is_refused(tmp_path):
-    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "traffic" / "1").mkdir(parents=True)
+    (tmp_path / "export" / "traffic" / "1" / "saved_model.pb").write_bytes(b"")
     (tmp_path / "config.toml").write_text('[job]\napp = "traffic"\n')
     (tmp_path / "summary.json").write_text(json.dumps({"status": "succeeded"}))
-    (tmp_path / "export" / "model_card.json").write_text("{}")
+    (tmp_path / "export" / "traffic" / "1" / "model_card.json").write_text("{}")
     with pytest.raises(UserError, match="app 'traffic' cannot be audited yet"):
         audit.load_run_records(tmp_path)
 
@@ -162,7 +163,7 @@ def test_the_overfit_model_leaks_membership_and_the_audit_is_written_everywhere(
     # 665 held-out patients cannot resolve FPR 0.1 %; 75 balanced ones cannot resolve 1 % either
     assert len(report["notes"]) == 3 and all("not resolvable" in n for n in report["notes"])
     assert f"{loss['auc']:.4f}" in result.stdout and "loss threshold" in result.stdout
-    card = json.loads((run_dir / "export" / "model_card.json").read_text())
+    card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["audit"]["attacks"] == report["attacks"] and card["inputs"]  # the card keeps the rest
     assert (run_dir / "report.md").read_text().count(audit.REPORT_HEADING) == 1
 

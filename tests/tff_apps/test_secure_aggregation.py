@@ -311,7 +311,7 @@ def test_masked_healthcare_job_gives_the_simulated_model_within_quantization_err
 
     metrics = [json.loads(line) for line in (tmp_path / "healthcare" / "mask" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["secagg_survivors"] == n and r["secagg_bytes"] > 0 and r["secagg_seconds"] > 0 for r in metrics)
-    card = json.loads((tmp_path / "healthcare" / "mask" / "export" / "model_card.json").read_text())
+    card = json.loads((tmp_path / "healthcare" / "mask" / "export" / "healthcare" / "1" / "model_card.json").read_text())
     statement = card["privacy"]["secure_aggregation"]
     assert statement["mode"] == "masked" and statement["scale_bits"] == 12 and "7 of 10" in statement["threshold"]
     assert "Bonawitz" in statement["protocol"]

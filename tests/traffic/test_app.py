@@ -55,8 +55,14 @@ def test_run_reports_every_method_at_15_30_60_minutes(traffic_run: Path):
     assert "acf_lag288" in page and "local_steps = 10" in page[page.index("<pre>"):]
 
 
+def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(traffic_run: Path):
+    from tests.tff_apps.test_serving import check_served_like_in_run
+
+    check_served_like_in_run(traffic_run / "export" / "traffic" / "1", atol=1e-3)  # mph
+
+
 def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, tmp_path: Path):
-    card = json.loads((traffic_run / "export" / "model_card.json").read_text())
+    card = json.loads((traffic_run / "export" / "traffic" / "1" / "model_card.json").read_text())
     summary = json.loads((traffic_run / "summary.json").read_text())
     assert card["data_fingerprint"] == summary["data"]["fingerprint"] and card["rounds"] == 3
     assert card["output_columns"][0] == "forecast_5min" and card["output_columns"][-1] == "forecast_60min"
