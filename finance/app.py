@@ -134,7 +134,7 @@ class FinanceApp:
             reporting.html_report(
                 run, summary, table, round_metric="auc", final_metric=lambda r: r["auc"],
                 metric_label="AUC", step_key="epoch", group=None, method="vertical",
-                roc=roc_inputs(result.party_weights, test_x, y_test, settings), extra=extra,
+                roc={method: (r.labels, r.probabilities) for method, r in reports.items()}, extra=extra,
             )
         )
         summary["table"] = table
@@ -251,15 +251,6 @@ def alignment_table(summary: dict[str, Any]) -> str:
         ["TFF calls", summary["tff_calls"]],
     ]
     return reporting.markdown_table(["", "value"], rows)
-
-
-def roc_inputs(party_weights, test_x, y_test, settings) -> dict[str, tuple]:
-    from tff_apps.vertical import predict_proba
-
-    p = predict_proba(
-        party_weights, [test_x[LENDER], test_x[PARTNER]], settings.kind, score_bound=settings.score_bound
-    )
-    return {"vertical": (y_test, p)}
 
 
 def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weights) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from finance.model import ModelConfig, build_bottom_model, partial_score, sigmoid
-from shared.metrics import binary_report, gini, ks_statistic
+from shared.metrics import ScoredReport, binary_report, gini, ks_statistic
 from tff_apps.vertical import batch_indices, initial_weights
 
 HEADLINE = "auc"
@@ -43,7 +43,7 @@ __all__ = [
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
     """auc, ks (max TPR - FPR), gini (2 AUC - 1), accuracy (at 0.5), brier, n, positives."""
     report = binary_report(y, p)
-    return {
+    metrics = {
         "auc": report["auc"],
         "ks": ks_statistic(y, p),
         "gini": gini(y, p),
@@ -52,6 +52,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
         "n": report["n"],
         "positives": report["positives"],
     }
+    return ScoredReport.of(metrics, y, p)  # the scores ride along for the ROC plot, not into JSON
 
 
 def vertical_metrics(

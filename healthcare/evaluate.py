@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from healthcare.model import ModelConfig, build_keras_model
-from shared.metrics import binary_report, summarize_sites
+from shared.metrics import ScoredReport, binary_report, summarize_sites
 from shared.tabular import ClientTable
 from tff_apps.preprocessing import Preprocessor, fit_local
 
@@ -21,31 +21,20 @@ SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ec
 PredictFn = Callable[[ClientTable], np.ndarray]
 
 
-class SiteReport(dict):
-    """A report (the plain dict that summary.json holds) that also carries the pooled test
-    labels and probabilities for the ROC plot, as attributes: they never reach JSON."""
-
-    labels: np.ndarray
-    probabilities: np.ndarray
-
-
-def evaluate_sites(tests: list[ClientTable], predict: PredictFn) -> SiteReport:
+def evaluate_sites(tests: list[ClientTable], predict: PredictFn) -> ScoredReport:
     """Per-hospital reports, the pooled test set, and the mean and worst hospital."""
     predictions = {table.name: predict(table) for table in tests}
     sites = {t.name: binary_report(t.labels, predictions[t.name]) for t in tests}
     labels = np.concatenate([t.labels for t in tests])
     probabilities = np.concatenate([predictions[t.name] for t in tests])
     pooled = binary_report(labels, probabilities)
-    report = SiteReport({
-        "pooled": pooled,
-        "sites": sites,
-        "across_sites": {
-            metric: summarize_sites(sites, metric, higher_is_better=metric not in ("brier", "ece"))
-            for metric in SUMMARY_METRICS
-        },
-    })
-    report.labels, report.probabilities = labels, probabilities
-    return report
+    across_sites = {
+        metric: summarize_sites(sites, metric, higher_is_better=metric not in ("brier", "ece"))
+        for metric in SUMMARY_METRICS
+    }
+    return ScoredReport.of(
+        {"pooled": pooled, "sites": sites, "across_sites": across_sites}, labels, probabilities
+    )
 
 
 def headline_metrics(report: dict) -> dict[str, float]:

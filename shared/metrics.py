@@ -17,6 +17,20 @@ from sklearn.metrics import roc_auc_score, roc_curve
 NAN = float("nan")
 
 
+class ScoredReport(dict):
+    """A metrics report (the plain dict that summary.json holds) that also carries the test
+    labels and probabilities behind it, for the ROC plot, as attributes: they never reach JSON."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+    @classmethod
+    def of(cls, metrics: dict, labels: ArrayLike, probabilities: ArrayLike) -> "ScoredReport":
+        report = cls(metrics)
+        report.labels, report.probabilities = np.asarray(labels), np.asarray(probabilities)
+        return report
+
+
 def _binary_inputs(y_true: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Flattened (int labels, float probabilities) after cheap sanity checks."""
     y = np.asarray(y_true).ravel()

@@ -11,6 +11,7 @@ import pytest
 
 from finance.data import DataConfig, load
 from tests.cli import tff_apps
+from tests.report_page import checked_report_page
 
 SEED_JOB = ["--set", "job.seed=0"]
 
@@ -42,7 +43,9 @@ def test_vertical_matches_centralized_and_beats_the_lender_alone(default_run: Pa
     epochs = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == list(range(1, summary["epochs"] + 1))
     assert epochs[-1]["auc"] == pytest.approx(vertical["auc"], abs=1e-6)
-    assert (default_run / "report.html").is_file() and (default_run / "plots" / "roc_curves.png").is_file()
+    page, sources = checked_report_page(default_run, "vertical")
+    assert sources == ["plots/metric_per_round.png", "plots/roc_curves.png"]
+    assert "shared customers (PSI)" in page
 
 
 def test_each_party_exports_its_own_model(default_run: Path):
