@@ -152,7 +152,7 @@ def command_demo(args) -> None:
     for name in app_names():
         app, cfg = resolve_job(name, None, [f'job.runs_dir="{args.runs_dir}"'])
         summary = _run_and_print(app, cfg)
-        reports.append((name, summary.get("report", "")))
+        reports.append((name, summary.get("report_html") or summary.get("report", "")))
     print("\nDemo reports:")
     for name, report in reports:
         print(f"  {name:12s} {report}")
