@@ -89,6 +89,7 @@ class HealthcareApp:
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
             "training_seconds": round(result.seconds, 3),
+            "communication": program.communication(result.history),
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": result.privacy,

@@ -59,6 +59,19 @@ class TrainingResult:
 EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
 
 
+def bytes_per_client(weights: tff.learning.models.ModelWeights) -> dict[str, int]:
+    """One client's share of a round's uncompressed exchange: it downloads the model weights
+    (trainable and not) and uploads its update of the trainable ones plus its weight (a float32)."""
+    down = sum(np.asarray(w).nbytes for w in (*weights.trainable, *weights.non_trainable))
+    up = sum(np.asarray(w).nbytes for w in weights.trainable) + np.dtype(np.float32).itemsize
+    return {"bytes_up": int(up), "bytes_down": int(down)}
+
+
+def communication(history: list[dict[str, Any]]) -> dict[str, int]:
+    """Total bytes up (clients to server) and down over the rounds of a run's history."""
+    return {key: sum(int(r.get(key, 0)) for r in history) for key in ("bytes_up", "bytes_down")}
+
+
 def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
     """One client's round input: `local_epochs` seeded shuffles of its rows, batched; or, with
     `local_steps`, that many batches of rows drawn without replacement (seeded).
@@ -300,6 +313,7 @@ def run_rounds(
     result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage)
     result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
+    per_client = bytes_per_client(result.weights)  # shapes never change between rounds
     progress = tqdm(total=rounds, initial=first_round - 1, desc=label, unit="round", dynamic_ncols=True)
     try:
         for round_number in range(first_round, rounds + 1):
@@ -313,6 +327,7 @@ def run_rounds(
             names = [clients[i].name for i in chosen]
             record: dict[str, Any] = {"round": round_number, "clients": names}
             record.update(train_metrics(output.metrics))
+            record.update({key: count * len(names) for key, count in per_client.items()})
             record.update(output.metrics.get("secure_aggregation", {}))  # masked: protocol seconds, bytes
             if privacy is not None:
                 record["epsilon"] = privacy.record_round(names)

@@ -91,6 +91,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "rounds" in summary:
         seconds = summary.get("training_seconds")
         lines.append(f"Rounds: {summary['rounds']}" + (f" ({seconds:.1f} s of training)" if seconds else ""))
+    sent = summary.get("communication")
+    if sent:
+        lines.append(f"Communication: {sent['bytes_up']:,} bytes up (clients to server), {sent['bytes_down']:,} down")
     privacy = summary.get("privacy")
     if isinstance(privacy, dict) and privacy.get("level", "none") != "none":
         epsilon = privacy.get("epsilon")

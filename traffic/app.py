@@ -63,6 +63,7 @@ class TrafficApp:
             "data": describe_data(prepared.data),
             "rounds": outcome.rounds,
             "training_seconds": round(outcome.seconds, 3),
+            "communication": outcome.communication,
             "headline": "mae_60min",
             "results": outcome.reports,
             "privacy": outcome.privacy,
@@ -113,6 +114,7 @@ class Outcome:
     statistics_table: str
     privacy: Any = "none"
     lineage: dict[str, Any] | None = None
+    communication: dict[str, int] | None = None  # bytes up and down over the run
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
@@ -154,7 +156,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
-        result.lineage,
+        result.lineage, program.communication(result.history),
     )
 
 

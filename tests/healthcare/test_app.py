@@ -76,6 +76,13 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
     rounds = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+    # Logistic regression: a float32 weight per feature and a bias down; the update and the
+    # client's weight up; five hospitals a round.
+    n_weights = len(summary["data"]["features"]) + 1
+    assert [(r["bytes_down"], r["bytes_up"]) for r in rounds] == [(5 * 4 * n_weights, 5 * 4 * (n_weights + 1))] * 3
+    assert summary["communication"] == {
+        "bytes_up": sum(r["bytes_up"] for r in rounds), "bytes_down": sum(r["bytes_down"] for r in rounds)
+    }
     assert rounds[-1]["test_auc"] == pytest.approx(results["federated"]["pooled"]["auc"], abs=1e-9)
     assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
     card = json.loads((finished_run / "export" / "healthcare" / "1" / "model_card.json").read_text())
