@@ -282,6 +282,9 @@ def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weig
         model = build_bottom_model(cfg.model.kind, encoder.n_outputs, cfg.model.hidden_units, weights)
         export_party(servable_dir(staging, SERVABLES[party]), party, encoder, model, card, cfg.model.score_bound)
     write_json_atomic(staging / CARD_FILE, {**card, "parties": list(PARTIES), "servables": SERVABLES})
+    # A re-run of a run id that failed after exporting (finance does not checkpoint, so it
+    # trains again) replaces that attempt's export.
+    shutil.rmtree(run.export_dir, ignore_errors=True)
     staging.rename(run.export_dir)
 
 
