@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from shared.errors import UserError
+from shared.split_model import KINDS, kind_of, partial_scores, sigmoid, weight_shapes
 from shared.tabular import MISSING_TOKENS, numeric_columns, read_csv, require_columns
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ __all__ = [
     "score_vertical",
 ]
 
-KINDS = ("logistic", "mlp")
 PARTY_EXPORT_KIND = "finance_party_bottom_model"  # model_card.json "export_kind" of a party export
 OUTPUT = "partial_score"
 
@@ -223,37 +223,10 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"model kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
 
 
-def weight_shapes(kind: str, n_inputs: int, hidden_units: int) -> list[tuple[int, ...]]:
-    """Shapes of a bottom model's weights, in the agreed (Keras Dense) order."""
-    _check_kind(kind)
-    if kind == "logistic":
-        return [(n_inputs, 1), (1,)]
-    return [(n_inputs, hidden_units), (hidden_units,), (hidden_units, 1), (1,)]
-
-
 def partial_score(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
-    """A party's logit contribution per row (float32 [rows]) from its weights and encoded rows."""
-    x = np.asarray(x, dtype=np.float32)
-    if len(weights) == 2:
-        kernel, bias = weights
-        out = x @ np.asarray(kernel, np.float32) + np.asarray(bias, np.float32)
-    elif len(weights) == 4:
-        k1, b1, k2, b2 = (np.asarray(w, np.float32) for w in weights)
-        out = np.maximum(x @ k1 + b1, 0.0) @ k2 + b2
-    else:
-        raise ValueError(f"bottom-model weights are 2 (logistic) or 4 (mlp) arrays, got {len(weights)}")
-    return out.reshape(-1).astype(np.float32)
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function, float64."""
-    z = np.asarray(z, dtype=np.float64)
-    out = np.empty_like(z)
-    positive = z >= 0
-    out[positive] = 1.0 / (1.0 + np.exp(-z[positive]))
-    e = np.exp(z[~positive])
-    out[~positive] = e / (1.0 + e)
-    return out
+    """A party's logit contribution per row from its weights and encoded rows (the model's
+    kind follows from the weights)."""
+    return partial_scores(list(weights), np.asarray(x, np.float32), kind_of(weights))
 
 
 def build_bottom_model(

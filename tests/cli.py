@@ -19,3 +19,10 @@ def tff_apps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "tff_apps.cli", *args],
         capture_output=True, text=True, timeout=timeout, start_new_session=True, env=user_environment(),
     )
+
+
+def run_app(runs_dir, app: str, run_id: str, *args: str):
+    """Runs `tff-apps run APP ARGS` into `runs_dir` (a test's folder); returns the run folder."""
+    result = tff_apps("run", app, *args, "--set", f'job.runs_dir="{runs_dir}"', "--run-id", run_id)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return runs_dir / app / run_id

@@ -30,7 +30,7 @@ from typing import Any, Protocol, Sequence
 
 from shared.errors import UserError
 from tff_apps import config as config_lib
-from tff_apps import private_run
+from tff_apps import private_run, privacy
 from tff_apps import runs
 from shared.files import write_json_atomic, write_text_atomic
 from tff_apps.registry import load_app
@@ -318,7 +318,7 @@ def _run_prepared(
             summary["workers"] = list(workers)
         with Runtime(log_path=run.dir / "worker.log", workers=workers) as runtime:
             summary.update(app.train(run.config, prepared, run))
-            summary["secure_sum"] = private_run.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
+            summary["secure_sum"] = privacy.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
         summary["status"] = "succeeded"
         return run, summary
     except BaseException as err:

@@ -195,8 +195,3 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
             section.lifetime_epsilon, resume=resume,
         )
     return result
-
-
-def secure_sum_summary(section: privacy.PrivacySection, simulated_intrinsics_used: bool) -> str:
-    """summary.json's `secure_sum` (see `privacy.secure_sum_summary`)."""
-    return privacy.secure_sum_summary(section, simulated_intrinsics_used)

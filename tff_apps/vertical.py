@@ -97,6 +97,7 @@ from dp_accounting import dp_event as dpe
 from tqdm import tqdm
 
 from shared.errors import UserError
+from shared.split_model import KINDS, partial_scores, sigmoid, weight_shapes
 from tff_apps import privacy
 from tff_apps.preprocessing import SECURE_SUM_BITWIDTH
 from tff_apps.program import MetricsLog
@@ -107,7 +108,6 @@ __all__ = [
     "SCORE_FRACTION_BITS",
 ]
 
-KINDS = ("logistic", "mlp")
 OPTIMIZERS = ("sgd", "adam")
 SCORE_FRACTION_BITS = 16  # fixed-point step of a partial score in the secure sum: 2^-16
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # Keras defaults
@@ -177,14 +177,6 @@ class VerticalResult:
 # ---------------------------------------------------------------- numpy model
 
 
-def weight_shapes(kind: str, width: int, hidden_units: int) -> list[tuple[int, ...]]:
-    if kind == "logistic":
-        return [(width, 1), (1,)]
-    if kind == "mlp":
-        return [(width, hidden_units), (hidden_units,), (hidden_units, 1), (1,)]
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-
-
 def initial_weights(kind: str, width: int, hidden_units: int, seed: int, party_index: int) -> list[np.ndarray]:
     shapes = weight_shapes(kind, width, hidden_units)
     if kind == "logistic":
@@ -198,19 +190,6 @@ def initial_weights(kind: str, width: int, hidden_units: int, seed: int, party_i
         else:
             weights.append(np.zeros(shape, np.float32))
     return weights
-
-
-def partial_scores(weights: list[np.ndarray], x: np.ndarray, kind: str) -> np.ndarray:
-    """One party's bottom-model output (one logit per row, before the clip), in float64."""
-    x = np.asarray(x, np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"x must be a 2-D matrix, got shape {x.shape}")
-    _check_weights(weights, kind, x.shape[1])
-    w = [np.asarray(a, np.float64) for a in weights]
-    if kind == "logistic":
-        return x @ w[0][:, 0] + w[1][0]
-    hidden = np.maximum(x @ w[0] + w[1], 0.0)
-    return hidden @ w[2][:, 0] + w[3][0]
 
 
 def predict_proba(
@@ -227,15 +206,7 @@ def predict_proba(
         np.clip(partial_scores(w, x, kind), -score_bound, score_bound)
         for w, x in zip(party_weights, party_matrices)
     )
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def _check_weights(weights, kind: str, width: int) -> None:
-    hidden = np.shape(weights[0])[-1] if kind == "mlp" and len(weights) and np.ndim(weights[0]) == 2 else 1
-    expected = weight_shapes(kind, width, hidden)
-    got = [tuple(np.shape(w)) for w in weights]
-    if got != expected:
-        raise ValueError(f"{kind} weights for {width} columns must have shapes {expected}, got {got}")
+    return sigmoid(z)
 
 
 def batch_indices(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:

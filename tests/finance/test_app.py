@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from finance.data import DataConfig, load
-from tests.cli import tff_apps
+from tests.cli import run_app, tff_apps
 from tests.report_page import checked_report_page
 
 SEED_JOB = ["--set", "job.seed=0"]
@@ -19,10 +19,7 @@ SEED_JOB = ["--set", "job.seed=0"]
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
     """The default job (the issue's figures are measured on it), in its own folder."""
-    runs = tmp_path_factory.mktemp("runs")
-    result = tff_apps("run", "finance", *SEED_JOB, "--set", f'job.runs_dir="{runs}"', "--run-id", "f1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs / "finance" / "f1"
+    return run_app(tmp_path_factory.mktemp("runs"), "finance", "f1", *SEED_JOB)
 
 
 def test_vertical_matches_centralized_and_beats_the_lender_alone(default_run: Path):

@@ -20,7 +20,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from shared.metrics import roc_auc
-from tests.cli import tff_apps
+from tests.cli import run_app, tff_apps
 from tests.report_page import checked_report_page
 
 SMALL_JOB = [
@@ -57,10 +57,7 @@ def raw_rows(n: int = 40) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    result = tff_apps("run", "healthcare", *SMALL_JOB, "--set", f'job.runs_dir="{runs}"', "--run-id", "r1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs / "healthcare" / "r1"
+    return run_app(tmp_path_factory.mktemp("runs"), "healthcare", "r1", *SMALL_JOB)
 
 
 def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):

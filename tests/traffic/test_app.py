@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.cli import tff_apps
+from tests.cli import run_app, tff_apps
 from tests.report_page import checked_report_page
 
 SMALL_JOB = [
@@ -20,10 +20,7 @@ SMALL_JOB = [
 
 @pytest.fixture(scope="module")
 def traffic_run(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    result = tff_apps("run", "traffic", *SMALL_JOB, "--set", f'job.runs_dir="{runs}"', "--run-id", "t")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return runs / "traffic" / "t"
+    return run_app(tmp_path_factory.mktemp("runs"), "traffic", "t", *SMALL_JOB)
 
 
 def test_run_reports_every_method_at_15_30_60_minutes(traffic_run: Path):
