@@ -52,6 +52,7 @@ class FinanceApp:
     description = "credit risk across a lender and a data partner (vertical FL, PSI-aligned, split model)"
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
+    horizontal = False  # vertical FL: [communication], [clients], [robustness], [personalization] do not apply
 
     def prepare(self, cfg: JobConfig) -> Prepared:
         check_privacy(cfg)

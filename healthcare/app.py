@@ -30,6 +30,7 @@ class HealthcareApp:
     description = "diagnosis across hospitals (horizontal FL, binary classification)"
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
+    horizontal = True
 
     def prepare(self, cfg: JobConfig) -> Prepared:
         data = load(cfg.data, cfg.job.seed)
@@ -53,7 +54,7 @@ class HealthcareApp:
         # TensorFlow and TFF load here, once config and data are known to be valid.
         from healthcare import evaluate
         from healthcare.model import build_keras_model, tff_model_fn
-        from tff_apps import processes, program
+        from tff_apps import federation, processes, program
         from tff_apps.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
@@ -69,7 +70,7 @@ class HealthcareApp:
         n_inputs = clients[0].x.shape[1]
         process = processes.build_learning_process(
             cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy,
-            secure=processes.secure_aggregation(cfg, clients),
+            secure=processes.secure_aggregation(cfg, clients), federation=federation.of(cfg),
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
         predict = evaluate.keras_predictor(global_model, preprocessor_of)
@@ -80,7 +81,7 @@ class HealthcareApp:
 
         result = program.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
-            privacy=run.privacy, init_from=run.init_from,
+            privacy=run.privacy, init_from=run.init_from, federation=federation.of(cfg),
         )
         result.weights.assign_weights_to(global_model)
         reports = {"federated": evaluate.evaluate_sites(tests, predict)}

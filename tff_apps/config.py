@@ -19,6 +19,13 @@ from typing import Any
 import tomli_w
 
 from shared.errors import UserError
+from tff_apps.federation import (
+    ClientsSection,
+    CommunicationSection,
+    PersonalizationSection,
+    RobustnessSection,
+)
+from tff_apps.federation import SECTIONS as FEDERATION_SECTIONS
 from tff_apps.privacy import PrivacySection
 
 
@@ -91,6 +98,7 @@ ENGINE_SECTIONS: dict[str, type] = {
     "evaluate": EvaluateSection,
     "export": ExportSection,
     "privacy": PrivacySection,  # level "none" by default: a job without [privacy] is unchanged
+    **FEDERATION_SECTIONS,  # off by default too (tff_apps/federation.py)
 }
 
 
@@ -106,6 +114,10 @@ class JobConfig:
     evaluate: EvaluateSection
     export: ExportSection
     privacy: PrivacySection = PrivacySection()
+    communication: CommunicationSection = CommunicationSection()
+    clients: ClientsSection = ClientsSection()
+    robustness: RobustnessSection = RobustnessSection()
+    personalization: PersonalizationSection = PersonalizationSection()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}

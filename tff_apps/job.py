@@ -30,7 +30,7 @@ from typing import Any, Protocol, Sequence
 
 from shared.errors import UserError
 from tff_apps import config as config_lib
-from tff_apps import private_run, privacy
+from tff_apps import federation, private_run, privacy
 from tff_apps import runs
 from shared.files import write_json_atomic, write_text_atomic
 from tff_apps.registry import load_app
@@ -45,6 +45,7 @@ class App(Protocol):
     description: str
     default_config: Path
     sections: dict[str, type]  # the app's own config sections: "data" and "model"
+    horizontal: bool  # clients hold rows of one table: [communication], [clients], ... apply
 
     def prepare(self, cfg: config_lib.JobConfig) -> Any:
         """Loads and validates the data (raises UserError); no output is written yet."""
@@ -238,6 +239,8 @@ def run_job(
         run.already_finished = True  # checked again under the lock below
         return run, previous
     prepared = app.prepare(run.config)
+    horizontal = getattr(app, "horizontal", False)
+    federation.check(run.config, app.client_rows(run.config, prepared) if horizontal else None)
     run.init_from = resolve_init_from(run)
     registry = runs.Registry(run.config.job.runs_dir)
     label = f"{app.name}/{run.run_id}"

@@ -78,7 +78,7 @@ def default_aggregator(train: TrainSection):
 
 
 def build_learning_process(
-    train: TrainSection, model_fn: ModelFn, aggregator_factory=None, privacy=None, secure=None
+    train: TrainSection, model_fn: ModelFn, aggregator_factory=None, privacy=None, secure=None, federation=None
 ) -> tff.learning.templates.LearningProcess:
     """The job's learning process; `aggregator_factory` defaults to the plain (un)weighted mean.
 
@@ -91,6 +91,9 @@ def build_learning_process(
     without DP has no `run.privacy`, so the apps pass it) switches in secure aggregation:
     "simulated" composes TFF's SecureSumFactory into the mean (distributed DP at client
     level, `ddp_aggregator`); "masked" returns a `secure_rounds.MaskedLearningProcess`.
+
+    `federation` (a `federation.Federation`, None = all defaults): compression and robust
+    aggregation of the job's [communication] and [robustness] sections.
     """
     plan = getattr(privacy, "plan", privacy)
     if secure is None:

@@ -264,6 +264,7 @@ def run_rounds(
     label: str = "federated",
     privacy=None,
     init_from=None,
+    federation=None,
 ) -> TrainingResult:
     """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last;
     checkpoints every `checkpoint_every` rounds and after the last. A run folder with a
@@ -276,6 +277,9 @@ def run_rounds(
 
     With `init_from` (the job's `run.init_from`, a `job.InitFrom`): round 1 starts from the
     parent export's weights (`warm_start`); `result.lineage` records it.
+
+    With `federation` (a `federation.Federation`, None = all defaults): the job's [clients]
+    section (dropout, stragglers, over-selection, quorum).
     """
     rng = np.random.default_rng(seed)
     rounds = train.rounds

@@ -32,6 +32,7 @@ class TrafficApp:
     description = "speed forecasting across road districts (horizontal FL, time series)"
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
+    horizontal = True
 
     def prepare(self, cfg: JobConfig) -> Prepared:
         data = load(cfg.data, cfg.job.seed)
@@ -120,7 +121,7 @@ class Outcome:
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     """Federated training, then the four baselines, on the same test windows."""
     # TF and TFF load here, once config and data are known to be valid.
-    from tff_apps import processes, program
+    from tff_apps import federation, processes, program
     from traffic import evaluate
     from traffic.model import build_keras_model, tff_model_fn
     from traffic.windows import N_FEATURES
@@ -130,7 +131,8 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     process = processes.build_learning_process(
-        cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients)
+        cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients),
+        federation=federation.of(cfg),
     )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
@@ -142,7 +144,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
 
     result = program.run_rounds(
         process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
-        privacy=run.privacy, init_from=run.init_from,
+        privacy=run.privacy, init_from=run.init_from, federation=federation.of(cfg),
     )
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
