@@ -247,6 +247,14 @@ def warm_start(process, state, init_from, run_dir: Path):
     return state, lineage
 
 
+def next_round(process, state, datasets, names: list[str]):
+    """One round of `process`; a process that needs to know which clients these are (the
+    bad-client evaluation mode of `split_rounds`) says so with `wants_client_names`."""
+    if getattr(process, "wants_client_names", False):
+        return process.next(state, datasets, client_names=names)
+    return process.next(state, datasets)
+
+
 def train_metrics(output_metrics) -> dict[str, float]:
     """The clients' training loss and metrics as TFF aggregated them this round."""
     train = output_metrics["client_work"]["train"]
@@ -326,9 +334,9 @@ def run_rounds(
             datasets = [
                 make_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in chosen
             ]
-            output = process.next(state, datasets)
-            state = output.state
             names = [clients[i].name for i in chosen]
+            output = next_round(process, state, datasets, names)
+            state = output.state
             record: dict[str, Any] = {"round": round_number, "clients": names}
             record.update(train_metrics(output.metrics))
             record.update({key: count * len(names) for key, count in per_client.items()})
