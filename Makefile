@@ -23,6 +23,7 @@ bench: install
 	$(UV) run --locked python benchmarks/psi_bench.py
 	$(UV) run --locked python benchmarks/vertical_bench.py
 	$(UV) run --locked python benchmarks/secure_aggregation_bench.py
+	$(UV) run --locked python benchmarks/engine_bench.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -10,6 +10,7 @@ import numpy as np
 
 from healthcare.data import DataConfig, HealthcareData, load
 from healthcare.model import ModelConfig
+from shared import profile
 from shared.files import write_text_atomic
 from shared.partition import stratified_split
 from shared.tabular import ClientTable
@@ -58,6 +59,7 @@ class HealthcareApp:
         from tff_apps.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
+        profiled = profile.summary_entry(data_profiles(data, trains))  # per-hospital aggregates, warnings logged
         preprocessor_of = fit_preprocessing(cfg, prepared)
         clients = [
             program.ClientTrainData(
@@ -67,10 +69,12 @@ class HealthcareApp:
             )
             for t in trains
         ]
+        clients = federation.flip_bad_labels(federation.of(cfg), clients, flip_diagnosis)  # [robustness]
         n_inputs = clients[0].x.shape[1]
         process = processes.build_learning_process(
             cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy,
             secure=processes.secure_aggregation(cfg, clients), federation=federation.of(cfg),
+            client_names=[c.name for c in clients],
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
         predict = evaluate.keras_predictor(global_model, preprocessor_of)
@@ -90,10 +94,13 @@ class HealthcareApp:
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
             "training_seconds": round(result.seconds, 3),
-            "communication": program.communication(result.history),
+            "communication": program.communication(result.history, federation.of(cfg)),
+            "participation": program.participation_summary(result.history),
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": result.privacy,
+            **federation.robustness_entry(federation.of(cfg), [c.name for c in clients]),
+            **profiled,
         }
         if result.lineage is not None:
             summary["lineage"] = result.lineage
@@ -107,15 +114,51 @@ class HealthcareApp:
         elif cfg.export.enabled:
             summary["export"] = "skipped: per-site normalization has no single serving preprocessing"
         table = reporting.results_table(reports, reporting.BINARY_COLUMNS)
-        write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table))
+        if cfg.personalization.epochs > 0:
+            summary["personalization"] = personalize_sites(cfg, prepared, preprocessor_of, result.weights, n_inputs)
+        sections = reporting.client_sections(summary, "sites", "AUC")
+        write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table, extra=sections))
         summary["report"] = str(run.dir / "report.md")
         summary["report_html"] = str(reporting.html_report(
             run, summary, table, round_metric=evaluate.HEADLINE, final_metric=lambda r: r["pooled"]["auc"],
             metric_label="pooled test AUC", client_metric_label="test AUC",
             roc={method: (report.labels, report.probabilities) for method, report in reports.items()},
+            extra=sections,
         ))
         summary["table"] = table
         return summary
+
+
+def flip_diagnosis(labels: np.ndarray) -> np.ndarray:
+    """[robustness] label_flip: a bad hospital trains on the opposite diagnosis (y -> 1 - y);
+    only its training rows, its test rows keep the true labels."""
+    return 1 - labels
+
+
+def data_profiles(data: HealthcareData, trains: list[ClientTable]) -> dict[str, dict[str, Any]]:
+    """Each hospital profiles its own raw training rows (before imputation and scaling);
+    only these aggregates leave it."""
+    return {t.name: profile.profile(t.features, t.labels, "binary", data.categorical_columns) for t in trains}
+
+
+def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weights, n_inputs: int) -> dict:
+    """[personalization]: each hospital fine-tunes the global model on its own (unflipped)
+    training rows; AUC and accuracy of both models on its test rows, computed at the hospital."""
+    from healthcare.model import tff_model_fn
+    from tff_apps import personalization
+
+    def arrays(table: ClientTable):
+        return preprocessor_of(table.name).transform(table.features.to_numpy()), table.labels.reshape(-1, 1)
+
+    splits = [
+        personalization.ClientSplit(train.name, *arrays(train), *arrays(test))
+        for train, test in zip(prepared.trains, prepared.tests)
+    ]
+    results = personalization.personalize(
+        tff_model_fn(cfg.model, n_inputs, cfg.job.seed), weights, splits, personalization.binary_metrics,
+        cfg.personalization, cfg.train, cfg.job.seed,
+    )
+    return personalization.summary(results, "auc", also=("accuracy",))
 
 
 def fit_preprocessing(cfg: JobConfig, prepared: Prepared):

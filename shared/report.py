@@ -71,6 +71,30 @@ def table_html(table: Table) -> str:
     return "<table>\n<thead>" + head + "</thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
 
 
+def section_html(section: Table) -> str:
+    """A further section: its markdown tables as tables, `- ` lines as a list, other lines
+    as paragraphs (a (header, rows) pair is one table)."""
+    if not isinstance(section, str):
+        return table_html(section)
+    e = html.escape
+    parts: list[str] = []
+    blocks: list[tuple[str, list[str]]] = []  # runs of lines of one kind
+    for line in (raw.strip() for raw in section.strip().splitlines()):
+        kind = "table" if line.startswith("|") else "list" if line.startswith("- ") else "text" if line else ""
+        if kind and blocks and blocks[-1][0] == kind and kind != "text":
+            blocks[-1][1].append(line)
+        elif kind:
+            blocks.append((kind, [line]))
+    for kind, lines in blocks:
+        if kind == "table":
+            parts.append(table_html("\n".join(lines)))
+        elif kind == "list":
+            parts.append("<ul>" + "".join(f"<li>{e(line[2:])}</li>" for line in lines) + "</ul>")
+        else:
+            parts.append(f"<p>{e(lines[0])}</p>")
+    return "\n".join(parts)
+
+
 @contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yields a temporary folder beside `final`; on success it replaces `final` whole,
@@ -130,7 +154,7 @@ def write_report_html(
     if figures:
         parts += ['<h2 id="plots">Plots</h2>', *figures]
     for heading, extra in extra_tables:
-        parts += [f"<h2>{e(heading)}</h2>", table_html(extra)]
+        parts += [f"<h2>{e(heading)}</h2>", section_html(extra)]
     parts += ['<h2 id="config">Resolved config</h2>', f"<pre>{e(config_toml)}</pre>", "</body>", "</html>"]
     write_text_atomic(path, "\n".join(parts) + "\n")
     return path

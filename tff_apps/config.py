@@ -63,6 +63,9 @@ class TrainSection:
     server_momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
     eval_every: int = field(default=5, metadata={"min": 1})
     checkpoint_every: int = field(default=5, metadata={"min": 0})  # rounds; 0 = no checkpoints
+    # tff = TFF's stock simulation (one runtime slot per client); grouped = the round's clients
+    # trained in one TFF call, same mathematics (tff_apps/grouped.py)
+    engine: str = field(default="tff", metadata={"choices": ("tff", "grouped")})
 
 
 @dataclass(frozen=True)

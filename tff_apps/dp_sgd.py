@@ -247,9 +247,12 @@ def build_learning_process(
     clip_norm: float,
     noise_multiplier: float,
     per_example_loss=None,
+    aggregator_factory=None,
 ) -> tff.learning.templates.LearningProcess:
     """FedAvg with DP-SGD local training, composed from the same four parts as
-    `processes.build_learning_process`; the server takes the uniform mean of the updates."""
+    `processes.build_learning_process`; the server takes the uniform mean of the updates
+    (`aggregator_factory`, weighted form: default the plain uniform mean; the job's
+    compression or clip_zero act on updates already noised at the client, post-processing)."""
     from tff_apps import processes
 
     @tff.tensorflow.computation
@@ -257,9 +260,8 @@ def build_learning_process(
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     weights_type = initial_model_weights.type_signature.result
-    aggregator = tff.aggregators.as_weighted_aggregator(tff.aggregators.UnweightedMeanFactory()).create(
-        weights_type.trainable, tff.TensorType(np.float32)
-    )
+    factory = aggregator_factory or tff.aggregators.as_weighted_aggregator(tff.aggregators.UnweightedMeanFactory())
+    aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
     return tff.learning.templates.compose_learning_process(
         initial_model_weights,
         tff.learning.templates.build_broadcast_process(weights_type),

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from shared.errors import UserError
+from tff_apps import federation as federation_lib
 from tff_apps import privacy as privacy_lib
 from tff_apps.client_works import build_fedprox_client_work
 from tff_apps.config import TrainSection
@@ -71,16 +72,67 @@ def secure_aggregation(cfg, clients) -> privacy_lib.SecureAggregation | None:
 
 def default_aggregator(train: TrainSection):
     """A weighted factory, as the composer requires; unweighted FedAvg wraps the uniform mean
-    the way TFF's own `build_unweighted_fed_avg` does."""
-    if is_weighted(train):
-        return tff.aggregators.MeanFactory()
-    return tff.aggregators.as_weighted_aggregator(tff.aggregators.UnweightedMeanFactory())
+    the way TFF's own `build_unweighted_fed_avg` does (`job_aggregator` without [communication]
+    and [robustness])."""
+    return job_aggregator(train)
+
+
+def job_aggregator(train: TrainSection, federation=None, weighted: bool | None = None):
+    """The job's aggregator when no DP or secure stack replaces it (weighted form, as the
+    composer requires): the algorithm's (un)weighted mean, its value sum compressed when
+    [communication] asks (`compression.compressed_sum_factory`), inside TFF's adaptive
+    zeroing and L2 clipping when `robustness.aggregation = "clip_zero"`. `weighted`: None =
+    the algorithm's weighting; record-level DP passes False (DP-SGD's uniform mean)."""
+    from tff_apps import compression
+
+    weighted = is_weighted(train) if weighted is None else weighted
+    value_sum = compression.compressed_sum_factory(getattr(federation, "communication", None))
+    if weighted:
+        factory = tff.aggregators.MeanFactory(value_sum_factory=value_sum)
+    else:
+        factory = tff.aggregators.UnweightedMeanFactory(value_sum_factory=value_sum)
+    if federation is not None and federation.robustness.aggregation == "clip_zero":
+        factory = clip_zero(factory)
+    return factory if weighted else tff.aggregators.as_weighted_aggregator(factory)
+
+
+def clip_zero(inner):
+    """`tff.learning.robust_aggregator` around `inner` (the mean, maybe compressed; TFF's
+    function takes no inner factory, so its two wrappers are applied here, the same way):
+    zeroing of updates whose max-norm exceeds an adaptive bound (2 x the 0.98 quantile + 1),
+    then L2 clipping at an adaptive bound (the 0.8 quantile of the updates' norms)."""
+    from tensorflow_federated.python.learning import model_update_aggregator as tff_updates
+
+    return tff_updates._default_zeroing(tff_updates._default_clipping(inner))
+
+
+CLIP_ZERO_WRAPPERS = 2  # zeroing and clipping, each with its own adaptive bound
+
+
+def clip_zero_bytes() -> dict[str, int]:
+    """One client's bytes for `clip_zero`'s bookkeeping, per round: each wrapper broadcasts its
+    bound (float32) and has every client send the record of TFF's quantile estimator (the
+    no-noise query's `preprocess_record` of the client's norm) and its clipped/zeroed flag
+    (int32, `robust.COUNT_TF_TYPE`)."""
+    import tensorflow as tf
+    import tensorflow_privacy as tfp
+    from tensorflow_federated.python.aggregators import robust
+
+    query = tfp.NoPrivacyQuantileEstimatorQuery(
+        initial_estimate=1.0, target_quantile=0.5, learning_rate=0.2, geometric_update=True
+    )
+    record = query.preprocess_record(query.derive_sample_params(query.initial_global_state()), tf.constant(1.0))
+    record_bytes = sum(np.asarray(t).nbytes for t in tf.nest.flatten(record))
+    up = record_bytes + np.dtype(robust.COUNT_TF_TYPE).itemsize
+    down = np.dtype(robust.NORM_TF_TYPE).itemsize
+    return {"up": CLIP_ZERO_WRAPPERS * int(up), "down": CLIP_ZERO_WRAPPERS * int(down)}
 
 
 def build_learning_process(
-    train: TrainSection, model_fn: ModelFn, aggregator_factory=None, privacy=None, secure=None, federation=None
+    train: TrainSection, model_fn: ModelFn, aggregator_factory=None, privacy=None, secure=None, federation=None,
+    client_names=None,
 ) -> tff.learning.templates.LearningProcess:
-    """The job's learning process; `aggregator_factory` defaults to the plain (un)weighted mean.
+    """The job's learning process; `aggregator_factory` defaults to `job_aggregator(train, federation)`.
 
     `privacy` (the job's `run.privacy`, a `private_run.RunPrivacy`, or a `privacy.PrivacyPlan`)
     switches in the DP mechanism the plan accounted for: at client level TFF's DP aggregator
@@ -93,8 +145,23 @@ def build_learning_process(
     level, `ddp_aggregator`); "masked" returns a `secure_rounds.MaskedLearningProcess`.
 
     `federation` (a `federation.Federation`, None = all defaults): compression and robust
-    aggregation of the job's [communication] and [robustness] sections.
+    aggregation of the job's [communication] and [robustness] sections. A median, trimmed
+    mean or scaled bad updates need the updates in Python: a `split_rounds.RobustLearningProcess`,
+    whose bad clients are the first of `client_names` (the federation's clients in order).
+
+    `train.engine = "grouped"`: the same mathematics with a round's clients trained in one
+    TFF call (`grouped.GroupedProcess`; `federation.check_engine` refuses what it does not run).
     """
+    if getattr(train, "engine", "tff") == "grouped":
+        from tff_apps import grouped
+
+        return grouped.build_grouped_process(train, model_fn, aggregator_factory, privacy, secure, federation)
+    if federation is not None and federation_lib.needs_split_rounds(federation):
+        if privacy is not None or secure is not None:  # federation.check_robustness refuses it first
+            raise ValueError("robust aggregation in Python runs without DP and secure aggregation")
+        from tff_apps import split_rounds
+
+        return split_rounds.build(train, model_fn, federation, client_names or (), aggregator_factory)
     plan = getattr(privacy, "plan", privacy)
     if secure is None:
         secure = getattr(privacy, "secure", None)
@@ -108,7 +175,8 @@ def build_learning_process(
         if aggregator_factory is not None:
             raise ValueError("record-level DP builds its own (uniform mean) aggregator")
         return dp_sgd.build_learning_process(
-            train, model_fn, plan.section.clip_norm, plan.noise_multiplier
+            train, model_fn, plan.section.clip_norm, plan.noise_multiplier,
+            aggregator_factory=job_aggregator(train, federation, weighted=False),
         )
     if plan is not None and plan.level == "client":
         from tff_apps import privacy as privacy_lib
@@ -124,7 +192,7 @@ def build_learning_process(
         return tff.learning.models.ModelWeights.from_model(model_fn())
 
     weights_type = initial_model_weights.type_signature.result
-    factory = aggregator_factory or default_aggregator(train)
+    factory = aggregator_factory or job_aggregator(train, federation)
     aggregator = factory.create(weights_type.trainable, tff.TensorType(np.float32))
     return tff.learning.templates.compose_learning_process(
         initial_model_weights,

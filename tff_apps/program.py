@@ -10,6 +10,13 @@ clients of every round so far (for the privacy accountant). A run folder that al
 has checkpoints (a resumed run) continues after the latest one, with the same sampling and
 the same round inputs (`round_seed` depends on seed, round and client only), so it ends
 where an uninterrupted run would.
+
+Unreliable clients ([clients], `tff_apps.participation`): of the sampled clients some drop
+out, some miss the round's deadline and, with over-selection, some finish after the first m
+and are not used; only the clients that report get a round dataset. A round with fewer than
+`clients.quorum` reports is skipped (no `process.next`, the state and ε unchanged) and
+recorded with `"skipped": true`. Those draws have their own seeded stream, so the sampler's
+generator and the round inputs are the same as without [clients].
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import tensorflow_federated as tff
 from tqdm import tqdm
 
 from shared.files import write_text_atomic
+from tff_apps import participation
 from tff_apps.config import TrainSection
+from tff_apps.federation import ClientsSection
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "round_"
@@ -59,17 +68,56 @@ class TrainingResult:
 EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
 
 
-def bytes_per_client(weights: tff.learning.models.ModelWeights) -> dict[str, int]:
-    """One client's share of a round's uncompressed exchange: it downloads the model weights
-    (trainable and not) and uploads its update of the trainable ones plus its weight (a float32)."""
+def bytes_per_client(weights: tff.learning.models.ModelWeights, federation=None) -> dict[str, int]:
+    """One client's share of a round's exchange: it downloads the model weights (trainable and
+    not) and uploads its update of the trainable ones plus its weight (a float32).
+
+    `federation` (a `federation.Federation`, None = defaults): with [communication]
+    compression the update goes up as TFF's encoder packs it (`compression.upload_bytes`, and
+    the encoder's broadcast parameters come down), and "bytes_up_uncompressed" keeps the
+    float32 figure; `robustness.aggregation = "clip_zero"` adds its bounds and norm records
+    (`processes.clip_zero_bytes`).
+    """
+    from tff_apps import compression, processes
+
     down = sum(np.asarray(w).nbytes for w in (*weights.trainable, *weights.non_trainable))
-    up = sum(np.asarray(w).nbytes for w in weights.trainable) + np.dtype(np.float32).itemsize
-    return {"bytes_up": int(up), "bytes_down": int(down)}
+    update = sum(np.asarray(w).nbytes for w in weights.trainable)
+    weight = np.dtype(np.float32).itemsize
+    sent = {"bytes_up": update + weight, "bytes_down": down}
+    section = getattr(federation, "communication", None)
+    if compression.is_compressed(section):
+        encoded = compression.upload_bytes(section, sum(int(np.size(w)) for w in weights.trainable))
+        sent = {"bytes_up": encoded["up"] + weight, "bytes_down": down + encoded["down"],
+                "bytes_up_uncompressed": update + weight}
+    if federation is not None and federation.robustness.aggregation == "clip_zero":
+        extra = processes.clip_zero_bytes()
+        sent = {key: value + extra["down" if key == "bytes_down" else "up"] for key, value in sent.items()}
+    return {key: int(value) for key, value in sent.items()}
 
 
-def communication(history: list[dict[str, Any]]) -> dict[str, int]:
-    """Total bytes up (clients to server) and down over the rounds of a run's history."""
-    return {key: sum(int(r.get(key, 0)) for r in history) for key in ("bytes_up", "bytes_down")}
+def communication(history: list[dict[str, Any]], federation=None) -> dict[str, Any]:
+    """Total bytes up (clients to server) and down over the rounds of a run's history; with
+    [communication] compression (`federation`) also the float32 upload it replaced, the ratio
+    and the setting."""
+    totals: dict[str, Any] = {
+        key: sum(int(r.get(key, 0)) for r in history) for key in ("bytes_up", "bytes_down")
+    }
+    section = getattr(federation, "communication", None)
+    if section is not None and section.compression != "none":
+        uncompressed = sum(int(r.get("bytes_up_uncompressed", r.get("bytes_up", 0))) for r in history)
+        totals.update(
+            compression=section.compression,
+            bits=int(section.bits),
+            bytes_up_uncompressed=uncompressed,
+            upload_ratio=round(uncompressed / totals["bytes_up"], 3) if totals["bytes_up"] else None,
+        )
+    return totals
+
+
+def participation_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds skipped, mean clients reporting per round, dropout rate, stragglers and unused
+    (over-selected) clients over a run's history ([clients], `participation.summary`)."""
+    return participation.summary(history)
 
 
 def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
@@ -287,7 +335,10 @@ def run_rounds(
     parent export's weights (`warm_start`); `result.lineage` records it.
 
     With `federation` (a `federation.Federation`, None = all defaults): the job's [clients]
-    section (dropout, stragglers, over-selection, quorum).
+    section (dropout, stragglers, over-selection, quorum; module docstring). Each round's
+    record has `sampled`, `dropped`, `stragglers`, `unused`, `reported`, `skipped` and
+    `simulated_seconds`; `clients` names the clients that reported. ε is accounted with
+    the clients that reported.
     """
     rng = np.random.default_rng(seed)
     rounds = train.rounds
@@ -325,30 +376,43 @@ def run_rounds(
     result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage)
     result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
-    per_client = bytes_per_client(result.weights)  # shapes never change between rounds
+    per_client = bytes_per_client(result.weights, federation)  # shapes never change between rounds
+    unreliable = federation.clients if federation is not None else ClientsSection()
+    wanted = participation.participants(len(clients), train.clients_per_round)
+    sample_size = participation.sample_size(len(clients), train.clients_per_round, unreliable.over_selection)
+    examples = [participation.examples_per_round(train, len(c.x)) for c in clients]
     progress = tqdm(total=rounds, initial=first_round - 1, desc=label, unit="round", dynamic_ncols=True)
     try:
         for round_number in range(first_round, rounds + 1):
             round_started = time.perf_counter()
-            chosen = sample_clients(rng, len(clients), train.clients_per_round)
-            datasets = [
-                make_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in chosen
-            ]
-            names = [clients[i].name for i in chosen]
-            output = next_round(process, state, datasets, names)
-            state = output.state
-            record: dict[str, Any] = {"round": round_number, "clients": names}
-            record.update(train_metrics(output.metrics))
-            record.update({key: count * len(names) for key, count in per_client.items()})
-            record.update(output.metrics.get("secure_aggregation", {}))  # masked: protocol seconds, bytes
-            if privacy is not None:
-                record["epsilon"] = privacy.record_round(names)
+            chosen = sample_clients(rng, len(clients), sample_size)
+            came = participation.turnout(unreliable, seed, round_number, chosen, examples, wanted)
+            names = [clients[i].name for i in came.reported]
+            record: dict[str, Any] = {"round": round_number, "clients": names, **came.stats()}
+            output = None  # a skipped round (quorum missed) leaves the state as it was
+            if not came.skipped:
+                datasets = [
+                    make_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in came.reported
+                ]
+                output = next_round(process, state, datasets, names)
+                state = output.state
+                record.update(train_metrics(output.metrics))
+            # every sampled client downloaded the model; only those that reported uploaded
+            record.update({
+                key: count * len(came.sampled if key.startswith("bytes_down") else came.reported)
+                for key, count in per_client.items()
+            })
+            if output is not None:
+                record.update(output.metrics.get("secure_aggregation", {}))  # masked: protocol seconds, bytes
+            if privacy is not None:  # a skipped round released nothing: no spend
+                record["epsilon"] = privacy.epsilon_so_far if came.skipped else privacy.record_round(names)
             record["round_seconds"] = time.perf_counter() - round_started
             if round_number % train.eval_every == 0 or round_number == rounds:
                 record.update(evaluate(process.get_model_weights(state)))
             log.write(record)
             result.history.append(record)
-            round_participants.append(names)
+            if not came.skipped:  # the privacy accountant's rounds (restored on resume)
+                round_participants.append(names)
             if checkpoints.due(round_number, rounds):
                 checkpoints.save(round_number, state, rng, round_participants)
             progress.update(1)

@@ -65,6 +65,8 @@ def markdown_report(
     parts = [
         f"# {run.app} run {run.run_id}",
         f"Data: {summary['data']['source']}. Rounds: {summary['rounds']}.",
+        *filter(None, [participation_line(summary)]),
+        *filter(None, [robustness_line(summary)]),
         f"## Results (held-out data of every {group[:-1]})" if group else "## Results (held-out data)",
         table,
     ]
@@ -83,6 +85,35 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def participation_line(summary: dict[str, Any]) -> str | None:
+    """One line on unreliable clients ([clients]); None when every sampled client reported."""
+    seen = summary.get("participation") or {}
+    if not any(seen.get(key) for key in ("dropped", "stragglers", "unused", "rounds_skipped")):
+        return None
+    return (
+        f"Participation: {seen['mean_reported']:.2f} clients reported per round; {seen['dropped']} dropped out "
+        f"({seen['dropout_rate']:.1%} of those sampled), {seen['stragglers']} cut at the deadline, "
+        f"{seen['unused']} over-selected and unused; {seen['rounds_skipped']} of {seen['rounds']} rounds "
+        "skipped (quorum missed)"
+    )
+
+
+def robustness_line(summary: dict[str, Any]) -> str | None:
+    """One line on [robustness] (summary.json's "robustness" entry); None at its defaults."""
+    robust = summary.get("robustness")
+    if not robust:
+        return None
+    aggregation = robust["aggregation"]
+    if "trim_fraction" in robust:
+        aggregation += f" (trim_fraction {robust['trim_fraction']:g} per side)"
+    if not robust["bad_clients"]:
+        return f"Robust aggregation: {aggregation}; no bad clients"
+    mode = robust["bad_client_mode"]
+    if mode == "scaled_update":
+        mode += f", updates x {robust['bad_update_scale']:g}"
+    return f"Robust aggregation: {aggregation}; bad clients ({mode}): {', '.join(robust['bad_clients'])}"
+
+
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The few lines above the result table: data, rounds, time, privacy."""
     lines = []
@@ -91,9 +122,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "rounds" in summary:
         seconds = summary.get("training_seconds")
         lines.append(f"Rounds: {summary['rounds']}" + (f" ({seconds:.1f} s of training)" if seconds else ""))
+    if participation_line(summary):
+        lines.append(participation_line(summary))
+    if robustness_line(summary):
+        lines.append(robustness_line(summary))
     sent = summary.get("communication")
     if sent:
         lines.append(f"Communication: {sent['bytes_up']:,} bytes up (clients to server), {sent['bytes_down']:,} down")
+        if sent.get("compression"):
+            lines.append(
+                f"Compression: {sent['compression']}, {sent['bits']} bits: upload {sent['upload_ratio']}x smaller "
+                f"than float32 ({sent['bytes_up_uncompressed']:,} bytes)"
+            )
     privacy = summary.get("privacy")
     if isinstance(privacy, dict) and privacy.get("level", "none") != "none":
         epsilon = privacy.get("epsilon")
@@ -198,3 +238,37 @@ def _target_epsilon(run) -> float | None:
     section = getattr(run.config, "privacy", None)
     target = getattr(section, "target_epsilon", 0.0) if section is not None else 0.0
     return float(target) if target else None
+
+
+def client_sections(summary: dict[str, Any], group: str, personalization_label: str) -> dict[str, str]:
+    """The report's "Client data profiles" and (when it ran) "Personalization" sections."""
+    from shared import profile
+
+    sections = {}
+    if summary.get("profiles"):
+        warnings = summary.get("profile_warnings", [])
+        header, rows = profile.table_rows(summary["profiles"], warnings)
+        text = markdown_table([group[:-1], *header[1:]], rows)
+        listed = "\n".join(f"- {w}" for w in warnings) or "- no client differs sharply from the rest"
+        sections["Client data profiles"] = text + "\n\nWarnings (each client against the others):\n\n" + listed
+    if summary.get("personalization"):
+        sections["Personalization"] = personalization_table(summary["personalization"], personalization_label, group)
+    return sections
+
+
+def personalization_table(per_client: dict[str, dict[str, float]], label: str, group: str) -> str:
+    """client, metric of the global model on its test split, of its fine-tuned model, change
+    (then any further metric's `<name>_before` / `<name>_after`); and the mean over the
+    clients where every number is defined."""
+    further = [key[: -len("_before")] for key in next(iter(per_client.values())) if key.endswith("_before")]
+    rows = [
+        [name, v["before"], v["after"], v["after"] - v["before"]]
+        + [v[f"{m}_{when}"] for m in further for when in ("before", "after")]
+        for name, v in per_client.items()
+    ]
+    defined = [row for row in rows if not any(value is None or math.isnan(value) for value in row[1:])]
+    if defined:
+        columns = range(1, len(rows[0]))
+        rows.append([f"mean ({len(defined)} {group})"] + [sum(row[i] for row in defined) / len(defined) for i in columns])
+    header = [group[:-1], f"{label} before (global)", f"{label} after (fine-tuned)", "change"]
+    return markdown_table(header + [f"{m} {when}" for m in further for when in ("before", "after")], rows)

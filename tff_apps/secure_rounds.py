@@ -2,7 +2,8 @@
 aggregation after Bonawitz et al. (CCS 2017), `shared/secagg.py`.
 
 TFF's open runtime only simulates secure sum, and its C++ worker cannot call back into
-Python, so a round is split in three (`MaskedLearningProcess.next`):
+Python, so a round is split in three (`MaskedLearningProcess.next`; the client and server
+phases are `split_rounds.SplitRoundProcess`'s, shared with robust aggregation):
 
 1. client phase, a TFF computation: broadcast + client work (FedAvg, FedProx or DP-SGD),
    exactly the parts `compose_learning_process` composes. It returns the clients' model
@@ -43,19 +44,15 @@ the clear in this process before masking, as they do in TFF's simulation runtime
 from __future__ import annotations
 
 import collections
-import collections.abc
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow_federated as tff
 
 from shared import secagg
 from tff_apps.privacy import SecureAggregation
-
-LearningAlgorithmState = tff.learning.templates.LearningAlgorithmState
-LearningProcessOutput = tff.learning.templates.LearningProcessOutput
+from tff_apps.split_rounds import LearningProcessOutput, SplitRoundProcess, flatten_update
 
 
 def weight_level(secure: SecureAggregation) -> int:
@@ -85,59 +82,22 @@ def decode(total: np.ndarray, secure: SecureAggregation) -> tuple[np.ndarray, fl
     return mean, weight_sum, clipped
 
 
-class MaskedLearningProcess:
+class MaskedLearningProcess(SplitRoundProcess):
     """A learning process (the `initialize` / `next` / `get_model_weights` that
     `program.run_rounds` uses) whose aggregator is `shared.secagg.secure_sum`.
 
-    State and metrics are shaped like `compose_learning_process`'s: a
-    `LearningAlgorithmState` (the aggregator's part is empty: the protocol keeps no state
-    between rounds) and metrics with `distributor`, `client_work`, `aggregator`,
-    `finalizer`, plus `secure_aggregation` (the protocol's seconds and bytes per round,
-    copied into metrics.jsonl by the program).
+    Its client phase and server phase are `split_rounds.SplitRoundProcess`'s. State and
+    metrics are shaped like `compose_learning_process`'s: a `LearningAlgorithmState` (the
+    aggregator's part is empty: the protocol keeps no state between rounds) and metrics with
+    `distributor`, `client_work`, `aggregator`, `finalizer`, plus `secure_aggregation` (the
+    protocol's seconds and bytes per round, copied into metrics.jsonl by the program).
     """
 
     def __init__(self, initial_model_weights_fn, distributor, client_work, finalizer, secure: SecureAggregation):
         if secure.mode != "masked":
             raise ValueError(f"MaskedLearningProcess needs secure aggregation mode 'masked', got {secure.mode!r}")
+        super().__init__(initial_model_weights_fn, distributor, client_work, finalizer)
         self.secure = secure
-        self._finalizer = finalizer
-        weights_type = initial_model_weights_fn.type_signature.result
-        self._trainable_type = weights_type.trainable
-        data_type = client_work.next.type_signature.parameter[2]
-
-        @tff.federated_computation()
-        def init_fn():
-            return tff.federated_zip(
-                LearningAlgorithmState(
-                    tff.federated_eval(initial_model_weights_fn, tff.SERVER),
-                    distributor.initialize(),
-                    client_work.initialize(),
-                    tff.federated_value((), tff.SERVER),
-                    finalizer.initialize(),
-                )
-            )
-
-        @tff.federated_computation(init_fn.type_signature.result, data_type)
-        def client_phase(state, client_data):
-            distributed = distributor.next(state.distributor, state.global_model_weights)
-            work = client_work.next(state.client_work, distributed.result, client_data)
-            return (
-                distributed.state,
-                work.state,
-                work.result.update,  # CLIENTS-placed: one value per client, in data order
-                work.result.update_weight,
-                distributed.measurements,
-                work.measurements,
-            )
-
-        self._init_fn = init_fn
-        self._client_phase = client_phase
-
-    def initialize(self):
-        return self._init_fn()
-
-    def get_model_weights(self, state) -> tff.learning.models.ModelWeights:
-        return state.global_model_weights
 
     def next(
         self,
@@ -152,14 +112,9 @@ class MaskedLearningProcess:
         their masked input (it is). More than n - t dropouts raise `secagg.SecAggError`;
         `state` is then not changed and no update is applied."""
         client_data = list(client_data)
-        dist_state, work_state, updates, weights, dist_metrics, work_metrics = self._client_phase(
-            state, client_data
-        )
-        n = len(client_data)
-        updates = _per_client(updates, n)
-        weights = _per_client(weights, n)
-        cfg = self.secure.secagg_config(n)
-        vectors = [encode(_flatten(u), w, self.secure) for u, w in zip(updates, weights)]
+        phase = self.run_client_phase(state, client_data)
+        cfg = self.secure.secagg_config(len(client_data))
+        vectors = [encode(flatten_update(u), w, self.secure) for u, w in zip(phase.updates, phase.weights)]
         result = secagg.secure_sum(
             vectors,
             cfg,
@@ -167,16 +122,12 @@ class MaskedLearningProcess:
             dropouts_after_masking=dropouts_after_masking,
         )
         mean, _, clipped = decode(result.total, self.secure)
-        update = _rebuild(self._trainable_type, mean)
-        finalized = self._finalizer.next(state.finalizer, state.global_model_weights, update)
-        new_state = LearningAlgorithmState(
-            finalized.result, dist_state, work_state, state.aggregator, finalized.state
-        )
-        metrics = collections.OrderedDict(
-            distributor=dist_metrics,
-            client_work=work_metrics,
-            aggregator=collections.OrderedDict(secure_clipped_count=clipped),
-            finalizer=finalized.measurements,
+        return self.finish_round(
+            state,
+            phase,
+            self.rebuild(mean),
+            state.aggregator,
+            collections.OrderedDict(secure_clipped_count=clipped),
             secure_aggregation=collections.OrderedDict(
                 secagg_seconds=float(result.seconds),
                 secagg_bytes=int(sum(r.bytes_to_server + r.bytes_from_server for r in result.rounds)),
@@ -185,43 +136,3 @@ class MaskedLearningProcess:
                 secagg_clipped_clients=clipped,
             ),
         )
-        return LearningProcessOutput(new_state, metrics)
-
-
-def _flatten(value) -> list[np.ndarray]:
-    """A client's update (nested lists / mappings of arrays, in TFF's element order) as arrays."""
-    if isinstance(value, collections.abc.Mapping):
-        return [a for v in value.values() for a in _flatten(v)]
-    if isinstance(value, (list, tuple)):
-        return [a for v in value for a in _flatten(v)]
-    return [np.asarray(value)]
-
-
-def _rebuild(type_spec, flat: np.ndarray):
-    """The float32 structure of `type_spec` (the model's trainable weights) from a flat vector."""
-    offset = 0
-
-    def build(t):
-        nonlocal offset
-        if isinstance(t, tff.TensorType):
-            size = int(np.prod(t.shape, dtype=np.int64))
-            array = flat[offset : offset + size].reshape(t.shape).astype(t.dtype)
-            offset += size
-            return array
-        names = [name for name, _ in tff.structure.iter_elements(t)]
-        members = [build(member) for member in t]
-        if names and all(names):
-            return collections.OrderedDict(zip(names, members))
-        return members
-
-    result = build(type_spec)
-    if offset != flat.size:
-        raise RuntimeError(f"secure sum returned {flat.size} values, the model has {offset}")
-    return result
-
-
-def _per_client(value, n: int) -> list:
-    """The execution context returns a CLIENTS-placed value as a list (one per client)."""
-    if not isinstance(value, list) or len(value) != n:
-        raise RuntimeError(f"client phase returned {type(value).__name__} for {n} clients, expected a list of {n}")
-    return value

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from shared import profile
 from shared.errors import UserError
 from shared.files import write_text_atomic
 from tff_apps import reporting
@@ -19,6 +21,7 @@ from traffic.model import ModelConfig
 from traffic.windows import split_bounds
 
 HISTORY = HORIZON = 12  # one hour in, one hour out, at 5-minute steps
+MAE_60_LABEL = "MAE at 60 min (mph)"
 MIN_STEPS = 10 * (HISTORY + HORIZON)  # every split (the smallest is 10 %) must hold a window
 
 
@@ -41,6 +44,11 @@ class TrafficApp:
                 f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
                 f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
             )
+        if cfg.train.engine == "grouped":
+            raise UserError(
+                "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
+                "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
+            )
         if cfg.privacy.level == "record":
             raise UserError(
                 "privacy.level = 'record' is not offered for traffic: a training example is a "
@@ -59,16 +67,24 @@ class TrafficApp:
         return describe_data(prepared.data)["fingerprint"]
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
+        from tff_apps import federation
+
+        profiled = profile.summary_entry(district_profiles(prepared.data))  # warnings logged
         outcome = train_and_evaluate(cfg, prepared.data, run)
         summary = {
             "data": describe_data(prepared.data),
             "rounds": outcome.rounds,
             "training_seconds": round(outcome.seconds, 3),
             "communication": outcome.communication,
+            "participation": outcome.participation,
             "headline": "mae_60min",
             "results": outcome.reports,
             "privacy": outcome.privacy,
+            **federation.robustness_entry(federation.of(cfg), [d.name for d in prepared.data.districts]),
+            **profiled,
         }
+        if outcome.personalization:
+            summary["personalization"] = outcome.personalization
         if outcome.lineage is not None:
             summary["lineage"] = outcome.lineage
         if cfg.export.enabled and outcome.exported:
@@ -76,7 +92,10 @@ class TrafficApp:
 
             summary["export"] = str(servable_dir(run.export_dir, self.name))
         table = reporting.results_table(outcome.reports, reporting.FORECAST_COLUMNS)
-        sections = {"Data statistics against METR-LA": outcome.statistics_table}
+        sections = {
+            "Data statistics against METR-LA": outcome.statistics_table,
+            **reporting.client_sections(summary, "districts", MAE_60_LABEL),
+        }
         write_text_atomic(
             run.dir / "report.md",
             reporting.markdown_report(run, summary, table, group="districts", metric="mae_60min", extra=sections),
@@ -102,7 +121,11 @@ def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData
         group="districts", client_metric="mae_60min", client_metric_label="MAE at 60 min (mph)",
         forecasts=forecast_series(federated, data.timestamps, picks, sensor_ids),
         forecast_title="Federated 60-minute forecast against actual speed (first 2 test days)",
-        forecast_ylabel="speed (mph)", extra={"Data statistics against METR-LA": outcome.statistics_table},
+        forecast_ylabel="speed (mph)",
+        extra={
+            "Data statistics against METR-LA": outcome.statistics_table,
+            **reporting.client_sections(summary, "districts", MAE_60_LABEL),
+        },
     )
 
 
@@ -116,6 +139,8 @@ class Outcome:
     privacy: Any = "none"
     lineage: dict[str, Any] | None = None
     communication: dict[str, int] | None = None  # bytes up and down over the run
+    participation: dict[str, Any] | None = None  # [clients]: reported, dropped, skipped rounds
+    personalization: dict[str, Any] | None = None  # [personalization]: district -> before/after MAE
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
@@ -129,10 +154,11 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     bounds = split_bounds(len(data.timestamps))
     splits = district_splits(cfg, data, bounds)
     clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
+    clients = federation.flip_bad_labels(federation.of(cfg), clients, mirror_speeds)  # [robustness]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     process = processes.build_learning_process(
         cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients),
-        federation=federation.of(cfg),
+        federation=federation.of(cfg), client_names=[c.name for c in clients],
     )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
@@ -149,6 +175,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
     reports.update(run_baselines(cfg, data, splits, bounds))
+    personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
     if cfg.export.enabled and cfg.preprocess.normalization == "federated":
         export_forecaster(
@@ -158,8 +185,46 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
-        result.lineage, program.communication(result.history),
+        result.lineage, program.communication(result.history, federation.of(cfg)),
+        participation=program.participation_summary(result.history), personalization=personalized,
     )
+
+
+def district_profiles(data: TrafficData) -> dict[str, dict[str, Any]]:
+    """Each district profiles its raw training readings (one column per sensor, NaN =
+    missing; the forecast target is the speed itself); only these aggregates leave it."""
+    end = split_bounds(len(data.timestamps))["train"][1]
+    return {
+        d.name: profile.profile(pd.DataFrame(d.speeds[:end], columns=d.sensor_ids), d.speeds[:end], "regression")
+        for d in data.districts
+    }
+
+
+def personalize_districts(cfg: JobConfig, splits, model_fn, weights) -> dict[str, dict[str, float]]:
+    """[personalization]: each district fine-tunes the global model on its own (unmirrored)
+    training windows; the MAE at 60 min of both models on its test windows. The district
+    computes it on normalized speeds; times its std (the normalization's) it is in mph."""
+    from tff_apps import personalization
+    from traffic.evaluate import HORIZONS
+
+    clients = [personalization.ClientSplit(s.name, s.train.x, s.train.y, s.test.x, s.test.y) for s in splits]
+    results = personalization.personalize(
+        model_fn, weights, clients, personalization.masked_mae_at(HORIZONS["60min"] - 1),
+        cfg.personalization, cfg.train, cfg.job.seed,
+    )
+    std = {s.name: s.std for s in splits}
+    return {
+        name: {when: r[when]["mae"] * std[name] for when in ("before", "after")} for name, r in results.items()
+    }
+
+
+def mirror_speeds(normalized_targets: np.ndarray) -> np.ndarray:
+    """[robustness] label_flip for a forecast: the bad district's training targets mirrored
+    about the normalization mean (z -> -z). Like 1 - y for a diagnosis, the target then says
+    the opposite of what the history implies (a jam ahead becomes free flow and back), while
+    its scale and spread stay plausible, so no range check would catch it. Missing readings
+    (NaN) stay missing; the district's test windows keep the true speeds."""
+    return -normalized_targets
 
 
 def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str, tuple[float, float]]:

@@ -57,7 +57,9 @@ def raw_rows(n: int = 40) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    return run_app(tmp_path_factory.mktemp("runs"), "healthcare", "r1", *SMALL_JOB)
+    # One epoch of per-hospital fine-tuning after training (a few seconds): its report sections
+    # are checked below; it runs after the global model is final, so nothing else changes.
+    return run_app(tmp_path_factory.mktemp("runs"), "healthcare", "r1", *SMALL_JOB, "--set", "personalization.epochs=1")
 
 
 def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
@@ -95,6 +97,29 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
     page, sources = checked_report_page(finished_run, "federated")
     assert sources == ["plots/metric_per_round.png", "plots/roc_curves.png", "plots/per_client.png"]
     assert "rounds = 3" in page[page.index("<pre>"):]
+
+
+def test_report_shows_client_profiles_and_personalization(finished_run: Path):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    profiles = summary["profiles"]
+    assert {name: p["rows"] for name, p in profiles.items()} == {
+        name: site["train_rows"] for name, site in summary["data"]["sites"].items()
+    }
+    # hospital_1 has no malignant training row: its label balance and tumour sizes stand out
+    assert profiles["hospital_1"]["label"]["positive_share"] == 0.0
+    warnings = summary["profile_warnings"]
+    assert warnings[0].startswith("hospital_1: label balance 0.00 positive")
+    assert all(w in (finished_run / "run.log").read_text() for w in warnings)
+    sites = summary["results"]["federated"]["sites"]
+    for name, entry in summary["personalization"].items():
+        before, reported = entry["before"], sites[name]["auc"]
+        assert (before is None and reported is None) or abs(before - reported) < 1e-9  # the same exact AUC
+        assert entry["accuracy_before"] == pytest.approx(sites[name]["accuracy"], abs=1e-9)
+    report = (finished_run / "report.md").read_text()
+    assert "## Client data profiles" in report and "## Personalization" in report
+    assert f"- {warnings[0]}" in report and "| mean (4 sites)" in report  # hospital_1's test AUC is undefined
+    page = (finished_run / "report.html").read_text()
+    assert "<h2>Client data profiles</h2>" in page and "<h2>Personalization</h2>" in page
 
 
 def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(finished_run: Path):
