@@ -110,21 +110,17 @@ PARTNER_COLUMNS = [
     "present_residence_since",
 ]
 GERMAN_LABEL = "creditability"
-GERMAN_CATEGORICAL = [
-    "purpose",
-    "present_employment_since",
-    "personal_status_and_sex",
-    "job",
-    "foreign_worker",
-    "status_of_existing_checking_account",
-    "credit_history",
-    "savings_account_and_bonds",
-    "other_debtors_or_guarantors",
-    "property",
-    "other_installment_plans",
-    "housing",
-    "telephone",
-]
+# The German credit columns that are numbers; every other column of either party is categorical.
+GERMAN_NUMERIC = {
+    "duration_in_month",
+    "credit_amount",
+    "installment_rate_in_percentage_of_disposable_income",
+    "age_in_years",
+    "number_of_people_being_liable_to_provide_maintenance_for",
+    "number_of_existing_credits_at_this_bank",
+    "present_residence_since",
+}
+GERMAN_CATEGORICAL = [c for c in LENDER_COLUMNS + PARTNER_COLUMNS if c not in GERMAN_NUMERIC]
 _ID_DIGITS = 7
 
 

@@ -59,6 +59,7 @@ class HealthcareApp:
         from tff_apps.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
+        settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
         profiled = profile.summary_entry(data_profiles(data, trains))  # per-hospital aggregates, warnings logged
         preprocessor_of = fit_preprocessing(cfg, prepared)
         clients = [
@@ -69,11 +70,11 @@ class HealthcareApp:
             )
             for t in trains
         ]
-        clients = federation.flip_bad_labels(federation.of(cfg), clients, flip_diagnosis)  # [robustness]
+        clients = federation.flip_bad_labels(settings, clients, flip_diagnosis)  # [robustness]
         n_inputs = clients[0].x.shape[1]
         process = processes.build_learning_process(
             cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy,
-            secure=processes.secure_aggregation(cfg, clients), federation=federation.of(cfg),
+            secure=processes.secure_aggregation(cfg, clients), federation=settings,
             client_names=[c.name for c in clients],
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
@@ -85,7 +86,7 @@ class HealthcareApp:
 
         result = program.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
-            privacy=run.privacy, init_from=run.init_from, federation=federation.of(cfg),
+            privacy=run.privacy, init_from=run.init_from, federation=settings,
         )
         result.weights.assign_weights_to(global_model)
         reports = {"federated": evaluate.evaluate_sites(tests, predict)}
@@ -94,12 +95,11 @@ class HealthcareApp:
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
             "training_seconds": round(result.seconds, 3),
-            "communication": program.communication(result.history, federation.of(cfg)),
-            "participation": program.participation_summary(result.history),
+            **program.rounds_summary(result.history, settings),
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": result.privacy,
-            **federation.robustness_entry(federation.of(cfg), [c.name for c in clients]),
+            **federation.robustness_entry(settings, [c.name for c in clients]),
             **profiled,
         }
         if result.lineage is not None:

@@ -28,14 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tff_apps.privacy import ClientSampling, _examples_per_round
+from tff_apps.privacy import ClientSampling, examples_per_round
 
 STREAM_TAG = 0x636C6E74  # "clnt": keeps these draws apart from program.round_seed's
-
-
-def examples_per_round(train, rows: int) -> int:
-    """The examples a client with `rows` training rows processes in one round."""
-    return _examples_per_round(train, rows)
 
 
 def participants(n_clients: int, clients_per_round: int) -> int:

@@ -373,7 +373,7 @@ class SecureAggregation:
         return common
 
 
-def _examples_per_round(train, rows: int) -> int:
+def examples_per_round(train, rows: int) -> int:
     """A client's FedAvg weight: the examples it processes in a round (`program.client_dataset`)."""
     if train.local_steps > 0:
         return int(train.local_steps) * int(train.batch_size)
@@ -414,7 +414,7 @@ def secure_aggregation(section: PrivacySection, train, client_rows) -> SecureAgg
             float(section.secure_threshold), 1.0, False, m, distributed_dp=True,
         )
     weighted = section.level == "none" and train.algorithm in WEIGHTED_ALGORITHMS
-    max_weight = float(max(_examples_per_round(train, n) for n in rows)) if weighted else 1.0
+    max_weight = float(max(examples_per_round(train, n) for n in rows)) if weighted else 1.0
     spec = SecureAggregation(
         mode, float(section.secure_bound), int(section.secure_scale_bits),
         float(section.secure_threshold), max_weight, weighted, m,
@@ -1031,7 +1031,7 @@ def client_dp_aggregator(
 
     TFF's DP factories are UNWEIGHTED (noised sum / fixed `clients_per_round`); they are
     wrapped with `tff.aggregators.as_weighted_aggregator`, which ignores the client weights,
-    as `processes.default_aggregator` does for unweighted FedAvg. Client-level DP therefore
+    as `processes.job_aggregator` does for unweighted FedAvg. Client-level DP therefore
     implies uniform client weighting. `clients_per_round` must be the m the program samples
     (`ClientSampling.participants`); `noise_multiplier` defaults to the section's.
     """

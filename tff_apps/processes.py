@@ -70,16 +70,10 @@ def secure_aggregation(cfg, clients) -> privacy_lib.SecureAggregation | None:
     return privacy_lib.secure_aggregation(cfg.privacy, cfg.train, {c.name: len(c.x) for c in clients})
 
 
-def default_aggregator(train: TrainSection):
-    """A weighted factory, as the composer requires; unweighted FedAvg wraps the uniform mean
-    the way TFF's own `build_unweighted_fed_avg` does (`job_aggregator` without [communication]
-    and [robustness])."""
-    return job_aggregator(train)
-
-
 def job_aggregator(train: TrainSection, federation=None, weighted: bool | None = None):
     """The job's aggregator when no DP or secure stack replaces it (weighted form, as the
-    composer requires): the algorithm's (un)weighted mean, its value sum compressed when
+    composer requires; unweighted FedAvg wraps the uniform mean the way TFF's own
+    `build_unweighted_fed_avg` does): the algorithm's (un)weighted mean, its value sum compressed when
     [communication] asks (`compression.compressed_sum_factory`), inside TFF's adaptive
     zeroing and L2 clipping when `robustness.aggregation = "clip_zero"`. `weighted`: None =
     the algorithm's weighting; record-level DP passes False (DP-SGD's uniform mean)."""

@@ -114,10 +114,10 @@ def communication(history: list[dict[str, Any]], federation=None) -> dict[str, A
     return totals
 
 
-def participation_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Rounds skipped, mean clients reporting per round, dropout rate, stragglers and unused
-    (over-selected) clients over a run's history ([clients], `participation.summary`)."""
-    return participation.summary(history)
+def rounds_summary(history: list[dict[str, Any]], federation=None) -> dict[str, Any]:
+    """summary.json's `communication` (bytes up and down, `communication`) and `participation`
+    (rounds skipped, clients reporting, dropout, stragglers, unused: `participation.summary`)."""
+    return {"communication": communication(history, federation), "participation": participation.summary(history)}
 
 
 def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:

@@ -122,10 +122,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if "rounds" in summary:
         seconds = summary.get("training_seconds")
         lines.append(f"Rounds: {summary['rounds']}" + (f" ({seconds:.1f} s of training)" if seconds else ""))
-    if participation_line(summary):
-        lines.append(participation_line(summary))
-    if robustness_line(summary):
-        lines.append(robustness_line(summary))
+    lines += [line for line in (participation_line(summary), robustness_line(summary)) if line]
     sent = summary.get("communication")
     if sent:
         lines.append(f"Communication: {sent['bytes_up']:,} bytes up (clients to server), {sent['bytes_down']:,} down")

@@ -75,8 +75,7 @@ class TrafficApp:
             "data": describe_data(prepared.data),
             "rounds": outcome.rounds,
             "training_seconds": round(outcome.seconds, 3),
-            "communication": outcome.communication,
-            "participation": outcome.participation,
+            **outcome.round_totals,
             "headline": "mae_60min",
             "results": outcome.reports,
             "privacy": outcome.privacy,
@@ -101,31 +100,27 @@ class TrafficApp:
             reporting.markdown_report(run, summary, table, group="districts", metric="mae_60min", extra=sections),
         )
         summary["report"] = str(run.dir / "report.md")
-        summary["report_html"] = str(html_report(run, summary, table, prepared.data, outcome))
+        summary["report_html"] = str(html_report(run, summary, table, prepared.data, sections))
         summary["table"] = table
         return summary
 
 
-def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, outcome) -> Path:
+def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, sections: dict[str, str]) -> Path:
     """report.html: MAE per round, per-district MAE, and 60-min forecasts of 3 sensors."""
     from traffic.evaluate import forecast_series
 
-    federated = outcome.reports["federated"]
+    federated = summary["results"]["federated"]
     picks = [(d.name, 0) for d in data.districts[:3]] if len(data.districts) >= 3 else [
         (data.districts[0].name, i) for i in range(min(3, len(data.districts[0].sensor_ids)))
     ]
     sensor_ids = {d.name: list(d.sensor_ids) for d in data.districts}
     return reporting.html_report(
         run, summary, table, round_metric="val_mae_60min", round_metric_split="validation",
-        final_metric=lambda r: r["overall"]["mae_60min"], metric_label="MAE at 60 min (mph)",
-        group="districts", client_metric="mae_60min", client_metric_label="MAE at 60 min (mph)",
+        final_metric=lambda r: r["overall"]["mae_60min"], metric_label=MAE_60_LABEL,
+        group="districts", client_metric="mae_60min", client_metric_label=MAE_60_LABEL,
         forecasts=forecast_series(federated, data.timestamps, picks, sensor_ids),
         forecast_title="Federated 60-minute forecast against actual speed (first 2 test days)",
-        forecast_ylabel="speed (mph)",
-        extra={
-            "Data statistics against METR-LA": outcome.statistics_table,
-            **reporting.client_sections(summary, "districts", MAE_60_LABEL),
-        },
+        forecast_ylabel="speed (mph)", extra=sections,
     )
 
 
@@ -138,8 +133,7 @@ class Outcome:
     statistics_table: str
     privacy: Any = "none"
     lineage: dict[str, Any] | None = None
-    communication: dict[str, int] | None = None  # bytes up and down over the run
-    participation: dict[str, Any] | None = None  # [clients]: reported, dropped, skipped rounds
+    round_totals: dict[str, Any] | None = None  # summary's communication and participation (`program.rounds_summary`)
     personalization: dict[str, Any] | None = None  # [personalization]: district -> before/after MAE
 
 
@@ -154,11 +148,12 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     bounds = split_bounds(len(data.timestamps))
     splits = district_splits(cfg, data, bounds)
     clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
-    clients = federation.flip_bad_labels(federation.of(cfg), clients, mirror_speeds)  # [robustness]
+    settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
+    clients = federation.flip_bad_labels(settings, clients, mirror_speeds)  # [robustness]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     process = processes.build_learning_process(
         cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients),
-        federation=federation.of(cfg), client_names=[c.name for c in clients],
+        federation=settings, client_names=[c.name for c in clients],
     )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
@@ -170,7 +165,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
 
     result = program.run_rounds(
         process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
-        privacy=run.privacy, init_from=run.init_from, federation=federation.of(cfg),
+        privacy=run.privacy, init_from=run.init_from, federation=settings,
     )
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
@@ -185,8 +180,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
-        result.lineage, program.communication(result.history, federation.of(cfg)),
-        participation=program.participation_summary(result.history), personalization=personalized,
+        result.lineage, program.rounds_summary(result.history, settings), personalization=personalized,
     )
 
 
