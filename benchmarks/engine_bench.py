@@ -11,7 +11,7 @@ Writes benchmarks/results.json and benchmarks/results.md, and prints the Markdow
    - limit: the same local SGD steps (same model, examples, batch size) in one plain
      tf.function loop over the clients, data already in memory, no TFF;
    - stock: `tff.learning.algorithms.build_weighted_fed_avg`, one tf.data.Dataset per client;
-   - grouped: `processes.build_learning_process` with `train.engine = "grouped"`, the same datasets.
+   - grouped: `factory.build_learning_process` with `train.engine = "grouped"`, the same datasets.
    Each is warmed up by one round (tracing, the worker's compile), then timed over several
    rounds; the figure is the median. Peak RSS is the process tree's (Python + the TFF worker),
    sampled every 20 ms during each phase; phases run grouped, limit, stock (memory a phase
@@ -101,7 +101,7 @@ def mb(n_bytes: int) -> float:
 def synthetic_clients(n: int):
     import numpy as np
 
-    from tff_apps.program import ClientTrainData
+    from tff_apps.learning.client_data import ClientTrainData
 
     rng = np.random.default_rng(n)
     true_w = rng.standard_normal(FEATURES)
@@ -115,7 +115,7 @@ def synthetic_clients(n: int):
 
 def build_limit(model_cfg, clients):
     """The same SGD steps in one tf.function: for each client, its batches in dataset order
-    (rows already permuted as `program.client_dataset` permutes them), from the same start."""
+    (rows already permuted as `client_data.client_dataset` permutes them), from the same start."""
     import tensorflow as tf
 
     from healthcare.model import build_keras_model
@@ -145,21 +145,21 @@ def build_limit(model_cfg, clients):
 
 
 def round_inputs(clients, train, round_number: int):
-    from tff_apps import program
+    from tff_apps.learning import client_data
 
-    return [program.client_dataset(c, train, program.round_seed(0, round_number, i)) for i, c in enumerate(clients)]
+    return [client_data.client_dataset(c, train, client_data.round_seed(0, round_number, i)) for i, c in enumerate(clients)]
 
 
 def permuted_arrays(clients, train, round_number: int):
     """The limit's data: each client's rows in its dataset's order, stacked [clients, rows, ...]."""
     import numpy as np
 
-    from tff_apps import program
+    from tff_apps.learning import client_data
 
     assert train.local_epochs == 1 and train.local_steps == 0  # one permutation, as client_dataset draws it
     xs, ys = [], []
     for i, c in enumerate(clients):
-        order = np.random.default_rng(program.round_seed(0, round_number, i)).permutation(len(c.x))
+        order = np.random.default_rng(client_data.round_seed(0, round_number, i)).permutation(len(c.x))
         xs.append(c.x[order])
         ys.append(c.y[order])
     return np.stack(xs), np.stack(ys)
@@ -175,9 +175,9 @@ def engine_overhead(n_clients: int) -> dict:
     import tensorflow_federated as tff
 
     from healthcare.model import ModelConfig, tff_model_fn
-    from tff_apps import processes
+    from tff_apps.learning import factory
     from tff_apps.config import TrainSection
-    from tff_apps.runtime import Runtime
+    from tff_apps.runtime.context import Runtime
 
     model_cfg = ModelConfig(kind="mlp", hidden_units=HIDDEN)
     model_fn = tff_model_fn(model_cfg, FEATURES, 0)
@@ -188,7 +188,7 @@ def engine_overhead(n_clients: int) -> dict:
     arrays = {r: permuted_arrays(clients, train, r) for r in range(timed + 1)}
     me = os.getpid()
     with Runtime():
-        grouped = processes.build_learning_process(dataclasses.replace(train, engine="grouped"), model_fn)
+        grouped = factory.build_learning_process(dataclasses.replace(train, engine="grouped"), model_fn)
         stock = tff.learning.algorithms.build_weighted_fed_avg(
             model_fn,
             client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=CLIENT_LR),

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_mode(mode: str, clients: int, rounds: int, runs_dir: Path, extra: list[str]) -> list[dict]:
-    from tff_apps import program
-    from tff_apps.job import resolve_job, run_job
+    from tff_apps.program import round_loop
+    from tff_apps.program.job import resolve_job, run_job
 
     overrides = [
         f"data.n_clients={clients}",
@@ -45,18 +45,18 @@ def run_mode(mode: str, clients: int, rounds: int, runs_dir: Path, extra: list[s
     ]
     app, cfg = resolve_job("healthcare", None, overrides)
     history: list[dict] = []
-    original = program.run_rounds
+    original = round_loop.run_rounds
 
     def keep_history(*args, **kwargs):
         result = original(*args, **kwargs)
         history.extend(result.history)
         return result
 
-    program.run_rounds = keep_history
+    round_loop.run_rounds = keep_history
     try:
         run_job(app, cfg.replace("job", run_id=f"{mode}-{time.time_ns()}"))
     finally:
-        program.run_rounds = original
+        round_loop.run_rounds = original
     return history[1:-1]  # without compilation (first) and evaluation (last)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from traffic.data import DataConfig, _generate, compare_to_targets, load, statistics  # noqa: E402
+from traffic.calibration import compare_to_targets, statistics  # noqa: E402
+from traffic.data import DataConfig, _generate, load  # noqa: E402
 
 TOLERANCE = 0.25
 SPEED_TOLERANCE = 0.03

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from tff_apps import vertical  # noqa: E402
-from tff_apps.runtime import Runtime  # noqa: E402
+from tff_apps.learning import vertical  # noqa: E402
+from tff_apps.program import vertical_rounds  # noqa: E402
+from tff_apps.runtime.context import Runtime  # noqa: E402
 
 CALLS = ("forward", "lender_step", "backward_forward", "backward")
 
@@ -38,10 +39,10 @@ def synthetic(rows: int, lender_cols: int, partner_cols: int, seed: int):
 
 
 def instrument() -> dict[str, list[float]]:
-    """Wraps each _Computations call with a timer (one entry per TFF call)."""
+    """Wraps each VerticalComputations call with a timer (one entry per TFF call)."""
     timings: dict[str, list[float]] = collections.defaultdict(list)
     for name in CALLS:
-        original = getattr(vertical._Computations, name)
+        original = getattr(vertical.VerticalComputations, name)
 
         def timed(self, *args, _original=original, _name=name):
             started = time.perf_counter()
@@ -50,7 +51,7 @@ def instrument() -> dict[str, list[float]]:
             finally:
                 timings[_name].append(1e3 * (time.perf_counter() - started))
 
-        setattr(vertical._Computations, name, timed)
+        setattr(vertical.VerticalComputations, name, timed)
     return timings
 
 
@@ -80,7 +81,7 @@ def main() -> None:
             )
             timings.clear()
             settings = vertical.VerticalSettings(**{**base.__dict__, "epochs": 1 + args.timed_epochs})
-            result = vertical.train_vertical(parties, y, settings, progress=False)
+            result = vertical_rounds.train_vertical(parties, y, settings, progress=False)
             first = result.history[0]["seconds"]
             steady = statistics.median(r["seconds"] for r in result.history[1:])
             calls = sum(len(v) for v in timings.values())
@@ -98,7 +99,7 @@ def main() -> None:
             print(f"  bytes per epoch {result.bytes_per_epoch}")
             settings = vertical.VerticalSettings(**{**base.__dict__, "epochs": args.epochs})
             started = time.perf_counter()
-            vertical.train_vertical(parties, y, settings, progress=False)
+            vertical_rounds.train_vertical(parties, y, settings, progress=False)
             print(f"  whole run, {args.epochs} epochs: {time.perf_counter() - started:.2f} s")
 
 

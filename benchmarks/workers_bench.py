@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import portpicker  # noqa: E402
 
-from tff_apps.runtime import _port_accepts, _stop_process, start_worker  # noqa: E402
+from tff_apps.runtime.worker import port_accepts, stop_process, start_worker  # noqa: E402
 
 
 def run_job(runs: Path, run_id: str, workers: list[str], rounds: int, extra: list[str]) -> list[dict]:
@@ -64,7 +64,7 @@ def main() -> None:
     processes = [start_worker(port) for port in ports]
     try:
         deadline = time.monotonic() + 30
-        while not all(_port_accepts(port) for port in ports):
+        while not all(port_accepts(port) for port in ports):
             if time.monotonic() > deadline:
                 raise SystemExit("the workers did not start")
             time.sleep(0.05)
@@ -93,7 +93,7 @@ def main() -> None:
             print(f"max |weight difference| after {args.rounds} rounds, 1 vs 2 workers: {diff:.3g}")
     finally:
         for process in processes:
-            _stop_process(process)
+            stop_process(process)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from finance.data import (
-    LENDER, PARTNER, Alignment, DataConfig, FinanceData, PartyTable, align, aligned, load, split_aligned,
-)
+from finance.alignment import Alignment, align, aligned, split_aligned
+from finance.data import LENDER, PARTNER, DataConfig, FinanceData, PartyTable, load
 from finance.model import ModelConfig
 from shared.errors import UserError
 from shared.files import write_json_atomic, write_text_atomic
-from tff_apps import reporting
+from tff_apps.program import reporting
 from tff_apps.config import JobConfig
-from tff_apps.job import Run, data_fingerprint
+from tff_apps.program.job import Run, data_fingerprint
 
 METHOD_COLUMNS = (
     ("AUC", lambda r: r["auc"]),
@@ -81,7 +80,7 @@ class FinanceApp:
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         from finance import evaluate
         from finance.model import PartyEncoder
-        from tff_apps import vertical
+        from tff_apps.program import vertical_rounds
 
         train_rows, test_rows = prepared.train_rows, prepared.test_rows
         # Each party fits its encoder on its own training rows and encodes only its own columns.
@@ -100,7 +99,7 @@ class FinanceApp:
             )
             return {"auc": report["auc"], "ks": report["ks"]}
 
-        result = vertical.train_vertical(
+        result = vertical_rounds.train_vertical(
             [train_x[LENDER], train_x[PARTNER]], y_train, settings,
             party_names=list(PARTIES), evaluate=evaluate_epoch, run_dir=run.dir,
         )
@@ -153,7 +152,7 @@ class FinanceApp:
                 + (f"; missing {', '.join(missing)}" if missing else "")
                 + (f"; unknown party {', '.join(unknown)}" if unknown else "")
             )
-        from tff_apps.predict import resolve_export
+        from tff_apps.program.predict import resolve_export
 
         export_dir = export_root(Path(export_dir))
         card = read_export_card(export_dir)
@@ -180,7 +179,7 @@ def check_privacy(cfg: JobConfig) -> None:
 
 
 def vertical_settings(cfg: JobConfig):
-    from tff_apps.vertical import VerticalSettings
+    from tff_apps.learning.vertical import VerticalSettings
 
     model = cfg.model
     return VerticalSettings(
@@ -263,7 +262,7 @@ def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weig
     import shutil
 
     from finance.model import build_bottom_model, export_party
-    from tff_apps.export import servable_dir
+    from tff_apps.program.export import servable_dir
 
     staging = run.dir / ".export.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -299,7 +298,7 @@ def export_root(path: Path) -> Path:
 
 
 def read_export_card(export_dir: Path) -> dict[str, Any]:
-    from tff_apps.predict import read_model_card
+    from tff_apps.program.predict import read_model_card
 
     card = read_model_card(Path(export_dir))
     if card.get("app") != "finance" or "parties" not in card:

@@ -6,7 +6,7 @@ In vertical FL the parties hold DIFFERENT columns about (partly) the SAME custom
 - the partner holds other columns (accounts, bureau-like data) and no label.
 
 Each party keys its rows by its own customer IDs. Nothing here joins the two tables:
-rows are aligned by private set intersection (`align`, ECDH-PSI from `shared.psi`),
+rows are aligned by private set intersection (`finance.alignment`, ECDH-PSI from `shared.psi`),
 after which each party takes ITS OWN rows of the shared customers in one common order.
 
 Two sources (``[data] source``):
@@ -35,6 +35,7 @@ Two sources (``[data] source``):
     categorical cells are stripped text, missing ones become "" (encoded as all zeros).
     The label must have exactly two values; ``positive_label`` names the one meaning
     default ("bad"); it may be empty when the values are 0 and 1 (1 = default).
+    The column checks and cell parsing live in `finance.csv_columns`.
 
 Every user mistake is a one-line `UserError` naming the file, column or config key:
 missing ID column (listing the file's columns), duplicate or empty IDs (from the PSI,
@@ -50,30 +51,22 @@ import importlib.util
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from finance.csv_columns import (
+    column_listing, lender_labels, parse_names, party_columns, party_features, require_id_column,
+)
 from shared.errors import UserError
-from shared.partition import stratified_split
-from shared.psi import NORMALIZATION, Progress, intersect
-from shared.tabular import MISSING_TOKENS, binary_labels, numeric_columns, read_csv
+from shared.tabular import read_csv
 
 __all__ = [
     "DataConfig",
     "PartyTable",
     "FinanceData",
-    "Alignment",
     "load",
-    "align",
-    "aligned",
-    "split_aligned",
-    "parse_names",
     "german_credit_frame",
-    "psi_intersect",
-    "require_id_column",
-    "lender_labels",
     "LENDER",
     "PARTNER",
     "LENDER_COLUMNS",
@@ -234,17 +227,6 @@ def load(cfg: DataConfig, seed: int) -> FinanceData:
     raise UserError(f"data.source = {cfg.source!r} is unknown; use one of german_credit, csv")
 
 
-def parse_names(text: str, key: str) -> list[str]:
-    """A comma-separated config value -> the stripped, non-empty names; a repeat is a UserError."""
-    names = [part.strip() for part in str(text).split(",") if part.strip()]
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise UserError(f"data.{key} lists '{name}' twice; list each column once")
-        seen.add(name)
-    return names
-
-
 # --------------------------------------------------------------------------- german_credit
 
 
@@ -342,11 +324,11 @@ def _load_csv(cfg: DataConfig) -> FinanceData:
     if label not in lender_df.columns:
         raise UserError(
             f"{lender_src}: the lender's label column '{label}' (data.label_column) is missing; "
-            f"the file has columns {_listing(lender_df.columns)}"
+            f"the file has columns {column_listing(lender_df.columns)}"
         )
 
-    lender_cols = _party_columns(cfg.lender_columns, "lender_columns", lender_df, lender_src, (id_column, label))
-    partner_cols = _party_columns(cfg.partner_columns, "partner_columns", partner_df, partner_src, (id_column,))
+    lender_cols = party_columns(cfg.lender_columns, "lender_columns", lender_df, lender_src, (id_column, label))
+    partner_cols = party_columns(cfg.partner_columns, "partner_columns", partner_df, partner_src, (id_column,))
     lender_owned = set(lender_cols) | {label}
     both = [c for c in partner_cols if c in lender_owned]
     if both:
@@ -375,102 +357,11 @@ def _load_csv(cfg: DataConfig) -> FinanceData:
     return FinanceData(lender=lender, partner=partner, source_description=description)
 
 
-def require_id_column(df: pd.DataFrame, id_column: str, source: str) -> None:
-    """UserError naming the file and the ID column, listing the file's columns."""
-    if id_column not in df.columns:
-        raise UserError(
-            f"{source}: the customer-ID column '{id_column}' (data.id_column) is missing; "
-            f"the file has columns {_listing(df.columns)}"
-        )
-
-
-def _listing(columns: Sequence) -> str:
-    names = [str(c) for c in columns]
-    shown = [n if len(n) <= 40 else n[:37] + "..." for n in names[:20]]
-    return ", ".join(shown) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-
-
-def _party_columns(text: str, key: str, df: pd.DataFrame, source: str, reserved: tuple[str, ...]) -> list[str]:
-    names = parse_names(text, key)
-    if names:
-        for c in names:
-            if c in reserved:
-                what = "ID" if c == reserved[0] else "label"
-                raise UserError(f"data.{key} includes the {what} column '{c}'; list feature columns only")
-            if c not in df.columns:
-                raise UserError(
-                    f"{source}: column '{c}' (listed in data.{key}) is missing; the file has columns {_listing(df.columns)}"
-                )
-    else:
-        names = [str(c) for c in df.columns if c not in reserved]
-    if not names:
-        raise UserError(
-            f"{source}: no feature column besides {', '.join(repr(r) for r in reserved)}; "
-            f"each party needs at least one column (data.{key})"
-        )
-    return names
-
-
-def lender_labels(values: pd.Series, positive_label: str, source: str, column: str) -> np.ndarray:
-    """0/1 labels (1 = default) from a column with exactly two distinct values.
-
-    Values compare as stripped text, or as numbers when both parse ("1.0" == "1").
-    `positive_label` may be empty when the two values are 0 and 1.
-    """
-    text = pd.Series(values).reset_index(drop=True).astype(str).str.strip()
-    missing = text.isin(MISSING_TOKENS).to_numpy()
-    if missing.any():
-        raise UserError(
-            f"{source}: label column '{column}' is empty at row {int(np.flatnonzero(missing)[0]) + 1}; "
-            "every lender row needs a label (drop the row or fill in the label)"
-        )
-    keys: dict[object, str] = {}
-    for value in pd.unique(text):
-        keys.setdefault(_label_key(value), value)
-    shown = ", ".join(f"'{v}'" for v in list(keys.values())[:10]) + (" ..." if len(keys) > 10 else "")
-    if len(keys) > 2:
-        raise UserError(
-            f"{source}: label column '{column}' is not binary: it has {len(keys)} distinct values ({shown}); "
-            "give two values, e.g. 0/1 or good/bad"
-        )
-    if len(keys) < 2:
-        raise UserError(
-            f"{source}: label column '{column}' has only the value {shown}; training needs both "
-            "defaulted and repaid customers"
-        )
-    positive = str(positive_label).strip()
-    if not positive:
-        if set(keys) != {0.0, 1.0}:
-            raise UserError(
-                f"data.positive_label is empty but label column '{column}' in {source} has values {shown}; "
-                "set data.positive_label to the value that means default"
-            )
-        positive = "1"
-    return binary_labels(text, positive, source, column)
-
-
-def _label_key(value: str) -> object:
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    return number if np.isfinite(number) else value
-
-
 def _party_table(
     name: str, df: pd.DataFrame, id_column: str, columns: list[str], categorical: list[str],
     infer: bool, labels: np.ndarray | None, source: str,
 ) -> PartyTable:
-    if infer:
-        party_categorical = [c for c in columns if not _is_numeric_text(df[c])]
-    else:
-        party_categorical = [c for c in columns if c in categorical]
-    numeric = [c for c in columns if c not in party_categorical]
-    parsed = numeric_columns(df, numeric, source)  # errors name the file, column and row
-    features = pd.DataFrame(
-        {c: (_category_text(df[c]) if c in party_categorical else parsed[c]) for c in columns},
-        columns=columns,
-    )
+    features, party_categorical = party_features(df, columns, categorical, infer, source)
     return PartyTable(
         name=name,
         ids=df[id_column].astype(str).to_numpy(dtype=object),
@@ -479,111 +370,3 @@ def _party_table(
         categorical=party_categorical,
         source=source,
     )
-
-
-def _is_numeric_text(values: pd.Series) -> bool:
-    text = values.astype(str).str.strip()
-    present = text[~text.isin(MISSING_TOKENS)]
-    numbers = pd.to_numeric(present, errors="coerce")
-    return bool(numbers.notna().all())
-
-
-def _category_text(values: pd.Series) -> pd.Series:
-    """Stripped text; missing tokens become "" (the encoder maps "" to all zeros)."""
-    text = values.astype(str).str.strip().reset_index(drop=True)
-    return text.mask(text.isin(MISSING_TOKENS), "").astype(object)
-
-
-# --------------------------------------------------------------------------- alignment
-
-
-@dataclass
-class Alignment:
-    """The PSI result: each party's rows of the shared customers, in one common order.
-
-    `lender_rows[k]` (in the lender's table) and `partner_rows[k]` (in the partner's)
-    are the same customer. Each party learns only its own shared rows and the set sizes.
-    """
-
-    lender_rows: np.ndarray
-    partner_rows: np.ndarray
-    match_count: int
-    lender_size: int
-    partner_size: int
-    match_rate_lender: float  # match_count / lender_size
-    match_rate_partner: float  # match_count / partner_size
-    seconds: float
-    bytes_exchanged: int
-
-    def __len__(self) -> int:
-        return self.match_count
-
-    def describe(self) -> dict:
-        """For the run summary."""
-        return {
-            "protocol": "ECDH-PSI on X25519 (shared.psi)",
-            "normalization": NORMALIZATION,
-            "lender_customers": self.lender_size,
-            "partner_customers": self.partner_size,
-            "match_count": self.match_count,
-            "match_rate_lender": self.match_rate_lender,
-            "match_rate_partner": self.match_rate_partner,
-            "seconds": self.seconds,
-            "bytes_exchanged": self.bytes_exchanged,
-        }
-
-
-def psi_intersect(
-    lender_ids: Sequence, partner_ids: Sequence, lender_source: str, partner_source: str,
-    progress: Progress | None = None,
-):
-    """`shared.psi.intersect` (lender = party A) whose UserErrors also name the file(s)."""
-    try:
-        return intersect(lender_ids, partner_ids, party_a=LENDER, party_b=PARTNER, progress=progress)
-    except UserError as error:
-        message = str(error)
-        if message.startswith(f"PSI: the {LENDER}'s"):
-            raise UserError(f"{lender_source}: {message}") from None
-        if message.startswith(f"PSI: the {PARTNER}'s"):
-            raise UserError(f"{partner_source}: {message}") from None
-        raise UserError(f"{lender_source} and {partner_source}: {message}") from None
-
-
-def align(data: FinanceData, progress: Progress | None = None) -> Alignment:
-    """Align the two parties' customers by private set intersection (lender initiates)."""
-    result = psi_intersect(data.lender.ids, data.partner.ids, data.lender.source, data.partner.source, progress)
-    return Alignment(
-        lender_rows=result.rows_a,
-        partner_rows=result.rows_b,
-        match_count=result.match_count,
-        lender_size=len(data.lender),
-        partner_size=len(data.partner),
-        match_rate_lender=result.match_rate_a,
-        match_rate_partner=result.match_rate_b,
-        seconds=result.seconds,
-        bytes_exchanged=result.bytes_exchanged,
-    )
-
-
-def aligned(data: FinanceData, alignment: Alignment) -> tuple[PartyTable, PartyTable]:
-    """Each party's OWN rows of the shared customers, in the common order (no join)."""
-    return data.lender.subset(alignment.lender_rows), data.partner.subset(alignment.partner_rows)
-
-
-def split_aligned(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_positions, test_positions) over the aligned customers, stratified on the label.
-
-    `labels` are the lender's labels of the aligned customers, in the common order
-    (`aligned(...)[0].labels`). The lender draws the split and tells the partner which
-    aligned positions are held out: the partner learns which shared customers are in
-    the test set, nothing about their labels.
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    positives = int(labels.sum())
-    negatives = len(labels) - positives
-    if min(positives, negatives) < 2:
-        raise UserError(
-            f"the {len(labels)} aligned customers hold {positives} defaulted and {negatives} repaid ones; "
-            "a held-out split needs at least 2 of each: align more customers"
-        )
-    return stratified_split(labels, test_fraction, seed)

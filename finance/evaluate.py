@@ -9,8 +9,8 @@
 
 Baselines are trained with Keras on the same encoded rows, optimizer (SGD, or Adam with
 Keras' defaults, as the engine), learning rate, batch size and epochs as the vertical run,
-starting from the engine's initial weights (`tff_apps.vertical.initial_weights`, party 0)
-and taking the engine's seeded mini-batches (`tff_apps.vertical.batch_indices`), so the
+starting from the engine's initial weights (`tff_apps.learning.vertical.initial_weights`, party 0)
+and taking the engine's seeded mini-batches (`tff_apps.learning.vertical.batch_indices`), so the
 lender-alone baseline is exactly the lender's bottom model trained without the partner.
 l2 as in `ModelConfig.l2` (l2/2 * ||kernels||^2). The privacy options of the vertical
 run (label noise, partial-score noise) and the score clip do not apply to them.
@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from finance.model import ModelConfig, build_bottom_model, partial_score, sigmoid
 from shared.metrics import ScoredReport, binary_report, gini, ks_statistic
-from tff_apps.vertical import batch_indices, initial_weights
+from tff_apps.learning.vertical import batch_indices, initial_weights
 
 HEADLINE = "auc"
 OPTIMIZERS = ("sgd", "adam")
@@ -85,8 +85,8 @@ def fit_keras(
 ) -> tf.keras.Model:
     """A bottom-model-shaped Keras model (logit out) trained like one vertical party.
 
-    Starts from `tff_apps.vertical.initial_weights(kind, d, hidden_units, seed, 0)` and
-    takes one optimizer step per mini-batch of `tff_apps.vertical.batch_indices` (epochs
+    Starts from `tff_apps.learning.vertical.initial_weights(kind, d, hidden_units, seed, 0)` and
+    takes one optimizer step per mini-batch of `tff_apps.learning.vertical.batch_indices` (epochs
     1..`epochs`); loss = mean binary cross-entropy + l2/2 * ||kernels||^2.
     """
     tf.keras.utils.set_random_seed(seed)

@@ -5,7 +5,7 @@ own aligned training rows, and runs a bottom model on them that returns a partia
 score (a logit contribution). The model's logit for a customer is the sum of the two
 parties' partial scores; the probability of default is sigmoid(sum).
 
-Bottom-model weight format (shared with the engine, tff_apps/vertical.py): a list of
+Bottom-model weight format (shared with the engine, tff_apps/learning/vertical.py): a list of
 float32 numpy arrays in Keras Dense order,
 
 - ``logistic``: ``[kernel (d, 1), bias (1,)]``  -> ``x @ kernel + bias``
@@ -13,7 +13,7 @@ float32 numpy arrays in Keras Dense order,
   -> ``relu(x @ kernel1 + bias1) @ kernel2 + bias2``
 
 `partial_score` computes it in numpy, `build_bottom_model` as a Keras model. Initial
-weights and the mini-batch order come from the engine (`tff_apps.vertical.initial_weights`,
+weights and the mini-batch order come from the engine (`tff_apps.learning.vertical.initial_weights`,
 `batch_indices`), so the baselines train exactly like a vertical party.
 
 Export: `export_party` writes one party's bottom model as its own SavedModel that takes
@@ -239,7 +239,7 @@ def build_bottom_model(
     the output is a partial score. `weights` (the agreed list format) are set if given;
     otherwise kernels start Glorot-uniform with op-level seeds derived from `seed`.
     `l2` adds l2/2 * sum(kernel**2) per Dense layer to the Keras loss, the penalty the
-    vertical engine (tff_apps/vertical.py) puts on each party's kernels.
+    vertical engine (tff_apps/learning/vertical.py) puts on each party's kernels.
     """
     import tensorflow as tf
 
@@ -278,7 +278,7 @@ def export_party(
     `serving_default` takes the party's RAW columns by name (float32 for numerics,
     NaN = missing; string for categoricals; shape [batch]), applies `encoder` and
     returns ``partial_score`` (float32 [batch]). With `score_bound` > 0 the partial
-    score is clipped to +-score_bound; the engine's model clips (tff_apps/vertical.py),
+    score is clipped to +-score_bound; the engine's model clips (tff_apps/learning/vertical.py),
     so pass `ModelConfig.score_bound` to serve exactly the trained model. `model` is a
     Keras bottom model, e.g. `build_bottom_model(kind, encoder.n_outputs, h, weights)`. The card gets
     ``export_kind``, ``party``, ``encoder``, ``input_types`` and ``score_bound`` on top
@@ -286,7 +286,7 @@ def export_party(
     """
     import tensorflow as tf
 
-    from tff_apps.export import ServingModule, export_module
+    from tff_apps.program.export import ServingModule, export_module
 
     bound = float(score_bound)
 
@@ -344,7 +344,7 @@ class PartyScorer:
 
 def load_party(export_dir: str | Path) -> PartyScorer:
     """Load a party export written by `export_party`; UserError if it is not one."""
-    from tff_apps.predict import read_model_card
+    from tff_apps.program.predict import read_model_card
 
     export_dir = Path(export_dir)
     card = read_model_card(export_dir)
@@ -366,7 +366,9 @@ def score_vertical(
     in the PSI's common order) to `output_csv` atomically. Returns match_count, match
     rates, rows_written, psi_seconds and seconds (the whole call).
     """
-    from finance.data import LENDER, PARTNER, psi_intersect, require_id_column
+    from finance.alignment import psi_intersect
+    from finance.csv_columns import require_id_column
+    from finance.data import LENDER, PARTNER
     from shared.files import write_text_atomic
 
     start = time.perf_counter()

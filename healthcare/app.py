@@ -14,9 +14,9 @@ from shared import profile
 from shared.files import write_text_atomic
 from shared.partition import stratified_split
 from shared.tabular import ClientTable
-from tff_apps import reporting
+from tff_apps.program import reporting
 from tff_apps.config import JobConfig
-from tff_apps.job import Run, data_fingerprint
+from tff_apps.program.job import Run, data_fingerprint
 
 
 @dataclass
@@ -55,15 +55,19 @@ class HealthcareApp:
         # TensorFlow and TFF load here, once config and data are known to be valid.
         from healthcare import evaluate
         from healthcare.model import build_keras_model, tff_model_fn
-        from tff_apps import federation, processes, program
-        from tff_apps.export import export_model, servable_dir
+        from tff_apps.learning import federation
+        from tff_apps.learning import factory
+        from tff_apps.program import round_summary
+        from tff_apps.program import round_loop
+        from tff_apps.learning import client_data
+        from tff_apps.program.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
         settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
         profiled = profile.summary_entry(data_profiles(data, trains))  # per-hospital aggregates, warnings logged
         preprocessor_of = fit_preprocessing(cfg, prepared)
         clients = [
-            program.ClientTrainData(
+            client_data.ClientTrainData(
                 t.name,
                 preprocessor_of(t.name).transform(t.features.to_numpy()),
                 t.labels.reshape(-1, 1),
@@ -72,9 +76,9 @@ class HealthcareApp:
         ]
         clients = federation.flip_bad_labels(settings, clients, flip_diagnosis)  # [robustness]
         n_inputs = clients[0].x.shape[1]
-        process = processes.build_learning_process(
+        process = factory.build_learning_process(
             cfg.train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed), privacy=run.privacy,
-            secure=processes.secure_aggregation(cfg, clients), federation=settings,
+            secure=factory.secure_aggregation(cfg, clients), federation=settings,
             client_names=[c.name for c in clients],
         )
         global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
@@ -84,7 +88,7 @@ class HealthcareApp:
             weights.assign_weights_to(global_model)
             return evaluate.headline_metrics(evaluate.evaluate_sites(tests, predict))
 
-        result = program.run_rounds(
+        result = round_loop.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
             privacy=run.privacy, init_from=run.init_from, federation=settings,
         )
@@ -95,7 +99,7 @@ class HealthcareApp:
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
             "training_seconds": round(result.seconds, 3),
-            **program.rounds_summary(result.history, settings),
+            **round_summary.rounds_summary(result.history, settings),
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": result.privacy,
@@ -145,7 +149,7 @@ def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weigh
     """[personalization]: each hospital fine-tunes the global model on its own (unflipped)
     training rows; AUC and accuracy of both models on its test rows, computed at the hospital."""
     from healthcare.model import tff_model_fn
-    from tff_apps import personalization
+    from tff_apps.learning import personalization
 
     def arrays(table: ClientTable):
         return preprocessor_of(table.name).transform(table.features.to_numpy()), table.labels.reshape(-1, 1)
@@ -163,7 +167,7 @@ def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weigh
 
 def fit_preprocessing(cfg: JobConfig, prepared: Prepared):
     """Site name -> preprocessor: the federation's (secure-sum statistics), or each site's own."""
-    from tff_apps import preprocessing
+    from tff_apps.learning import preprocessing
 
     data = prepared.data
     names, categorical = data.feature_names, data.categorical_columns
@@ -223,7 +227,7 @@ def describe_data(data: HealthcareData, trains, tests) -> dict[str, Any]:
 def serving_check(model, preprocessor, table: ClientTable, rows: int = 3) -> dict[str, Any]:
     """A few raw rows (by serving input name) and the in-run model's outputs for them, so a
     fresh process can check that the SavedModel predicts what the trained model did."""
-    from tff_apps.export import signature_names
+    from tff_apps.program.export import signature_names
 
     raw = table.features[preprocessor.feature_names].iloc[:rows]
     names = signature_names(preprocessor.feature_names)
@@ -235,7 +239,8 @@ def serving_check(model, preprocessor, table: ClientTable, rows: int = 3) -> dic
 
 
 def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    from tff_apps.privacy import privacy_statement, secure_aggregation
+    from tff_apps.privacy.statement import privacy_statement
+    from tff_apps.privacy.secure_settings import secure_aggregation
 
     federated = summary["results"]["federated"]
     return {

@@ -13,7 +13,7 @@ import tensorflow as tf
 from healthcare.model import ModelConfig, build_keras_model
 from shared.metrics import ScoredReport, binary_report, summarize_sites
 from shared.tabular import ClientTable
-from tff_apps.preprocessing import Preprocessor, fit_local
+from tff_apps.learning.preprocessing import Preprocessor, fit_local
 
 HEADLINE = "test_auc"
 SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")

@@ -2,7 +2,7 @@
 
 A party's bottom-model weights are float32 arrays in Keras Dense order:
 ``logistic`` = [kernel (d, 1), bias (1,)]; ``mlp`` = [kernel1 (d, h), bias1 (h,),
-kernel2 (h, 1), bias2 (1,)] with relu between. The engine (tff_apps/vertical.py) trains
+kernel2 (h, 1), bias2 (1,)] with relu between. The engine (tff_apps/learning/vertical.py) trains
 them; the finance app encodes, evaluates and exports them.
 """
 

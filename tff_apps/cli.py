@@ -15,7 +15,7 @@ import traceback
 from typing import Sequence
 
 from shared.errors import UserError
-from tff_apps.ledger import BudgetExhausted
+from tff_apps.privacy.ledger import BudgetExhausted
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BUDGET = 3
@@ -100,7 +100,7 @@ def command_apps(_args) -> None:
 
 
 def command_run(args) -> None:
-    from tff_apps.job import resolve_job
+    from tff_apps.program.job import resolve_job
 
     overrides = list(args.overrides)
     if args.run_id:
@@ -127,7 +127,7 @@ def parse_workers(value: str) -> tuple[str, ...]:
 
 
 def command_worker(args) -> None:
-    from tff_apps.runtime import serve_worker  # does not import TensorFlow
+    from tff_apps.runtime.worker import serve_worker  # does not import TensorFlow
 
     code = serve_worker(args.port, host=args.host, log_path=args.log)
     if code:
@@ -135,7 +135,7 @@ def command_worker(args) -> None:
 
 
 def command_runs(args) -> None:
-    from tff_apps.runs import list_runs, table
+    from tff_apps.program.runs import list_runs, table
 
     records = list_runs(args.runs_dir, args.app)
     if not records:
@@ -145,7 +145,7 @@ def command_runs(args) -> None:
 
 
 def command_demo(args) -> None:
-    from tff_apps.job import resolve_job
+    from tff_apps.program.job import resolve_job
     from tff_apps.registry import app_names
 
     reports = []
@@ -159,7 +159,7 @@ def command_demo(args) -> None:
 
 
 def _run_and_print(app, cfg, resume: bool = False, workers: tuple[str, ...] = ()) -> dict:
-    from tff_apps.job import run_job
+    from tff_apps.program.job import run_job
 
     print(f"[{app.name}] {app.description}", flush=True)
     if workers:
@@ -182,7 +182,7 @@ def _run_and_print(app, cfg, resume: bool = False, workers: tuple[str, ...] = ()
 
 
 def command_predict(args) -> None:
-    from tff_apps.predict import predict_csv
+    from tff_apps.program.predict import predict_csv
 
     rows = predict_csv(args.model_dir, args.input, args.output)
     print(f"scored {rows} rows -> {args.output}")
@@ -191,7 +191,7 @@ def command_predict(args) -> None:
 def command_score(args) -> None:
     from pathlib import Path
 
-    from tff_apps.predict import read_model_card
+    from tff_apps.program.predict import read_model_card
     from tff_apps.registry import load_app
 
     inputs = {}
@@ -214,7 +214,7 @@ def command_score(args) -> None:
 def command_audit(args) -> None:
     from pathlib import Path
 
-    from tff_apps.audit import AUDIT_FILE, audit_run, table
+    from tff_apps.program.audit import AUDIT_FILE, audit_run, table
 
     result = audit_run(args.run_dir)
     print(
@@ -252,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # an internal error: show everything needed to report it
-        runtime = sys.modules.get("tff_apps.runtime")
-        if runtime is not None and isinstance(err, runtime.WorkerLost):  # names the worker; no traceback
+        context = sys.modules.get("tff_apps.runtime.context")
+        if context is not None and isinstance(err, context.WorkerLost):  # names the worker; no traceback
             print(f"error: {err}", file=sys.stderr)
             return EXIT_INTERNAL
         traceback.print_exc()

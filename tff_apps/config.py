@@ -19,14 +19,9 @@ from typing import Any
 import tomli_w
 
 from shared.errors import UserError
-from tff_apps.federation import (
-    ClientsSection,
-    CommunicationSection,
-    PersonalizationSection,
-    RobustnessSection,
-)
-from tff_apps.federation import SECTIONS as FEDERATION_SECTIONS
-from tff_apps.privacy import PrivacySection
+from tff_apps.learning.federation import ClientsSection, CommunicationSection, PersonalizationSection, RobustnessSection
+from tff_apps.learning.federation import SECTIONS as FEDERATION_SECTIONS
+from tff_apps.privacy.dp_config import PrivacySection
 
 
 @dataclass(frozen=True)
@@ -64,7 +59,7 @@ class TrainSection:
     eval_every: int = field(default=5, metadata={"min": 1})
     checkpoint_every: int = field(default=5, metadata={"min": 0})  # rounds; 0 = no checkpoints
     # tff = TFF's stock simulation (one runtime slot per client); grouped = the round's clients
-    # trained in one TFF call, same mathematics (tff_apps/grouped.py)
+    # trained in one TFF call, same mathematics (tff_apps/learning/grouped.py)
     engine: str = field(default="tff", metadata={"choices": ("tff", "grouped")})
 
 
@@ -101,7 +96,7 @@ ENGINE_SECTIONS: dict[str, type] = {
     "evaluate": EvaluateSection,
     "export": ExportSection,
     "privacy": PrivacySection,  # level "none" by default: a job without [privacy] is unchanged
-    **FEDERATION_SECTIONS,  # off by default too (tff_apps/federation.py)
+    **FEDERATION_SECTIONS,  # off by default too (tff_apps/learning/federation.py)
 }
 
 

@@ -13,9 +13,9 @@ import pandas as pd
 from shared import profile
 from shared.errors import UserError
 from shared.files import write_text_atomic
-from tff_apps import reporting
+from tff_apps.program import reporting
 from tff_apps.config import JobConfig
-from tff_apps.job import Run, data_fingerprint
+from tff_apps.program.job import Run, data_fingerprint
 from traffic.data import DataConfig, TrafficData, load
 from traffic.model import ModelConfig
 from traffic.windows import split_bounds
@@ -67,7 +67,7 @@ class TrafficApp:
         return describe_data(prepared.data)["fingerprint"]
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
-        from tff_apps import federation
+        from tff_apps.learning import federation
 
         profiled = profile.summary_entry(district_profiles(prepared.data))  # warnings logged
         outcome = train_and_evaluate(cfg, prepared.data, run)
@@ -87,7 +87,7 @@ class TrafficApp:
         if outcome.lineage is not None:
             summary["lineage"] = outcome.lineage
         if cfg.export.enabled and outcome.exported:
-            from tff_apps.export import servable_dir
+            from tff_apps.program.export import servable_dir
 
             summary["export"] = str(servable_dir(run.export_dir, self.name))
         table = reporting.results_table(outcome.reports, reporting.FORECAST_COLUMNS)
@@ -133,26 +133,30 @@ class Outcome:
     statistics_table: str
     privacy: Any = "none"
     lineage: dict[str, Any] | None = None
-    round_totals: dict[str, Any] | None = None  # summary's communication and participation (`program.rounds_summary`)
+    round_totals: dict[str, Any] | None = None  # summary's communication and participation (`round_summary.rounds_summary`)
     personalization: dict[str, Any] | None = None  # [personalization]: district -> before/after MAE
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
     """Federated training, then the four baselines, on the same test windows."""
     # TF and TFF load here, once config and data are known to be valid.
-    from tff_apps import federation, processes, program
+    from tff_apps.learning import federation
+    from tff_apps.learning import factory
+    from tff_apps.program import round_summary
+    from tff_apps.program import round_loop
+    from tff_apps.learning import client_data
     from traffic import evaluate
     from traffic.model import build_keras_model, tff_model_fn
     from traffic.windows import N_FEATURES
 
     bounds = split_bounds(len(data.timestamps))
     splits = district_splits(cfg, data, bounds)
-    clients = [program.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
+    clients = [client_data.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
     settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
     clients = federation.flip_bad_labels(settings, clients, mirror_speeds)  # [robustness]
     model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
-    process = processes.build_learning_process(
-        cfg.train, model_fn, privacy=run.privacy, secure=processes.secure_aggregation(cfg, clients),
+    process = factory.build_learning_process(
+        cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
         federation=settings, client_names=[c.name for c in clients],
     )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
@@ -163,7 +167,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         report = evaluate.evaluate_districts(validation, keras_forecaster(global_model))
         return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
 
-    result = program.run_rounds(
+    result = round_loop.run_rounds(
         process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
         privacy=run.privacy, init_from=run.init_from, federation=settings,
     )
@@ -180,7 +184,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
-        result.lineage, program.rounds_summary(result.history, settings), personalization=personalized,
+        result.lineage, round_summary.rounds_summary(result.history, settings), personalization=personalized,
     )
 
 
@@ -198,7 +202,7 @@ def personalize_districts(cfg: JobConfig, splits, model_fn, weights) -> dict[str
     """[personalization]: each district fine-tunes the global model on its own (unmirrored)
     training windows; the MAE at 60 min of both models on its test windows. The district
     computes it on normalized speeds; times its std (the normalization's) it is in mph."""
-    from tff_apps import personalization
+    from tff_apps.learning import personalization
     from traffic.evaluate import HORIZONS
 
     clients = [personalization.ClientSplit(s.name, s.train.x, s.train.y, s.test.x, s.test.y) for s in splits]
@@ -223,7 +227,7 @@ def mirror_speeds(normalized_targets: np.ndarray) -> np.ndarray:
 
 def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str, tuple[float, float]]:
     """District -> (mean, std) of its training speeds: federated (secure sum) or its own."""
-    from tff_apps import preprocessing
+    from tff_apps.learning import preprocessing
 
     columns = [d.speeds[:train_end].reshape(-1, 1) for d in data.districts]
     if cfg.preprocess.normalization == "federated":
@@ -321,7 +325,7 @@ def export_forecaster(
     run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict, privacy="none",
     weights=None, lineage=None,
 ) -> None:
-    from tff_apps.export import export_module, servable_dir
+    from tff_apps.program.export import export_module, servable_dir
     from traffic.model import serving_module
 
     interval_minutes = data.interval_minutes
@@ -365,7 +369,7 @@ def serving_check(model, split, data: TrafficData, rows: int = 3) -> dict[str, A
 
 
 def statistics_table(data: TrafficData) -> str:
-    from traffic.data import compare_to_targets, statistics
+    from traffic.calibration import compare_to_targets, statistics
 
     rows = [[key, generated, target, difference] for key, generated, target, difference in compare_to_targets(statistics(data))]
     return reporting.markdown_table(["statistic", "this data", "METR-LA", "relative difference"], rows)

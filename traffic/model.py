@@ -98,7 +98,7 @@ def serving_module(model, mean: float, std: float, history: int, interval_minute
     """
     import tensorflow as tf
 
-    from tff_apps.export import ServingModule
+    from tff_apps.program.export import ServingModule
     from traffic.windows import EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY, SECONDS_PER_WEEK
 
     columns = [f"speed_lag_{k}" for k in range(history - 1, -1, -1)] + ["timestamp"]

@@ -119,7 +119,7 @@ def test_user_mistakes_exit_2_and_leave_nothing(tmp_path: Path, override: str, e
 
 
 def test_label_noise_reports_an_accounted_epsilon(tmp_path: Path):
-    from tff_apps.vertical import label_dp_epsilon
+    from tff_apps.program.vertical_rounds import label_dp_epsilon
 
     result = tff_apps(
         "run", "finance", "--set", "model.label_noise_multiplier=2.0", "--set", "train.rounds=4",

@@ -1,4 +1,4 @@
-"""Tests for finance.data: the German credit split, CSV loading and its error messages, alignment."""
+"""Tests for finance.data: the German credit split, CSV loading and its error messages."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finance.alignment import align, aligned
 from finance.data import (
     LENDER_COLUMNS,
     PARTNER_COLUMNS,
     DataConfig,
-    align,
-    aligned,
     german_credit_frame,
     load,
-    split_aligned,
 )
 from shared.errors import UserError
 from shared.psi import normalize_id
@@ -92,17 +90,6 @@ def test_german_overlap_is_configurable_and_seeded():
     assert other.lender.fingerprint() != data.lender.fingerprint()
     # Row orders are shuffled independently per party.
     assert not np.array_equal(data.lender.ids, [i.strip().lower() for i in data.partner.ids])
-
-
-def test_split_aligned_is_stratified_seeded_and_disjoint(german):
-    data, alignment = german
-    labels = aligned(data, alignment)[0].labels
-    train, test = split_aligned(labels, 0.3, seed=0)
-    assert len(train) + len(test) == 800 and not set(train) & set(test)
-    assert abs(labels[test].mean() - labels.mean()) < 0.01
-    assert np.array_equal(split_aligned(labels, 0.3, seed=0)[1], test)
-    with pytest.raises(UserError, match="at least 2 of each"):
-        split_aligned(np.array([0, 0, 0, 1]), 0.3, seed=0)
 
 
 # --------------------------------------------------------------------------- csv
@@ -185,21 +172,6 @@ def test_csv_mistakes_are_one_line_user_errors_naming_the_input(tmp_path, lender
         load(_cfg(tmp_path, lender, partner, **kw), seed=0)
     assert "\n" not in str(info.value)
 
-
-def test_csv_duplicate_ids_name_the_file_and_party(tmp_path):
-    data = load(_cfg(tmp_path, partner=PARTNER_CSV.replace("Z9", "a1")), seed=0)
-    with pytest.raises(UserError, match=r"partner\.csv: PSI: the partner's customer ID 'a1' appears at rows 1, 3"):
-        align(data)
-    data = load(_cfg(tmp_path, lender=LENDER_CSV.replace("A4", "A3 ")), seed=0)
-    with pytest.raises(UserError, match=r"lender\.csv: PSI: the lender's customer ID 'a3' appears"):
-        align(data)
-
-
-def test_csv_empty_intersection_names_both_files(tmp_path):
-    partner = "id,balance,score\nB1,1,2\nB2,3,4\n"
-    data = load(_cfg(tmp_path, partner=partner), seed=0)
-    with pytest.raises(UserError, match=r"lender\.csv and .*partner\.csv: PSI: the lender and the partner share no customer ID"):
-        align(data)
 
 
 def test_csv_missing_file_and_missing_path(tmp_path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finance.data import DataConfig, align, aligned, load, split_aligned
+from finance.alignment import align, aligned, split_aligned
+from finance.data import DataConfig, load
 from finance.evaluate import binary_metrics, centralized_baseline, lender_alone_baseline, vertical_metrics
 from finance.model import ModelConfig, PartyEncoder
 

@@ -20,7 +20,7 @@ from finance.model import (
     sigmoid,
 )
 from shared.errors import UserError
-from tff_apps.predict import predict_csv
+from tff_apps.program.predict import predict_csv
 
 
 def _weights(kind: str, d: int, h: int, seed: int) -> list[np.ndarray]:

@@ -129,7 +129,7 @@ def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(finished
 
 
 def test_warm_start_from_the_latest_run_records_its_lineage(finished_run: Path):
-    from tff_apps.export import load_weights, weights_digest
+    from tff_apps.program.export import load_weights, weights_digest
 
     runs = finished_run.parent.parent
     result = tff_apps(

@@ -138,8 +138,8 @@ def test_client_level_pld_epsilon_matches_an_independent_pld_computation(tmp_pat
 def test_baselines_train_the_configured_rounds_when_the_target_stops_training_early(monkeypatch):
     from healthcare import app as healthcare_app
     from healthcare import evaluate
-    from tff_apps import private_run
-    from tff_apps.job import resolve_job
+    from tff_apps.privacy import private_run
+    from tff_apps.program.job import resolve_job
 
     z, m, configured, local_epochs = 1.0, 3, 6, 2
     eps = [client_fixed_epsilon(z, N_CLIENTS, m, r) for r in (4, 5)]
@@ -171,7 +171,7 @@ def record_epsilon(z: float, batch: int, steps: int, rounds: int, rows: dict[str
 
 def site_rows() -> dict[str, int]:
     """The sites' training rows, as the job splits them (seed 0, test fraction 0.25)."""
-    from tff_apps.job import resolve_job
+    from tff_apps.program.job import resolve_job
 
     app, cfg = resolve_job("healthcare", None, [])
     return app.client_rows(cfg, app.prepare(cfg))
@@ -217,7 +217,7 @@ def test_record_level_runs_compose_in_the_ledger_and_a_third_is_refused(tmp_path
     assert spent == pytest.approx(two, rel=0.01) and remaining == pytest.approx(budget - spent, rel=0.01)
     assert not (tmp_path / "healthcare" / "r3").exists()
 
-    from tff_apps.ledger import Ledger
+    from tff_apps.privacy.ledger import Ledger
 
     history = Ledger(tmp_path / "privacy_ledger.sqlite").history(summary["data"]["fingerprint"])
     assert [(e.run_id, e.status) for e in history] == [("r1", "committed"), ("r2", "committed")]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tff_apps.runtime import Runtime
+from tff_apps.runtime.context import Runtime
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from healthcare.model import ModelConfig
 from shared.errors import UserError
 from tff_apps import config as config_lib
 from tff_apps.config import JobConfig, TrainSection, build, parse_override, resolve
-from tff_apps.job import resolve_job
+from tff_apps.program.job import resolve_job
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,67 @@
+"""Tests for finance.alignment: PSI alignment, its one-line errors naming the files, the held-out split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finance.alignment import align, aligned, split_aligned
+from finance.data import DataConfig, load
+from shared.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def german():
+    data = load(DataConfig(), seed=0)
+    return data, align(data)
+
+
+def test_split_aligned_is_stratified_seeded_and_disjoint(german):
+    data, alignment = german
+    labels = aligned(data, alignment)[0].labels
+    train, test = split_aligned(labels, 0.3, seed=0)
+    assert len(train) + len(test) == 800 and not set(train) & set(test)
+    assert abs(labels[test].mean() - labels.mean()) < 0.01
+    assert np.array_equal(split_aligned(labels, 0.3, seed=0)[1], test)
+    with pytest.raises(UserError, match="at least 2 of each"):
+        split_aligned(np.array([0, 0, 0, 1]), 0.3, seed=0)
+
+
+# --------------------------------------------------------------------------- csv
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+LENDER_CSV = "id,age,region,default\nA1,30,north,0\nA2,45,south,1\nA3,28,north,0\nA4,52,east,1\nA5,33,south,0\n"
+PARTNER_CSV = "id,balance,score\n a2 ,100.5,7\nA1,20,3\nA5,,5\nZ9,7,1\nA3,3.5,2\n"
+
+
+def _cfg(tmp_path: Path, lender: str = LENDER_CSV, partner: str = PARTNER_CSV, **kw) -> DataConfig:
+    return DataConfig(
+        source="csv",
+        lender_csv=_write(tmp_path / "lender.csv", lender),
+        partner_csv=_write(tmp_path / "partner.csv", partner),
+        label_column=kw.pop("label_column", "default"),
+        **kw,
+    )
+
+
+def test_csv_duplicate_ids_name_the_file_and_party(tmp_path):
+    data = load(_cfg(tmp_path, partner=PARTNER_CSV.replace("Z9", "a1")), seed=0)
+    with pytest.raises(UserError, match=r"partner\.csv: PSI: the partner's customer ID 'a1' appears at rows 1, 3"):
+        align(data)
+    data = load(_cfg(tmp_path, lender=LENDER_CSV.replace("A4", "A3 ")), seed=0)
+    with pytest.raises(UserError, match=r"lender\.csv: PSI: the lender's customer ID 'a3' appears"):
+        align(data)
+
+
+def test_csv_empty_intersection_names_both_files(tmp_path):
+    partner = "id,balance,score\nB1,1,2\nB2,3,4\n"
+    data = load(_cfg(tmp_path, partner=partner), seed=0)
+    with pytest.raises(UserError, match=r"lender\.csv and .*partner\.csv: PSI: the lender and the partner share no customer ID"):
+        align(data)

@@ -1,0 +1,186 @@
+"""The grouped engine (`train.engine = "grouped"`) computes what the stock TFF process does.
+
+Both processes run 3 rounds from the same initial model on the same client datasets
+(seeded shuffles, clients of different sizes so that last batches are short and clients
+take different numbers of steps); the global models must agree to within 1e-5, and the
+training metrics too: weighted FedAvg with an L2-regularized MLP and server momentum;
+client-level DP (uniform mean, client Adam) with a clip that binds (noise 0: noise cannot
+be matched between two implementations; its standard deviation is checked separately); the
+secure-sum "simulated" weighted mean with a bound that clips (FedProx clients).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import numpy as np
+import pytest
+
+from healthcare.model import ModelConfig, tff_model_fn
+from shared.errors import UserError
+from tff_apps.learning import dense_chain
+from tff_apps.privacy import secure_settings
+from tff_apps.learning import factory
+from tff_apps.learning import client_data
+from tff_apps.program import round_loop
+from tff_apps.config import TrainSection
+from tff_apps.privacy.dp_config import PrivacySection
+
+D = 6
+ROUNDS = 3
+TOLERANCE = 1e-5
+MLP = ModelConfig(kind="mlp", hidden_units=8, l2=0.01)
+TRAIN = TrainSection(batch_size=4, local_epochs=2, client_learning_rate=0.2, server_learning_rate=1.0)
+
+
+def synthetic_clients(sizes=(5, 9, 14, 3)) -> list[client_data.ClientTrainData]:
+    rng = np.random.default_rng(7)
+    clients = []
+    for i, n in enumerate(sizes):
+        x = rng.standard_normal((n, D)) + 0.4 * i
+        logits = x @ np.linspace(-1.0, 1.0, D) + 0.2
+        y = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float32).reshape(-1, 1)
+        clients.append(client_data.ClientTrainData(f"c{i}", x.astype(np.float32), y))
+    return clients
+
+
+CLIENTS = synthetic_clients()
+
+
+def run_rounds(process, train: TrainSection, rounds: int = ROUNDS):
+    """(initial trainable weights, final trainable weights, last round's train metrics, all its metrics)."""
+    state = process.initialize()
+    initial = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+    for round_number in range(1, rounds + 1):
+        datasets = [client_data.client_dataset(c, train, client_data.round_seed(0, round_number, i)) for i, c in enumerate(CLIENTS)]
+        output = process.next(state, datasets)
+        state = output.state
+    weights = process.get_model_weights(state)
+    return initial, [np.asarray(w) for w in weights.trainable], round_loop.train_metrics(output.metrics), output.metrics
+
+
+def run_engine(engine: str, train: TrainSection, model: ModelConfig = MLP, **kwargs):
+    train = dataclasses.replace(train, engine=engine)
+    return run_rounds(factory.build_learning_process(train, tff_model_fn(model, D, 0), **kwargs), train)
+
+
+def max_difference(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def assert_same_model(train: TrainSection, model: ModelConfig = MLP, **kwargs):
+    """Runs both engines; returns the grouped engine's final weights and the stock process's
+    last round's metrics."""
+    initial, stock_weights, stock_metrics, stock_all = run_engine("tff", train, model, **kwargs)
+    _, fast_weights, fast_metrics, _ = run_engine("grouped", train, model, **kwargs)
+    assert max_difference(stock_weights, initial) > 1e-2  # training did something
+    assert max_difference(stock_weights, fast_weights) <= TOLERANCE
+    assert stock_metrics.keys() == fast_metrics.keys()
+    for key in stock_metrics:
+        assert fast_metrics[key] == pytest.approx(stock_metrics[key], rel=1e-5, abs=1e-6), key
+    return fast_weights, stock_all
+
+
+def test_weighted_fedavg_matches_stock(runtime):
+    """An L2-regularized MLP, client SGD, server momentum; clients of 3 to 14 rows."""
+    assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
+
+
+def dp_plan(clip: float, noise: float):
+    section = PrivacySection(level="client", clipping="fixed", clip_norm=clip)
+    return types.SimpleNamespace(
+        level="client", section=section, noise_multiplier=noise, sampling=types.SimpleNamespace(participants=len(CLIENTS))
+    )
+
+
+def test_client_level_dp_with_a_binding_clip_matches_stock(runtime):
+    """Uniform weighting (the DP mean's), client Adam."""
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05)
+    clipped, _ = assert_same_model(train, privacy=dp_plan(clip=0.05, noise=0.0))
+    _, unclipped, _, _ = run_engine("grouped", train, privacy=dp_plan(clip=1e6, noise=0.0))
+    assert max_difference(unclipped, clipped) > 1e-2  # the clip binds
+
+
+def test_dp_noise_has_the_planned_standard_deviation(runtime):
+    clip, noise = 0.05, 2.0
+    train = dataclasses.replace(TRAIN, engine="grouped")
+    model_fn = tff_model_fn(ModelConfig(kind="mlp", hidden_units=64), D, 0)
+    noised, exact = (factory.build_learning_process(train, model_fn, privacy=dp_plan(clip, z)) for z in (noise, 0.0))
+    datasets = [client_data.client_dataset(c, train, i) for i, c in enumerate(CLIENTS)]
+    state = noised.initialize()
+
+    def flat(process):
+        return np.concatenate([np.asarray(w).ravel() for w in process.next(state, datasets).state.global_model_weights.trainable])
+
+    first, again, without = flat(noised), flat(noised), flat(exact)
+    difference = first - without
+    # server SGD at rate 1: the weights move by noise / clients_per_round, N(0, (zC/m)^2) per coordinate
+    expected = noise * clip / len(CLIENTS)
+    assert difference.size > 500 and abs(np.std(difference) / expected - 1) < 0.15
+    assert abs(np.mean(difference)) < 4 * expected / np.sqrt(difference.size)
+    assert abs(np.std(again - first) / (np.sqrt(2) * expected) - 1) < 0.15  # fresh noise on every call
+
+
+def test_secure_sum_simulated_with_clipping_bounds_matches_stock(runtime):
+    """Weighted mean through SecureSumFactory's clipping and quantization; FedProx clients."""
+    train = dataclasses.replace(TRAIN, algorithm="fedprox", proximal_strength=0.5)
+    spec = secure_settings.secure_aggregation(
+        PrivacySection(secure_aggregation="simulated", secure_bound=0.003), train, {c.name: len(c.x) for c in CLIENTS}
+    )
+    _, stock_metrics = assert_same_model(train, secure=spec)
+    # the bound clips: SecureSumFactory counts the clients with a coordinate above / below it
+    value_sum = stock_metrics["aggregator"]["mean_value"]
+    assert value_sum["secure_upper_clipped_count"] == value_sum["secure_lower_clipped_count"] == len(CLIENTS)
+
+
+def test_grouped_engine_refuses_what_it_does_not_run():
+    train = dataclasses.replace(TRAIN, engine="grouped")
+    with pytest.raises(UserError, match="train.engine = 'grouped'.*privacy.clipping = 'fixed'"):
+        plan = dp_plan(0.1, 1.0)
+        plan.section = dataclasses.replace(plan.section, clipping="adaptive")
+        factory.build_learning_process(train, tff_model_fn(MLP, D, 0), privacy=plan)
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    def conv_model_fn():
+        inputs = tf.keras.Input(shape=(D,))
+        hidden = tf.keras.layers.Reshape((D, 1))(inputs)
+        outputs = tf.keras.layers.Dense(1)(tf.keras.layers.Flatten()(hidden))
+        return tff.learning.models.from_keras_model(
+            tf.keras.Model(inputs, outputs), loss=tf.keras.losses.MeanSquaredError(),
+            input_spec=grouped_input_spec(),
+        )
+
+    with pytest.raises(UserError, match="layer .* is a Reshape, not a Dense layer; use train.engine = 'tff'"):
+        dense_chain.read_dense_chain(conv_model_fn)
+
+
+def grouped_input_spec():
+    import collections
+
+    import tensorflow as tf
+
+    return collections.OrderedDict(x=tf.TensorSpec([None, D], tf.float32), y=tf.TensorSpec([None, 1], tf.float32))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("privacy.level=record", "privacy.level"),
+        ("communication.compression=quantize", "communication.compression"),
+        ("robustness.aggregation=clip_zero", "robustness.aggregation"),
+        ("privacy.secure_aggregation=masked", "privacy.secure_aggregation"),
+    ],
+)
+def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
+    from healthcare.app import HealthcareApp
+    from tff_apps.learning import federation
+    from tff_apps.config import resolve
+
+    app = HealthcareApp()
+    rows = {f"c{i}": 40 for i in range(5)}
+    federation.check(resolve(app.default_config, app.sections, None, ["train.engine=grouped"]), rows)  # accepted
+    cfg = resolve(app.default_config, app.sections, None, ["train.engine=grouped", override])
+    with pytest.raises(UserError, match=f"train.engine = 'grouped' does not run {key} = .*use train.engine = 'tff'"):
+        federation.check(cfg, rows)

@@ -1,0 +1,360 @@
+"""Tests for tff_apps.vertical: split-model training against an independent numpy reference.
+
+Synthetic data: 400 aligned rows, a lender with 3 columns and a partner with 5, labels drawn
+from a logistic model of all 8 columns (seeded). The reference is plain float64 numpy SGD on
+the joined table [x_lender, 1, x_partner, 1] (one bias per party, as the vertical model has),
+trained on the same batches (`vertical.batch_indices`), learning rate and epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from dp_accounting import dp_event as dpe
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from sklearn.metrics import roc_auc_score
+
+from shared.errors import UserError
+from shared import split_model
+from tff_apps.program import vertical_rounds
+from tff_apps.learning import vertical
+
+ROWS, WIDTHS = 400, (3, 5)
+U = 2.0**-24  # float32 unit roundoff
+LOGISTIC = vertical.VerticalSettings(
+    kind="logistic", epochs=6, batch_size=64, learning_rate=0.5, l2=1e-3, seed=11, score_bound=32.0
+)
+
+
+def make_data(seed: int = 3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(ROWS, sum(WIDTHS))) * rng.uniform(0.5, 2.0, sum(WIDTHS))
+    coef = rng.normal(size=sum(WIDTHS))
+    y = (rng.random(ROWS) < 1 / (1 + np.exp(-(x @ coef / 2 - 0.3)))).astype(np.float64)
+    parties = [x[:, : WIDTHS[0]].astype(np.float32), x[:, WIDTHS[0] :].astype(np.float32)]
+    return parties, y
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def logistic_run(runtime, data, tmp_path_factory):
+    parties, y = data
+    run_dir = tmp_path_factory.mktemp("vertical_run")
+    calls = []
+
+    def evaluate(weights):
+        calls.append([[w.copy() for w in party] for party in weights])
+        return {"auc": float(roc_auc_score(y, vertical.predict_proba(weights, parties, "logistic")))}
+
+    result = vertical_rounds.train_vertical(parties, y, LOGISTIC, evaluate=evaluate, run_dir=run_dir, progress=False)
+    return result, run_dir, calls
+
+
+# -- the independent reference -------------------------------------------------------------
+
+
+def joined(parties):
+    """[x_lender, 1, x_partner, 1]: the vertical logistic model as one linear model."""
+    blocks = []
+    for x in parties:
+        blocks += [np.asarray(x, np.float64), np.ones((len(x), 1))]
+    return np.hstack(blocks)
+
+
+def kernel_mask(parties):
+    return np.concatenate([np.r_[np.ones(x.shape[1]), 0.0] for x in parties])
+
+
+def reference_sgd(parties, y, s: vertical.VerticalSettings, noise=None):
+    """Centralized float64 SGD on the joined table; returns the trajectory of weights and the
+    per-step (batch rows, gradient) needed for the error bound. `noise[k]` is added to dL/dz
+    of step k (replaying the noisy gradient the lender released)."""
+    xc, mask = joined(parties), kernel_mask(parties)
+    w = np.zeros(xc.shape[1])
+    steps, k = [], 0
+    for epoch in range(1, s.epochs + 1):
+        for rows in vertical.batch_indices(len(y), s.batch_size, epoch, s.seed):
+            xb = xc[rows]
+            g = (1 / (1 + np.exp(-xb @ w)) - y[rows]) / len(rows)
+            if noise is not None:
+                g = g + noise[k]
+            grad = xb.T @ g + s.l2 * mask * w
+            new_w = w - s.learning_rate * grad
+            steps.append((rows, w, g, grad, new_w))
+            w, k = new_w, k + 1
+    return w, steps
+
+
+def error_bound(parties, s: vertical.VerticalSettings, steps):
+    """Bound on ||w_vertical - w_reference||_2 from the fixed-point step and float32 rounding.
+
+    Per step, the vertical gradient step is the reference's map G(w) = w - lr * grad f_batch(w)
+    plus a perturbation. f_batch is convex and beta-smooth with beta = ||X_b||^2 / (4 n) + l2,
+    so G is Lipschitz with L = max(1, lr * beta - 1) and the error obeys
+    D_{t+1} <= L D_t + delta_t, where delta_t has
+    * the logit error e <= P * 2^-(F+1) (fixed-point rounding, one per party) + float32 rounding
+      of each partial score (gamma_{d+1} * sum |x_j w_j| + |b|), which moves sigmoid by <= e/4,
+      plus float32 sigmoid/subtract/divide rounding (<= 4u): lr * ||X_b||_2 * sqrt(n) * (e/4 + 4u) / n;
+    * float32 rounding of X_b^T g (gamma_n * |X_b|^T |g|) and of the update (2u * (lr |grad| + |w'|)).
+    Returns (bound, fixed-point part alone).
+    """
+    n_parties, f = len(parties), vertical.SCORE_FRACTION_BITS
+    d_max = max(x.shape[1] for x in parties)
+    xc = joined(parties)
+    e_fixed = n_parties * 2.0 ** -(f + 1)
+
+    def gamma(k):
+        return k * U / (1 - k * U)
+
+    total = fixed = 0.0
+    for rows, w, g, grad, new_w in steps:
+        xb, n = xc[rows], len(rows)
+        op = np.linalg.norm(xb, 2)
+        lipschitz = max(1.0, s.learning_rate * (op**2 / (4 * n) + s.l2) - 1.0)
+        e_float = gamma(d_max + 1) * (np.abs(xb) @ np.abs(w)).max()
+        per_logit = s.learning_rate * op * math.sqrt(n) / n
+        delta = (
+            per_logit * ((e_fixed + e_float) / 4 + 4 * U)
+            + s.learning_rate * np.linalg.norm(gamma(n) * (np.abs(xb).T @ np.abs(g)))
+            + np.linalg.norm(2 * U * (s.learning_rate * np.abs(grad) + np.abs(new_w)))
+        )
+        total = lipschitz * total + delta
+        fixed = lipschitz * fixed + per_logit * e_fixed / 4
+    return total, fixed
+
+
+def flat(party_weights):
+    return np.concatenate([np.concatenate([k[:, 0], b]) for k, b in party_weights]).astype(np.float64)
+
+
+def max_abs_partial_score(parties, steps):
+    xc, worst = joined(parties), 0.0
+    for rows, w, *_ in steps:
+        start = 0
+        for x in parties:
+            width = x.shape[1] + 1
+            worst = max(worst, np.abs(xc[rows, start : start + width] @ w[start : start + width]).max())
+            start += width
+    return worst
+
+
+# -- vertical == centralized ---------------------------------------------------------------
+
+
+def test_vertical_logistic_equals_centralized_up_to_fixed_point(logistic_run, data):
+    parties, y = data
+    result, _, _ = logistic_run
+    reference, steps = reference_sgd(parties, y, LOGISTIC)
+    assert max_abs_partial_score(parties, steps) < LOGISTIC.score_bound / 2  # the clip never acts
+    bound, fixed = error_bound(parties, LOGISTIC, steps)
+    diff = np.abs(flat(result.party_weights) - reference).max()
+    print(f"vertical vs centralized: max |dw| = {diff:.3e}, bound {bound:.3e} (fixed point {fixed:.3e})")
+    assert diff <= bound
+    assert fixed >= 0.5 * bound  # the bound is the secure sum's quantization, not slack
+    assert bound < 1e-3 * np.abs(reference).max()  # and it is a tight statement
+    # predictions: |dz_i| <= ||x_i|| * ||dw||, |dp| <= |dz| / 4
+    p_vertical = vertical.predict_proba(result.party_weights, parties, "logistic")
+    p_reference = 1 / (1 + np.exp(-joined(parties) @ reference))
+    atol = np.linalg.norm(joined(parties), axis=1).max() * bound / 4
+    np.testing.assert_allclose(p_vertical, p_reference, rtol=0, atol=atol)
+    assert roc_auc_score(y, p_vertical) > 0.8
+
+
+def test_returned_weights_are_unpadded_keras_order(logistic_run):
+    result, _, _ = logistic_run
+    shapes = [[w.shape for w in party] for party in result.party_weights]
+    assert shapes == [[(3, 1), (1,)], [(5, 1), (1,)]]
+    assert all(w.dtype == np.float32 for party in result.party_weights for w in party)
+
+
+def test_mlp_with_adam_trains(runtime, data):
+    parties, y = data
+    settings = vertical.VerticalSettings(
+        kind="mlp", hidden_units=8, optimizer="adam", learning_rate=0.02, epochs=8, seed=5
+    )
+    result = vertical_rounds.train_vertical(parties, y, settings, progress=False)
+    losses = [r["loss"] for r in result.history]
+    assert losses[-1] < 0.8 * losses[0]
+    shapes = [[w.shape for w in party] for party in result.party_weights]
+    assert shapes == [[(3, 8), (8,), (8, 1), (1,)], [(5, 8), (8,), (8, 1), (1,)]]
+    assert roc_auc_score(y, vertical.predict_proba(result.party_weights, parties, "mlp")) > 0.8
+    # numpy forward = the definition (relu MLP, Keras order)
+    k1, b1, k2, b2 = result.party_weights[1]
+    expected = np.maximum(parties[1].astype(np.float64) @ k1 + b1, 0) @ k2[:, 0] + b2[0]
+    np.testing.assert_allclose(split_model.partial_scores(result.party_weights[1], parties[1], "mlp"), expected, rtol=1e-12)
+
+
+# -- what the coordinator holds ------------------------------------------------------------
+
+
+def leaves(value):
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from leaves(getattr(value, f.name))
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from leaves(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from leaves(v)
+    else:
+        yield value
+
+
+def test_coordinator_state_holds_no_party_weights(logistic_run):
+    result, _, _ = logistic_run
+    state = result.coordinator
+    assert isinstance(state, vertical.CoordinatorState)
+    held = [np.asarray(v, np.float64).ravel() for v in leaves(state)]
+    assert all(a.size <= 1 for a in held)  # scalars only: no vectors at all
+    held_values = np.concatenate(held)
+    for party in result.party_weights:
+        for w in party:
+            values = w.astype(np.float64).ravel()
+            values = values[values != 0]
+            assert values.size and not np.isin(values, held_values).any()
+            assert not np.isin(w.astype(np.float32).ravel()[w.ravel() != 0], held_values.astype(np.float32)).any()
+    assert state.epoch == LOGISTIC.epochs and state.step == LOGISTIC.epochs * 7
+    assert len(state.loss_history) == LOGISTIC.epochs
+
+
+# -- bytes, determinism, metrics -----------------------------------------------------------
+
+
+def test_bytes_per_epoch_equal_the_payload_sizes(logistic_run):
+    result, _, _ = logistic_run
+    n, parties = ROWS, 2  # every row is in exactly one batch per epoch
+    expected = {
+        "partial_scores_up": parties * n * 8,  # int64 fixed-point scores, every party
+        "sum_to_lender": n * 4,  # float32 sum, coordinator -> lender
+        "gradient_up": n * 4,  # float32 g, lender -> coordinator
+        "gradient_down": (parties - 1) * n * 4,  # float32 g, coordinator -> each partner
+        "loss_up": 4,  # the lender's epoch loss
+    }
+    assert result.bytes_per_epoch == {**expected, "total": sum(expected.values())}
+    assert result.bytes_total["total"] == LOGISTIC.epochs * sum(expected.values())
+    assert all(r["bytes"] == sum(expected.values()) for r in result.history)
+    assert result.tff_calls == 2 * LOGISTIC.epochs * 7 + 1  # 2 per batch + the first forward
+
+
+def test_same_seed_same_result(runtime, data, logistic_run):
+    parties, y = data
+    again = vertical_rounds.train_vertical(parties, y, LOGISTIC, progress=False)
+    first = logistic_run[0]
+    for a, b in zip(flat(first.party_weights), flat(again.party_weights)):
+        assert a == b
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in again.history]
+
+
+def test_metrics_jsonl_has_one_record_per_epoch(logistic_run):
+    result, run_dir, calls = logistic_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, LOGISTIC.epochs + 1))
+    assert all({"loss", "bytes", "seconds", "auc"} <= set(r) for r in records)
+    assert len(calls) == LOGISTIC.epochs  # eval_every = 1
+    np.testing.assert_array_equal(flat(calls[-1]), flat(result.party_weights))
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+# -- label protection ----------------------------------------------------------------------
+
+
+NOISY = dataclasses.replace(LOGISTIC, label_noise_multiplier=1.5)
+
+
+def test_label_noise_replays_exactly_and_changes_the_partner(runtime, data, logistic_run, monkeypatch):
+    """Every party updates with the released noisy gradient; replaying the drawn noise in the
+    numpy reference reproduces all weights up to the fixed-point bound."""
+    parties, y = data
+    draws = []
+    original = vertical_rounds.draw_noise
+
+    def recording(rng, std, n):
+        noise = original(rng, std, n)
+        draws.append((std, n, noise.astype(np.float64)))
+        return noise
+
+    monkeypatch.setattr(vertical_rounds, "unseeded_generator", lambda: np.random.default_rng(99))
+    monkeypatch.setattr(vertical_rounds, "draw_noise", recording)
+    result = vertical_rounds.train_vertical(parties, y, NOISY, progress=False)
+
+    sizes = [len(r) for e in range(1, NOISY.epochs + 1) for r in vertical.batch_indices(ROWS, 64, e, NOISY.seed)]
+    assert [n for _, n, _ in draws] == sizes
+    assert all(std == NOISY.label_noise_multiplier / n for std, n, _ in draws)  # sensitivity 1/n, exact
+    reference, steps = reference_sgd(parties, y, NOISY, noise=[d for *_, d in draws])
+    assert max_abs_partial_score(parties, steps) < NOISY.score_bound / 2
+    bound, _ = error_bound(parties, NOISY, steps)
+    assert np.abs(flat(result.party_weights) - reference).max() <= bound
+
+    clean_partner = flat(logistic_run[0].party_weights[1:])
+    assert np.abs(flat(result.party_weights[1:]) - clean_partner).max() > 100 * bound
+
+
+def test_dp_noise_is_not_seeded_and_partial_noise_is_reported(runtime, data):
+    parties, y = data
+    settings = dataclasses.replace(NOISY, partial_noise_std=0.5, epochs=2)
+    first = vertical_rounds.train_vertical(parties, y, settings, progress=False)
+    second = vertical_rounds.train_vertical(parties, y, settings, progress=False)
+    assert np.abs(flat(first.party_weights) - flat(second.party_weights)).max() > 1e-4
+    assert first.partial_noise["std"] == 0.5 and first.partial_noise["epsilon"] is None
+    assert first.partial_noise["reason"]
+    assert first.label_dp["adjacency"] == "one customer's label"
+    assert [r["label_epsilon"] for r in first.history] == [
+        vertical_rounds.label_dp_epsilon(1.5, e, settings.delta, "rdp") for e in (1, 2)
+    ]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_label_epsilon_equals_dp_accounting(accountant):
+    sigma, epochs, delta = 1.5, 30, 1e-5
+    event = dpe.SelfComposedDpEvent(dpe.GaussianDpEvent(sigma), epochs)
+    if accountant == "rdp":
+        independent = rdp_privacy_accountant.RdpAccountant().compose(event).get_epsilon(delta)
+    else:
+        independent = pld_privacy_accountant.PLDAccountant().compose(event).get_epsilon(delta)
+    ours = vertical_rounds.label_dp_epsilon(sigma, epochs, delta, accountant)
+    assert ours == pytest.approx(independent, rel=0.01)
+    assert vertical_rounds.label_dp_epsilon(sigma, epochs + 10, delta, accountant) > ours
+
+
+def test_label_dp_report_of_a_run(logistic_run):
+    assert logistic_run[0].label_dp is None and logistic_run[0].partial_noise is None
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p, y: (p, y, {"batch_size": 500}), "batch_size = 500"),
+        (lambda p, y: ([p[0], p[1][:-1]], y, {}), "different row counts"),
+        (lambda p, y: ([p[0], np.where(np.arange(5) == 2, np.nan, p[1])], y, {}), "non-finite"),
+        (lambda p, y: (p, np.where(np.arange(ROWS) == 0, 2.0, y), {}), "0 or 1"),
+        (lambda p, y: (p, y, {"kind": "tree"}), "kind"),
+        (lambda p, y: (p, y, {"accountant": "moments"}), "accountant"),
+    ],
+)
+def test_user_errors(data, change, message):
+    parties, y, overrides = change(*data)
+    with pytest.raises(UserError, match=message):
+        vertical_rounds.train_vertical(parties, y, dataclasses.replace(LOGISTIC, **overrides), progress=False)
+
+
+def test_programming_errors_are_value_errors(data):
+    parties, y = data
+    with pytest.raises(ValueError, match="2-D"):
+        vertical_rounds.train_vertical([parties[0][:, 0], parties[1]], y, LOGISTIC, progress=False)
+    with pytest.raises(ValueError, match="shapes"):
+        split_model.partial_scores([np.zeros((4, 1), np.float32), np.zeros(1, np.float32)], parties[0], "logistic")
+    with pytest.raises(ValueError, match="shapes"):
+        split_model.partial_scores([], parties[0], "mlp")

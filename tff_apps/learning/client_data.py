@@ -1,0 +1,43 @@
+"""One client's training rows and its round input: every round's data depend only on
+(seed, round, client), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+import collections
+from dataclasses import dataclass
+import numpy as np
+import tensorflow as tf
+from tff_apps.config import TrainSection
+
+
+@dataclass
+class ClientTrainData:
+    """One client's preprocessed training arrays (they stay with the client's dataset)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+
+
+def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
+    """One client's round input: `local_epochs` seeded shuffles of its rows, batched; or, with
+    `local_steps`, that many batches of rows drawn without replacement (seeded).
+
+    The rows are chosen here, at the client, so only this round's rows are handed to the
+    TFF runtime, not the client's whole table.
+    """
+    rng = np.random.default_rng(seed)
+    if train.local_steps > 0:
+        wanted = train.local_steps * train.batch_size
+        passes = -(-wanted // len(client.x))  # ceil: a small client cycles through its rows
+        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(passes)])[:wanted]
+    else:
+        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(train.local_epochs)])
+    data = collections.OrderedDict(
+        x=client.x[order].astype(np.float32), y=client.y[order].astype(np.float32)
+    )
+    return tf.data.Dataset.from_tensor_slices(data).batch(train.batch_size)
+
+
+def round_seed(seed: int, round_number: int, client_index: int) -> int:
+    return int(np.random.SeedSequence([seed, round_number, client_index]).generate_state(1)[0])

@@ -1,0 +1,128 @@
+"""What the grouped engine can stack per client: a chain of Keras Dense layers with a
+per-example loss, read from the model function (anything else is refused in one line).
+"""
+
+from __future__ import annotations
+from dataclasses import dataclass
+from typing import Any, Callable
+import tensorflow as tf
+# Keras 2.14 exports neither base class under tf.keras
+from keras.src.losses import LossFunctionWrapper
+from keras.src.metrics.base_metric import MeanMetricWrapper
+from shared.errors import UserError
+
+
+ENGINE_KEY = "train.engine"
+
+
+SUPPORTED_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "softplus", "swish")
+
+
+ADDED_METRICS = ("loss", "num_examples", "num_batches")  # TFF's from_keras_model adds these
+
+
+@dataclass
+class DenseChain:
+    """A Keras model made of Dense layers, as batched functions of per-client weights."""
+
+    activations: list[Callable]
+    use_bias: list[bool]
+    l2: list[float]  # each kernel's L2 regularization factor (0 = none)
+    loss: Any  # the Keras LossFunctionWrapper: per-example values via loss.fn
+    metrics: list[tuple[str, Any]]  # (name, Keras MeanMetricWrapper) of the user's metrics
+    metric_names: list[str]  # every metric TFF reports, in TFF's order
+
+    def forward(self, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """x [clients, batch, inputs] -> predictions [clients, batch, outputs]."""
+        hidden, position = x, 0
+        for activation, bias in zip(self.activations, self.use_bias):
+            hidden = tf.matmul(hidden, weights[position])  # batched: one matmul per client
+            position += 1
+            if bias:
+                hidden = hidden + tf.expand_dims(weights[position], 1)
+                position += 1
+            hidden = activation(hidden)
+        return hidden
+
+    def regularization(self, weights: list[tf.Tensor]) -> tf.Tensor:
+        """Per client: the sum of l2 * sum(kernel^2) that Keras adds to the batch loss."""
+        total, position = 0.0, 0
+        for factor, bias in zip(self.l2, self.use_bias):
+            if factor > 0:
+                kernel = weights[position]
+                total += factor * tf.reduce_sum(tf.square(kernel), axis=list(range(1, kernel.shape.rank)))
+            position += 2 if bias else 1
+        return total
+
+
+def read_dense_chain(model_fn) -> DenseChain:
+    """The model of `model_fn` as a DenseChain, or UserError naming what the grouped engine
+    does not run (the stock engine does: `train.engine = "tff"`)."""
+    with tf.Graph().as_default():  # a throwaway model, only to read its structure
+        model = model_fn()
+        keras_model = getattr(model, "_keras_model", None)  # TFF's from_keras_model wrapper
+        if keras_model is None:
+            refuse_model("the model is not a Keras model wrapped by tff.learning.models.from_keras_model")
+        if keras_model.non_trainable_weights:
+            refuse_model("the model has non-trainable weights")
+        layers = [layer for layer in keras_model.layers if not isinstance(layer, tf.keras.layers.InputLayer)]
+        previous = keras_model.inputs
+        if len(previous) != 1:
+            refuse_model("the model has several inputs")
+        previous, chain_weights = previous[0], []
+        activations, use_bias, l2 = [], [], []
+        for layer in layers:
+            if type(layer) is not tf.keras.layers.Dense:
+                refuse_model(f"layer {layer.name} is a {type(layer).__name__}, not a Dense layer")
+            if layer.input is not previous:
+                refuse_model(f"layer {layer.name} does not take the previous layer's output (not a chain)")
+            name = getattr(layer.activation, "__name__", "")
+            if name not in SUPPORTED_ACTIVATIONS:
+                refuse_model(f"layer {layer.name} has activation {name or layer.activation!r}")
+            if layer.bias_regularizer is not None or layer.activity_regularizer is not None:
+                refuse_model(f"layer {layer.name} has a bias or activity regularizer")
+            if layer.kernel_constraint is not None or layer.bias_constraint is not None:
+                refuse_model(f"layer {layer.name} has a weight constraint")
+            l2.append(_l2_factor(layer))
+            activations.append(layer.activation)
+            use_bias.append(bool(layer.use_bias))
+            chain_weights += layer.trainable_weights
+            previous = layer.output
+        if previous is not keras_model.outputs[0] or len(keras_model.outputs) != 1:
+            refuse_model("the model's output is not its last Dense layer")
+        if [id(v) for v in chain_weights] != [id(v) for v in keras_model.trainable_variables]:
+            refuse_model("the model's trainable weights are not the Dense layers' in order")
+        loss = _single_loss(model)
+        metric_names, metrics = [], []
+        for metric in model.get_metrics():
+            metric_names.append(metric.name)
+            if metric.name in ADDED_METRICS:
+                continue
+            if not isinstance(metric, MeanMetricWrapper):
+                refuse_model(f"metric {metric.name} is a {type(metric).__name__}, not a per-example mean metric")
+            metrics.append((metric.name, metric))
+    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names)
+
+
+def _l2_factor(layer) -> float:
+    regularizer = layer.kernel_regularizer
+    if regularizer is None:
+        return 0.0
+    if type(regularizer) is not tf.keras.regularizers.L2:
+        refuse_model(f"layer {layer.name} has a {type(regularizer).__name__} regularizer (only L2 runs)")
+    return float(regularizer.l2)
+
+
+def _single_loss(model):
+    losses = getattr(model, "_loss_fns", [])
+    if len(losses) != 1:
+        refuse_model("the model has several losses")
+    loss = losses[0]
+    reduction = getattr(loss, "reduction", None)
+    if not isinstance(loss, LossFunctionWrapper) or reduction not in ("auto", "sum_over_batch_size"):
+        refuse_model(f"loss {type(loss).__name__} is not a per-example Keras loss averaged over the batch")
+    return loss
+
+
+def refuse_model(what: str):
+    raise UserError(f"{ENGINE_KEY} = 'grouped' runs Keras chains of Dense layers only: {what}; use {ENGINE_KEY} = 'tff'")

@@ -1,0 +1,427 @@
+"""The grouped engine (`train.engine = "grouped"`): a round's clients trained in ONE TFF call.
+
+TFF's stock simulation places every client in its own slot of the runtime: each client's
+dataset is serialized, its local training is a separate TF call in the worker, and its
+update travels back on its own; about 18 ms of runtime overhead per client per round on
+these machines (ANCHORS.md, "Engine speed"), several times the local SGD work itself.
+
+Here the round's clients travel as one group: dense tensors [clients, steps, batch, ...]
+with a mask of the real examples (`stack_datasets`: each client's batches, in the order its
+dataset yields them). One TF computation runs every client's local training from the
+broadcast weights at once: the model's weights are stacked per client ([clients, ...]), a
+tf.while_loop walks the steps, the Dense layers become batched matmuls, and the gradient of
+the sum of the clients' losses is each client's own gradient. It returns the round's sums
+(per-client weighting, DP clipping or secure-sum quantization applied to each client's
+update BEFORE summing, exactly as the stock aggregators do at the clients); the server part
+finishes the aggregate and applies TFF's own server-optimizer finalizer.
+
+Same mathematics as `factory.build_learning_process` with the stock engine (the
+equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to within 1e-5):
+- client work: TFF's `build_model_delta_client_work` (or our FedProx, `client_works`):
+  the same batches in the same order, the same client optimizer (its state restarts every
+  round), update = w0 - w, a client with a non-finite update is zeroed and weighted 0,
+  weight = number of examples (NUM_EXAMPLES) or 1 (UNIFORM);
+- aggregation: MeanFactory (sum of w*u / sum of w), UnweightedMeanFactory (sum u / clients),
+  client-level DP `DifferentiallyPrivateFactory.gaussian_fixed` (each update clipped to L2
+  norm C, summed, N(0, (zC)^2) noise added, divided by the fixed clients_per_round), and
+  the secure-sum "simulated" mean (`aggregators.secure_mean_factory`: TFF's SecureSumFactory
+  clipping and 32-bit quantization, reusing TFF's own quantization functions);
+- server: TFF's apply-optimizer finalizer (it rejects a non-finite aggregate).
+
+What it does not run is refused: `federation.check_engine` refuses configs (UserError
+before the run folder); `build_grouped_process` refuses models other than a chain of Keras
+Dense layers with a per-example loss (`read_dense_chain`).
+
+
+from __future__ import annotations
+
+import collections
+"""
+
+from __future__ import annotations
+import collections
+import collections.abc
+from dataclasses import dataclass
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+from tensorflow_federated.python.aggregators import primitives
+from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
+# Keras 2.14 exports neither base class under tf.keras
+from shared.errors import UserError
+from tff_apps.config import TrainSection
+from tff_apps.learning.dense_chain import DenseChain, ENGINE_KEY, refuse_model, read_dense_chain
+
+
+def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
+    """Clients' batched datasets -> x [clients, steps, batch, ...], y likewise, mask [clients,
+    steps, batch] (1 = a real example). Each client's batches keep their order and sizes, so a
+    short last batch is a short (masked) batch here too."""
+    clients = [_client_rows(ds) for ds in datasets]
+    if not clients:
+        raise ValueError("grouped engine: a round needs at least one client")
+    batch = max(b for _, _, b in clients)
+    steps = max(1, max(-(-len(x) // b) for x, _, b in clients))
+    x0, y0, _ = clients[0]
+    x = np.zeros((len(clients), steps, batch, *x0.shape[1:]), np.float32)
+    y = np.zeros((len(clients), steps, batch, *y0.shape[1:]), np.float32)
+    mask = np.zeros((len(clients), steps, batch), np.float32)
+    for c, (rows_x, rows_y, size) in enumerate(clients):
+        for s, first in enumerate(range(0, len(rows_x), size)):
+            n = min(size, len(rows_x) - first)
+            x[c, s, :n], y[c, s, :n], mask[c, s, :n] = rows_x[first:first + n], rows_y[first:first + n], 1.0
+    return collections.OrderedDict(x=x, y=y, mask=mask)
+
+
+def _client_rows(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]:
+    """(x rows, y rows, batch size) such that the dataset's batches are consecutive slices of
+    `batch size` rows (the last one shorter).
+
+    `client_data.client_dataset` builds `from_tensor_slices(rows).batch(b)`: its rows are read
+    straight from the dataset (about 0.1 ms; iterating a dataset costs about 20 ms per
+    client). Any other dataset is iterated, and its batches must all be full but the last."""
+    source = getattr(dataset, "_input_dataset", None)
+    if (
+        type(dataset).__name__ == "_BatchDataset"
+        and type(source).__name__ == "_TensorSliceDataset"
+        and not bool(dataset._drop_remainder)
+        and isinstance(source.element_spec, collections.abc.Mapping)
+    ):
+        rows = tf.nest.pack_sequence_as(source.element_spec, [np.asarray(t) for t in source._tensors])
+        return rows["x"], rows["y"], int(dataset._batch_size)
+    batches = [(np.asarray(b["x"]), np.asarray(b["y"])) for b in dataset.as_numpy_iterator()]
+    if not batches:
+        raise ValueError("grouped engine: a client's dataset is empty")
+    size = len(batches[0][0])
+    if any(len(bx) != size for bx, _ in batches[:-1]):
+        raise ValueError("grouped engine: a client's batches are not full batches followed by one remainder")
+    return np.concatenate([bx for bx, _ in batches]), np.concatenate([by for _, by in batches]), size
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """Which stock aggregator the round reproduces."""
+
+    kind: str  # "mean" (weighted), "unweighted", "dp" (gaussian fixed), "secure"
+    weighted: bool = True
+    clip: float = 0.0  # dp: L2 clip C
+    noise_multiplier: float = 0.0  # dp: z
+    denominator: float = 1.0  # dp: the fixed clients_per_round
+    value_bound: float = 0.0  # secure: each coordinate of w*u (or of u) clipped to +-bound
+    max_weight: float = 0.0  # secure, weighted: the weight's upper bound
+
+
+def aggregation_of(train: TrainSection, plan, secure) -> Aggregation:
+    from tff_apps.learning.optimizers import is_weighted
+
+    level = plan.level if plan is not None else "none"
+    if level == "record" or (secure is not None and (secure.mode != "simulated" or level != "none")):
+        raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
+    if level == "client":
+        if plan.section.clipping != "fixed":
+            raise UserError(f"{ENGINE_KEY} = 'grouped' needs privacy.clipping = 'fixed' (or {ENGINE_KEY} = 'tff')")
+        return Aggregation(
+            "dp", weighted=False, clip=float(plan.section.clip_norm),
+            noise_multiplier=float(plan.noise_multiplier), denominator=float(plan.sampling.participants),
+        )
+    if secure is not None:
+        bound = secure.value_bound if secure.weighted else secure.bound
+        return Aggregation("secure", weighted=secure.weighted, value_bound=float(bound), max_weight=float(secure.max_weight))
+    return Aggregation("mean" if is_weighted(train) else "unweighted", weighted=is_weighted(train))
+
+
+def _per_client_sums(aggregation: Aggregation, updates: list[tf.Tensor], weights: tf.Tensor):
+    """updates [clients, ...] (zeroed if non-finite), weights [clients] -> (value sum, weight sum),
+    each client's contribution prepared the way the stock aggregator prepares it at the client."""
+    clients = tf.shape(weights)[0]
+    if aggregation.kind == "dp":
+        # tf.clip_by_global_norm per client: scale = C * min(1/norm, 1/C)
+        squares = [tf.reduce_sum(tf.square(u), axis=list(range(1, u.shape.rank))) for u in updates]
+        norm = tf.sqrt(tf.add_n(squares))
+        scale = aggregation.clip * tf.minimum(1.0 / norm, 1.0 / aggregation.clip)
+        clipped = [u * tf.reshape(scale, [-1] + [1] * (u.shape.rank - 1)) for u in updates]
+        return [tf.reduce_sum(u, 0) for u in clipped], tf.cast(clients, tf.float32)
+    if aggregation.weighted:
+        updates = [u * tf.reshape(weights, [-1] + [1] * (u.shape.rank - 1)) for u in updates]  # MeanFactory's _mul
+    if aggregation.kind == "secure":
+        upper = tf.constant(aggregation.value_bound, tf.float32)
+        quantized = [
+            tf.reduce_sum(primitives._client_tensor_shift_for_secure_sum(u, -upper, upper), 0) for u in updates
+        ]
+        if aggregation.weighted:
+            top = tf.constant(aggregation.max_weight, tf.float32)
+            weight = tf.reduce_sum(primitives._client_tensor_shift_for_secure_sum(weights, tf.constant(0.0), top))
+        else:
+            weight = tf.cast(clients, tf.int64)  # the count's SecureSumFactory(1, 0) is exact
+        return quantized, weight
+    if aggregation.weighted:
+        return [tf.reduce_sum(u, 0) for u in updates], tf.reduce_sum(weights)
+    return [tf.reduce_sum(u, 0) for u in updates], tf.cast(clients, tf.float32)
+
+
+def _finish_mean(aggregation: Aggregation, value_sum, weight_sum, clients):
+    """The server's end of the stock aggregator: dequantize, noise, divide."""
+    if aggregation.kind == "dp":
+        stddev = aggregation.clip * aggregation.noise_multiplier
+        noised = [v + tf.random.normal(tf.shape(v), stddev=stddev, dtype=v.dtype) for v in value_sum]
+        return [tf.truediv(v, tf.cast(aggregation.denominator, v.dtype)) for v in noised]
+    if aggregation.kind == "secure":
+        upper = tf.constant(aggregation.value_bound, tf.float32)
+        value_sum = [
+            primitives._server_tensor_shift_for_secure_sum(clients, v, -upper, upper, tf.float32) for v in value_sum
+        ]
+        if aggregation.weighted:
+            top = tf.constant(aggregation.max_weight, tf.float32)
+            weight_sum = primitives._server_tensor_shift_for_secure_sum(
+                clients, weight_sum, tf.constant(0.0), top, tf.float32
+            )
+    return [tf.math.divide(v, tf.cast(weight_sum, v.dtype)) for v in value_sum]
+
+
+class GroupedProcess:
+    """The learning process of the grouped engine, with the interface `round_loop.run_rounds`
+    uses: `initialize()`, `next(state, datasets)` (one tf.data.Dataset per client, as for
+    the stock process), `get_model_weights(state)`, `set_model_weights(state, weights)`.
+    The state has the stock composed process's shape (LearningAlgorithmState; the
+    finalizer's part is the server optimizer's state), and `output.metrics` has its
+    `client_work.train` metrics."""
+
+    def __init__(self, initialize_fn, next_fn):
+        self.initialize_fn = initialize_fn
+        self.next_fn = next_fn  # federated: (state@SERVER, groups@CLIENTS) -> (state, metrics)@SERVER
+
+    def initialize(self):
+        return self.initialize_fn()
+
+    def next(self, state, datasets):
+        return self.next_group(state, stack_datasets(list(datasets)))
+
+    def next_group(self, state, group: collections.OrderedDict):
+        """One round on data already stacked by `stack_datasets`."""
+        new_state, metrics = self.next_fn(state, [group])
+        return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+
+    @staticmethod
+    def get_model_weights(state) -> tff.learning.models.ModelWeights:
+        return state.global_model_weights
+
+    @staticmethod
+    def set_model_weights(state, weights):
+        return state._replace(global_model_weights=weights)
+
+
+def build_grouped_process(
+    train: TrainSection, model_fn, aggregator_factory=None, privacy=None, secure=None, federation=None
+) -> GroupedProcess:
+    """`factory.build_learning_process` for `train.engine = "grouped"` (same arguments)."""
+    from tff_apps.learning import optimizers
+
+    if aggregator_factory is not None:
+        raise ValueError(f"{ENGINE_KEY} = 'grouped' builds its own aggregation; pass no aggregator_factory")
+    if federation is not None and (
+        federation.communication.compression != "none" or federation.robustness.aggregation != "mean"
+    ):
+        raise UserError(f"{ENGINE_KEY} = 'grouped' runs the plain mean only; use {ENGINE_KEY} = 'tff'")
+    plan = getattr(privacy, "plan", privacy)
+    if secure is None:
+        secure = getattr(privacy, "secure", None)
+    aggregation = aggregation_of(train, plan, secure)
+    chain = read_dense_chain(model_fn)
+    with tf.Graph().as_default():
+        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+        input_spec = model_fn().input_spec
+    group_type = _group_type(input_spec)
+    optimizer = optimizers.client_optimizer(train)
+    proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
+    train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type)
+    server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
+        weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
+    )
+
+    @tff.tensorflow.computation
+    def initialize_tf():
+        model = model_fn()
+        return tff.learning.templates.LearningAlgorithmState(
+            global_model_weights=tff.learning.models.ModelWeights.from_model(model),
+            distributor=(), client_work=(), aggregator=(), finalizer=server_init(),
+        )
+
+    @tff.federated_computation
+    def initialize_fn():
+        return tff.federated_eval(initialize_tf, tff.SERVER)
+
+    sums_type = train_group.type_signature.result
+
+    @tff.tensorflow.computation(sums_type)
+    def finish(sums):
+        mean = _finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
+        return mean, _finalize_metrics(chain, sums["metrics"])
+
+    @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
+    def next_fn(state, groups):
+        weights = state.global_model_weights
+        sums = tff.federated_sum(tff.federated_map(train_group, (tff.federated_broadcast(weights), groups)))
+        update, train_metrics = tff.federated_map(finish, sums)
+        optimizer_state, trainable, finalizer_measurements = tff.federated_map(
+            server_next, (state.finalizer, weights.trainable, update)
+        )
+        new_weights = tff.federated_zip(tff.learning.models.ModelWeights(trainable, weights.non_trainable))
+        new_state = tff.federated_zip(
+            tff.learning.templates.LearningAlgorithmState(
+                new_weights, state.distributor, state.client_work, state.aggregator, optimizer_state
+            )
+        )
+        metrics = tff.federated_zip(collections.OrderedDict(
+            distributor=tff.federated_value((), tff.SERVER),
+            client_work=tff.federated_zip(collections.OrderedDict(train=train_metrics)),
+            aggregator=tff.federated_value((), tff.SERVER),
+            finalizer=finalizer_measurements,
+        ))
+        return new_state, metrics
+
+    return GroupedProcess(initialize_fn, next_fn)
+
+
+def _group_type(input_spec) -> tff.StructType:
+    if not isinstance(input_spec, collections.abc.Mapping) or set(input_spec) != {"x", "y"}:
+        refuse_model("the model's input_spec is not a mapping of x and y")
+    if any(input_spec[key].dtype != tf.float32 for key in ("x", "y")):
+        refuse_model("the model's input_spec is not float32")
+    dims = {key: input_spec[key].shape.as_list()[1:] for key in ("x", "y")}
+    if len(dims["x"]) != 1 or None in dims["x"] + dims["y"]:
+        refuse_model("the model's input is not a vector per example")
+    return tff.types.StructWithPythonType(
+        [
+            ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
+            ("y", tff.TensorType(np.float32, [None, None, None, *dims["y"]])),
+            ("mask", tff.TensorType(np.float32, [None, None, None])),
+        ],
+        collections.OrderedDict,
+    )
+
+
+def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type):
+    @tff.tensorflow.computation(weights_type, group_type)
+    def train_group(weights, group):
+        start = [tf.convert_to_tensor(w) for w in weights.trainable]
+        updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
+        value, weight = _per_client_sums(aggregation, updates, client_weights)
+        return collections.OrderedDict(
+            value=value, weight=weight, clients=tf.shape(group["mask"], out_type=tf.int64)[0], metrics=metrics
+        )
+
+    return train_group
+
+
+def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[tf.Tensor], group):
+    """Every client's local training from `start`; returns (updates [clients, ...] with
+    non-finite clients zeroed, weights [clients], metric sums)."""
+    x, y, mask = group["x"], group["y"], group["mask"]
+    clients, steps = tf.shape(mask)[0], tf.shape(mask)[1]
+    anchor = [tf.tile(tf.expand_dims(w, 0), [clients] + [1] * w.shape.rank) for w in start]
+    optimizer_state = _stacked_optimizer_state(optimizer, start, clients)
+    sums = _zero_metric_sums(chain)
+
+    def step(s, weights, state, sums):
+        batch_x, batch_y, batch_mask = x[:, s], y[:, s], mask[:, s]
+        examples = tf.reduce_sum(batch_mask, axis=1)  # [clients]
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            predictions = chain.forward(weights, batch_x)
+            per_example = chain.loss.fn(batch_y, predictions, **chain.loss._fn_kwargs)
+            # Keras' sum over batch size: the mean over every element of the batch's losses
+            data_loss = _masked_sum(per_example, batch_mask) / tf.maximum(examples * _per_example(per_example), 1.0)
+            total = tf.reduce_sum(data_loss + chain.regularization(weights))
+        gradients = tape.gradient(total, weights)
+        if proximal > 0:  # FedProx: the gradient of (mu/2)||w - w0||^2 (client_works.py)
+            gradients = [g + proximal * (w - w0) for g, w, w0 in zip(gradients, weights, anchor)]
+        new_state, new_weights = optimizer.next(state, tuple(weights), tuple(gradients))
+        active = examples > 0  # a client's padding steps come after its last batch
+        new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
+        new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
+        sums = _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples)
+        return s + 1, new_weights, new_state, sums
+
+    _, final, _, sums = tf.while_loop(
+        lambda s, *_: s < steps, step, (tf.constant(0), anchor, optimizer_state, sums)
+    )
+    updates = [a - w for a, w in zip(anchor, final)]
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
+    )
+    updates = [_where_client(finite, u, tf.zeros_like(u)) for u in updates]
+    # NUM_EXAMPLES weights; the unweighted aggregations ignore them, as TFF's
+    # as_weighted_aggregator does, so one definition serves every aggregation.
+    weight = tf.where(finite, tf.reduce_sum(mask, axis=[1, 2]), 0.0)
+    return updates, weight, sums
+
+
+def _where_client(condition: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
+    """Per client (leading axis) `new` where condition else `old`; a shared scalar (the
+    optimizer's learning rate or step) takes `new`."""
+    if new.shape.rank == 0:
+        return new
+    return tf.where(tf.reshape(condition, [-1] + [1] * (new.shape.rank - 1)), new, old)
+
+
+def _stacked_optimizer_state(optimizer, start: list[tf.Tensor], clients: tf.Tensor):
+    """The client optimizer's initial state for per-client weights: its per-weight slots
+    (momentum, Adam's moments) get a leading clients axis; scalars stay shared."""
+    specs = tuple(tf.TensorSpec(w.shape, w.dtype) for w in start)
+    state = optimizer.initialize(specs)
+
+    def stack(value):
+        if isinstance(value, (tuple, list)) and len(value) == len(start):
+            return tuple(tf.tile(tf.expand_dims(v, 0), [clients] + [1] * v.shape.rank) for v in value)
+        return value
+
+    return type(state)((key, stack(value)) for key, value in state.items())
+
+
+def _zero_metric_sums(chain: DenseChain) -> collections.OrderedDict:
+    sums = collections.OrderedDict()
+    for name in chain.metric_names:
+        if name in ("num_examples", "num_batches"):
+            sums[name] = tf.constant(0, tf.int64)
+        else:
+            sums[name] = (tf.constant(0.0), tf.constant(0.0))  # Keras Mean: total, count
+    return sums
+
+
+def _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples):
+    added = collections.OrderedDict()
+    user = dict(chain.metrics)
+    for name, value in sums.items():
+        if name == "num_examples":
+            added[name] = value + tf.cast(tf.reduce_sum(examples), tf.int64)
+        elif name == "num_batches":
+            added[name] = value + tf.reduce_sum(tf.cast(examples > 0, tf.int64))
+        elif name == "loss":  # the batch loss without regularization, weighted by batch size
+            added[name] = (value[0] + tf.reduce_sum(data_loss * examples), value[1] + tf.reduce_sum(examples))
+        else:
+            metric = user[name]
+            values = metric._fn(batch_y, predictions, **metric._fn_kwargs)  # Keras Mean: over all elements
+            added[name] = (
+                value[0] + tf.reduce_sum(_masked_sum(values, batch_mask)),
+                value[1] + tf.reduce_sum(examples) * _per_example(values),
+            )
+    return added
+
+
+def _per_example(values: tf.Tensor) -> tf.Tensor:
+    """Elements per example of [clients, batch, ...] values (1 for [clients, batch])."""
+    return tf.cast(tf.reduce_prod(tf.shape(values)[2:]), tf.float32)
+
+
+def _masked_sum(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Per client, the sum of the real examples' values ([clients, batch, ...] -> [clients])."""
+    flat = tf.reshape(values, tf.concat([tf.shape(values)[:2], [-1]], 0))
+    return tf.reduce_sum(flat * tf.expand_dims(mask, -1), axis=[1, 2])
+
+
+def _finalize_metrics(chain: DenseChain, sums) -> collections.OrderedDict:
+    finalized = collections.OrderedDict()
+    for name in chain.metric_names:
+        value = sums[name]
+        finalized[name] = value if name in ("num_examples", "num_batches") else tf.math.divide_no_nan(value[0], value[1])
+    return finalized

@@ -1,0 +1,202 @@
+"""A job's differential privacy as it runs: the plan, the ε spent round by round, the ledger.
+
+The job (`tff_apps.job.run_job`) builds one `RunPrivacy` from the `[privacy]` section
+BEFORE the run folder exists: the sampling comes from the app's `client_rows` (how many
+training examples each client will hold), `calibration.plan` resolves the noise multiplier and
+the rounds that fit `target_epsilon`, and with `lifetime_epsilon > 0` the planned spend is
+reserved in the lifetime ledger (a refusal leaves no run folder). The learning process
+(`factory.build_learning_process(..., privacy=)`) and the program
+(`round_loop.run_rounds(..., privacy=)`) then take it, so any horizontal app gets:
+
+* client level: TFF's DP aggregator with the plan's noise multiplier;
+* record level: DP-SGD client work on Poisson batches;
+* the plan's rounds (training stops before a round that would pass the target ε);
+* ε after each round in metrics.jsonl, from the sampling actually done;
+* the privacy statement (summary.json, model card) from the mechanism as run;
+* at the end the spend that actually ran is committed to the ledger (released if no round
+  ran).
+
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+from tff_apps.privacy import calibration
+from tff_apps.privacy import dp_config
+from tff_apps.privacy import secure_settings
+from tff_apps.privacy.statement import privacy_statement
+from tff_apps.privacy import accounting
+from tff_apps.privacy import dp_events
+from tff_apps.privacy import ledger as ledger_lib
+from tff_apps.privacy.ledger import Ledger, Reservation
+
+LEDGER_FILE = "privacy_ledger.sqlite"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPrivacy:
+    plan: calibration.PrivacyPlan
+    fingerprint: str
+    ledger: Ledger | None = None
+    reservation: Reservation | None = None
+    rounds_run: int = 0
+    participation: dict[str, int] = field(default_factory=dict)
+    epsilon_so_far: float = 0.0
+    finished: bool = False
+    round_participants: list[list[str]] = field(default_factory=list)  # per round, in order
+    secure: secure_settings.SecureAggregation | None = None  # the job's secure aggregation, if any
+    # what the learning process resolved for the mechanism (distributed DP: noise passed to
+    # TFF, scale, sensitivity after rounding); `factory.build_learning_process` fills it
+    mechanism_details: dict[str, Any] = field(default_factory=dict)
+    _composition: accounting.Composition | None = None
+
+    @property
+    def section(self) -> dp_config.PrivacySection:
+        return self.plan.section
+
+    @property
+    def level(self) -> str:
+        return self.plan.level
+
+    @property
+    def rounds(self) -> int:
+        """The rounds to run: `train.rounds`, or fewer when the target ε stops training."""
+        return self.plan.rounds
+
+    # -- the program's side ------------------------------------------------------------------
+
+    def check_clients(self, rows: Mapping[str, int]) -> None:
+        """The clients handed to the program must be the ones the plan accounted for."""
+        sampling = self.plan.sampling
+        if isinstance(sampling, dp_config.ClientSampling):
+            if len(rows) != sampling.n_clients:
+                raise RuntimeError(
+                    f"privacy plan made for {sampling.n_clients} clients, the program got {len(rows)}"
+                )
+        elif dict(rows) != dict(sampling.client_rows):
+            raise RuntimeError(
+                f"privacy plan made for client rows {dict(sampling.client_rows)}, the program got {dict(rows)}"
+            )
+
+    def record_round(self, participants: Sequence[str]) -> float:
+        """Accounts one round that ran with these clients; returns ε so far."""
+        if self._composition is None:
+            self._composition = accounting.Composition(self.section.accountant)
+        spend = dp_events.round_spend(
+            self.plan.noise_multiplier, self.plan.sampling, self.section.clipping, participants
+        )
+        self._composition.add(spend)
+        self.rounds_run += 1
+        for name in participants:
+            self.participation[name] = self.participation.get(name, 0) + 1
+        self.epsilon_so_far = self._composition.epsilon(self.section.delta)
+        self.round_participants.append(list(participants))
+        return self.epsilon_so_far
+
+    def restore(self, round_participants: Sequence[Sequence[str]]) -> None:
+        """A resumed run (from a checkpoint): accounts the rounds that ran before, in order,
+        so ε continues exactly as if the run had not stopped. Only on a fresh RunPrivacy."""
+        if self.rounds_run:
+            raise RuntimeError("RunPrivacy.restore: rounds were already recorded")
+        for participants in round_participants:
+            self.record_round(list(participants))
+
+    # -- what ran ----------------------------------------------------------------------------
+
+    def _participation(self) -> dict[str, int] | None:
+        return dict(self.participation) if self.level == "record" else None
+
+    def spend(self) -> dp_events.Spend:
+        """The mechanism that actually ran: its rounds and, at record level, who took part."""
+        return self.plan.spend(self.rounds_run, self._participation())
+
+    def lifetime_spent(self) -> float | None:
+        """ε of the data source over every live ledger spend, this run's actual one included."""
+        if self.ledger is None:
+            return None
+        own_id = self.reservation.id if self.reservation else None
+        others = [
+            entry
+            for entry in self.ledger.history(self.fingerprint)
+            if entry.status != "released" and entry.id != own_id
+        ]
+        accountant = ledger_lib.composition_accountant(
+            [entry.accountant for entry in others] + [self.section.accountant]
+        )
+        spends = [entry.spend for entry in others] + [self.spend()]
+        return accounting.composed_epsilon(spends, self.section.delta, accountant)
+
+    def statement(self) -> dict[str, Any]:
+        statement = privacy_statement(
+            self.plan, self.rounds_run, self._participation(), self.lifetime_spent(), secure=self.secure
+        )
+        if self.mechanism_details:
+            statement["secure_aggregation"].update(self.mechanism_details)
+        statement["rounds_planned"] = self.plan.rounds
+        if self.ledger is not None:
+            statement["ledger"] = str(self.ledger.path)
+        statement["data_fingerprint"] = self.fingerprint
+        return statement
+
+    def finish(self) -> None:
+        """Commits the spend that ran (even if the run failed later), or releases the
+        reservation of a run that never trained."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.ledger is None or self.reservation is None:
+            return
+        if self.rounds_run == 0:
+            self.ledger.release(self.reservation)
+        else:
+            self.ledger.commit(self.reservation, self.spend())
+
+
+def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy | None:
+    """Plans the job's DP and reserves its lifetime budget; None when `privacy.level` is none
+    (a job with only `privacy.secure_aggregation` gets it checked here, and None).
+
+    Raises UserError (or ledger.BudgetExhausted) before anything is written. `resume`: the
+    run id continues an interrupted run, whose ledger row is reopened, not added to.
+    """
+    section: dp_config.PrivacySection = cfg.privacy
+    if section.level == "none" and section.secure_aggregation == "none":
+        return None
+    client_rows = getattr(app, "client_rows", None)
+    fingerprint_of = getattr(app, "fingerprint", None)
+    if client_rows is None or fingerprint_of is None:
+        key = "level" if section.level != "none" else "secure_aggregation"
+        raise UserError(f"privacy.{key} = {getattr(section, key)!r}: app {app.name!r} does not support [privacy]")
+    rows = {str(name): int(n) for name, n in client_rows(cfg, prepared).items()}
+    # Secure aggregation is checked for every job, with or without DP (UserError before any output).
+    secure = secure_settings.secure_aggregation(section, cfg.train, rows)
+    if section.level == "none":
+        return None
+    if section.level == "client":
+        sampling: dp_config.Sampling = dp_config.client_sampling(cfg.train, len(rows))
+    else:
+        sampling = dp_config.record_sampling(cfg.train, rows)
+    plan = calibration.plan(section, cfg.train, sampling)
+    if plan.rounds < cfg.train.rounds:
+        log.info(
+            "privacy: %d of train.rounds = %d fit privacy.target_epsilon = %g",
+            plan.rounds, cfg.train.rounds, section.target_epsilon,
+        )
+    result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure)
+    if section.lifetime_epsilon > 0:
+        path = Path(section.ledger) if section.ledger else Path(cfg.job.runs_dir) / LEDGER_FILE
+        result.ledger = Ledger(path)
+        result.reservation = result.ledger.reserve(
+            result.fingerprint, run_id, plan.spend(), section.delta, section.accountant,
+            section.lifetime_epsilon, resume=resume,
+        )
+    return result

@@ -1,0 +1,77 @@
+"""Spreading one computation's clients over several TFF workers: TFF's mergeable form (work up
+to the aggregation on each worker, merge, work after it), clients cut into one contiguous
+slice per worker, partial aggregates merged in worker order.
+"""
+
+from __future__ import annotations
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any) -> Any:
+    """TFF sync context: mergeable computations over all workers, the rest on the first.
+
+    Each computation is compiled once to TFF's ``MergeableCompForm`` (``up_to_merge``
+    on a slice of the clients, ``merge`` of two partial aggregates, ``after_merge``).
+    TFF's ``MergeableCompExecutionContext`` splits the CLIENTS-placed arguments
+    into one slice per worker; we run the three parts ourselves because TFF 0.87
+    joins the slices' CLIENTS-placed *results* in completion order (a fast second
+    worker swaps the clients) and merges in completion order (sums vary run to
+    run). Here slice i always goes to worker i, partials merge in worker order and
+    results keep the clients' order: the same run gives the same numbers.
+    """
+    from tensorflow_federated.python.common_libs import async_utils
+    from tensorflow_federated.python.common_libs import structure
+    from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+    from tensorflow_federated.python.core.impl.context_stack import context_base
+    from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mcec
+    from tensorflow_federated.python.core.impl.types import computation_types
+    from tensorflow_federated.python.core.impl.types import type_analysis
+    from tensorflow_federated.python.core.impl.types import type_conversions
+
+    def only_server_or_all_equal(type_spec: Any) -> bool:
+        return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal
+
+    async def run_form(form: Any, arg_list: list[Any]) -> Any:
+        contexts = list(async_contexts)
+        partials = await asyncio.gather(
+            *(context.invoke(form.up_to_merge, a) for a, context in zip(arg_list, contexts))
+        )
+        merged = partials[0]
+        for partial in partials[1:]:
+            merged = await contexts[0].invoke(form.merge, structure.Struct.unnamed(merged, partial))
+
+        def after_merge(a: Any, context: Any) -> Any:
+            return context.invoke(
+                form.after_merge, structure.Struct.unnamed(a, merged) if a is not None else merged
+            )
+
+        result_type = form.after_merge.type_signature.result
+        if type_analysis.contains_only(result_type, only_server_or_all_equal):
+            return await after_merge(arg_list[0], contexts[0])
+        results = await asyncio.gather(*(after_merge(a, c) for a, c in zip(arg_list, contexts)))
+        return mcec._repackage_partitioned_values(list(results), result_type)
+
+    class SpreadingContext(context_base.SyncContext):
+        def __init__(self) -> None:
+            self._forms: dict[Any, Any] = {}
+            self._runner = async_utils.AsyncThreadRunner()
+
+        def invoke(self, comp: Any, arg: Any = None) -> Any:
+            if comp not in self._forms:
+                self._forms[comp] = compile_mergeable(comp)
+            form = self._forms[comp]
+            if form is None:
+                return first.invoke(comp, arg)
+            if arg is None:
+                arg_list = [None] * len(async_contexts)
+            else:
+                arg_list = mcec.MergeableCompExecutionContextValue(
+                    arg, form.up_to_merge.type_signature.parameter, len(async_contexts)
+                ).value()
+            result = self._runner.run_coro_and_return_result(run_form(form, arg_list))
+            result = type_conversions.type_to_py_container(result, form.after_merge.type_signature.result)
+            return tensorflow_computation.transform_result(result)
+
+    return SpreadingContext()
