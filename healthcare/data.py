@@ -68,19 +68,41 @@ __all__ = ["DataConfig", "HealthcareData", "load"]
 class DataConfig:
     """The [data] section of a healthcare job."""
 
-    source: str = field(default="breast_cancer", metadata={"choices": ("breast_cancer", "heart", "csv")})
-    n_clients: int = field(default=5, metadata={"min": 2, "max": 1000})  # breast_cancer only
-    alpha: float = field(default=0.5, metadata={"min": 0.01})  # Dirichlet label skew, breast_cancer only
-    quantity_sigma: float = field(default=0.5, metadata={"min": 0.0})  # log-normal quantity skew, breast_cancer only
-    path: str = ""  # csv: a folder of *.csv (one per hospital) or one CSV file with a site column
-    site_column: str = ""  # csv, single-file layout: the column naming the hospital
-    label_column: str = ""  # csv
-    positive_label: str = "1"  # csv: the label value that means disease
-    negative_label: str = ""  # csv: if set, this value means healthy and every other value disease (UCI num: "0")
-    feature_columns: list[str] = field(default_factory=list)  # csv: empty = every column except label/site
-    categorical_columns: list[str] = field(default_factory=list)  # csv: one-hot encoded by the engine
-    zero_means_missing: list[str] = field(default_factory=list)  # csv: columns where 0 means not measured
-    min_rows_per_site: int = field(default=10, metadata={"min": 2})
+    source: str = field(default="breast_cancer", metadata={"choices": ("breast_cancer", "heart", "csv"), "doc": (
+        "`breast_cancer`: scikit-learn's bundled data (malignant = 1) split over `n_clients` hospitals; `heart`: a "
+        "generator of the four UCI heart-disease hospitals from their published per-site statistics; `csv`: your "
+        "files (docs/healthcare.md)."
+    )})
+    n_clients: int = field(default=5, metadata={"min": 2, "max": 1000, "doc": "breast_cancer: the number of hospitals."})
+    alpha: float = field(default=0.5, metadata={"min": 0.01, "doc": (
+        "breast_cancer: Dirichlet label skew α across hospitals (smaller = more skewed)."
+    )})
+    quantity_sigma: float = field(default=0.5, metadata={"min": 0.0, "doc": (
+        "breast_cancer: log-normal quantity skew σ of the hospitals' sizes."
+    )})
+    path: str = field(default="", metadata={"doc": (
+        "csv: a folder with one CSV per hospital (site = file name), or one CSV with a `site_column`."
+    )})
+    site_column: str = field(default="", metadata={"doc": "csv, single file: the column naming the hospital."})
+    label_column: str = field(default="", metadata={"doc": "csv: the label column."})
+    positive_label: str = field(default="1", metadata={"doc": (
+        "csv: the label value that means disease; every other value is healthy."
+    )})
+    negative_label: str = field(default="", metadata={"doc": (
+        "csv: if set, the value that means healthy, and every other value is disease (UCI heart `num`: \"0\")."
+    )})
+    feature_columns: list[str] = field(default_factory=list, metadata={"doc": (
+        "csv: the feature columns; empty = every column except the label and site columns."
+    )})
+    categorical_columns: list[str] = field(default_factory=list, metadata={"doc": (
+        "csv: integer-coded columns to one-hot encode (for example chest-pain type)."
+    )})
+    zero_means_missing: list[str] = field(default_factory=list, metadata={"doc": (
+        "csv: columns where 0 means \"not measured\" (for example UCI `chol`); the export applies it too."
+    )})
+    min_rows_per_site: int = field(default=10, metadata={"min": 2, "doc": (
+        "Fewest labelled rows a hospital may have (breast_cancer: the smallest hospital of the split)."
+    )})
 
 
 @dataclass

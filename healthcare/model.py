@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 class ModelConfig:
     """The [model] section of a healthcare job."""
 
-    kind: str = field(default="logistic", metadata={"choices": ("logistic", "mlp")})
-    hidden_units: int = field(default=32, metadata={"min": 1, "max": 4096})  # mlp only
-    l2: float = field(default=0.0, metadata={"min": 0.0})
+    kind: str = field(default="logistic", metadata={"choices": ("logistic", "mlp"), "doc": (
+        "`logistic` regression, or `mlp`: one hidden ReLU layer of `hidden_units`."
+    )})
+    hidden_units: int = field(default=32, metadata={"min": 1, "max": 4096, "doc": "mlp: width of the hidden layer."})
+    l2: float = field(default=0.0, metadata={"min": 0.0, "doc": "L2 penalty on the kernels (Keras `l2`: l2 · Σw²); 0 = none."})
 
 
 def build_keras_model(cfg: ModelConfig, n_inputs: int, seed: int = 0) -> "tf.keras.Model":

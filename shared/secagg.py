@@ -10,19 +10,6 @@ from `cryptography`; Shamir secret sharing over GF(2^128) from `pycryptodome`. T
 arithmetic done here is addition in the masking ring Z_{2^k} (numpy uint32 / uint64
 wrap-around), which is the protocol's ring, not a primitive.
 
-Quantization (`quantize`, `dequantize`, `quantization_error_bound`)
--------------------------------------------------------------------
-Masks live in Z_{2^k} (k = ``ring_bits``, 32 or 64), so inputs are fixed point:
-``q(x) = round(clip(x, -bound, bound) * 2**scale_bits)`` as a signed integer in two's
-complement mod 2^k. Values outside ``[-bound, bound]`` are CLIPPED, silently and by
-design (the sum is then the sum of clipped vectors); NaN or infinite values are refused
-with ``ValueError`` (they signal a diverged update that clipping would hide). The sum of
-n clients is decoded correctly when it cannot wrap: the config requires
-``n_clients * round(bound * 2**scale_bits) <= 2**(k-1) - 1``. Each client's rounding
-error is at most ``2**-scale_bits / 2`` per entry, so the dequantized sum of ``m``
-clients differs from the exact sum of their clipped inputs by at most
-``m * 2**-(scale_bits + 1)`` per entry (for k = 64, plus ``m * bound * 2**-53`` for
-converting a 64-bit integer to float64; for k = 32 the conversion is exact).
 
 Rounds (U1 ⊇ U2 ⊇ U3 ⊇ U4 are the clients heard from in each round)
 -----------------------------------------------------------------
@@ -88,489 +75,35 @@ each round. `SecAggClient` / `SecAggServer` are the parts to place on real machi
 
 from __future__ import annotations
 
-import os
-import struct
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from shared.errors import UserError
-
-DOMAIN = b"tff-apps-secagg-v1"
-KEY_BYTES = 32  # X25519 keys, HKDF outputs
-SECRET_BYTES = 16  # b_u, and each half of s_u^SK: one Shamir secret / share each
-NONCE_BYTES = 12
-ID_BYTES = 4  # a client id on the wire
-RING_BITS = (32, 64)
-ROUND_NAMES = ("advertise_keys", "share_keys", "masked_input", "unmask")
-
-
-class SecAggError(RuntimeError):
-    """A secure-aggregation round could not complete (too few clients, a protocol
-    violation); no sum is returned."""
-
-
-# --- configuration and quantization ----------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """Protocol parameters, validated on construction (a bad value is a `UserError`).
-
-    n_clients: clients in the round (>= 2); client ids are 0 .. n_clients - 1.
-    threshold: t, shares needed to reconstruct a secret; n_clients / 2 < t <= n_clients.
-      At most n_clients - t clients may drop out.
-    bound: inputs are clipped to [-bound, bound].
-    scale_bits: fixed-point precision, scale = 2**scale_bits.
-    ring_bits: masks and sums live in Z_{2^ring_bits}; 32 or 64.
-    """
-
-    n_clients: int
-    threshold: int
-    bound: float
-    scale_bits: int
-    ring_bits: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("n_clients", "threshold", "scale_bits", "ring_bits"):
-            value = getattr(self, name)
-            if not _is_int(value):
-                raise UserError(f"secure aggregation {name}: expected an integer, got {value!r}")
-        n, t = self.n_clients, self.threshold
-        if n < 2:
-            raise UserError(f"secure aggregation n_clients: expected at least 2 clients, got {n}")
-        if not n < 2 * t <= 2 * n:
-            raise UserError(
-                f"secure aggregation threshold: expected n_clients/2 < threshold <= n_clients "
-                f"({n / 2:g} < t <= {n}), got {t}"
-            )
-        if self.ring_bits not in RING_BITS:
-            raise UserError(f"secure aggregation ring_bits: expected 32 or 64, got {self.ring_bits}")
-        if not 0 <= self.scale_bits <= self.ring_bits - 2:
-            raise UserError(
-                f"secure aggregation scale_bits: expected 0 <= scale_bits <= {self.ring_bits - 2}, "
-                f"got {self.scale_bits}"
-            )
-        if not (isinstance(self.bound, (int, float, np.number)) and np.isfinite(self.bound) and self.bound > 0):
-            raise UserError(f"secure aggregation bound: expected a finite number > 0, got {self.bound!r}")
-        if self.max_level < 1:
-            raise UserError(
-                f"secure aggregation scale_bits: bound * 2**scale_bits = {self.bound * self.scale:g} "
-                f"rounds to 0, so every input would quantize to 0; raise scale_bits"
-            )
-        limit = 2 ** (self.ring_bits - 1) - 1
-        if n * self.max_level > limit:
-            raise UserError(
-                f"secure aggregation: n_clients * round(bound * 2**scale_bits) = {n} * "
-                f"{self.max_level} = {n * self.max_level} exceeds 2**{self.ring_bits - 1} - 1, so "
-                f"the sum could wrap around; lower scale_bits or bound"
-                + (", or use ring_bits = 64" if self.ring_bits == 32 else "")
-            )
-
-    @property
-    def scale(self) -> float:
-        return float(2**self.scale_bits)
-
-    @property
-    def max_level(self) -> int:
-        """The largest quantized magnitude, round(bound * scale)."""
-        return int(np.rint(float(self.bound) * self.scale))
-
-    @property
-    def dtype(self) -> type[np.unsignedinteger]:
-        """The ring's numpy dtype (arithmetic wraps mod 2**ring_bits)."""
-        return np.uint32 if self.ring_bits == 32 else np.uint64
-
-    @property
-    def _signed(self) -> type[np.signedinteger]:
-        return np.int32 if self.ring_bits == 32 else np.int64
-
-
-def quantize(x: np.ndarray, cfg: SecAggConfig) -> np.ndarray:
-    """Clip a 1-D float vector to [-bound, bound] and map it to the ring (fixed point).
-
-    Returns ``round(clip(x) * 2**scale_bits)`` in two's complement as ``cfg.dtype``.
-    NaN or infinite values raise ValueError.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"quantize: expected a non-empty 1-D vector, got shape {x.shape}; flatten it first")
-    bad = int(np.count_nonzero(~np.isfinite(x)))
-    if bad:
-        raise ValueError(f"quantize: {bad} of {x.size} values are NaN or infinite; expected finite values")
-    levels = np.rint(np.clip(x, -cfg.bound, cfg.bound) * cfg.scale)
-    return levels.astype(cfg._signed).view(cfg.dtype)
-
-
-def dequantize(total: np.ndarray, cfg: SecAggConfig, n_summed: int) -> np.ndarray:
-    """Decode a ring vector holding the sum of `n_summed` quantized vectors, as float64.
-
-    Raises ValueError when an entry lies outside ±n_summed * max_level, i.e. the vector
-    cannot be such a sum (wrong n_summed, or masks that were not removed).
-    """
-    total = np.asarray(total)
-    if total.dtype != cfg.dtype or total.ndim != 1:
-        raise ValueError(
-            f"dequantize: expected a 1-D {np.dtype(cfg.dtype).name} vector, got {total.dtype} {total.shape}"
-        )
-    if not _is_int(n_summed) or not 1 <= n_summed <= cfg.n_clients:
-        raise ValueError(f"dequantize: expected 1 <= n_summed <= {cfg.n_clients}, got {n_summed!r}")
-    signed = total.view(cfg._signed)
-    limit = n_summed * cfg.max_level
-    outside = int(np.count_nonzero((signed > limit) | (signed < -limit)))
-    if outside:
-        raise ValueError(
-            f"dequantize: {outside} of {total.size} entries lie outside ±{limit} = n_summed * "
-            f"max_level, so this is not a sum of {n_summed} quantized vectors"
-        )
-    return signed.astype(np.float64) / cfg.scale
-
-
-def quantization_error_bound(cfg: SecAggConfig, n_summed: int) -> float:
-    """Max abs error, per entry, of the dequantized sum of `n_summed` clients against the
-    exact sum of their clipped inputs: half a quantization step per client (plus float64
-    rounding of a 64-bit integer when ring_bits = 64)."""
-    conversion = n_summed * cfg.max_level * 2.0**-53 / cfg.scale if cfg.ring_bits == 64 else 0.0
-    return n_summed * 0.5 / cfg.scale + conversion
-
-
-# --- primitives, all from `cryptography` ------------------------------------------
-
-
-def _hkdf(ikm: bytes, info: bytes, length: int = KEY_BYTES) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=DOMAIN + info).derive(ikm)
-
-
-def _pair(u: int, v: int) -> bytes:
-    """The unordered pair {u, v}, so both ends derive the same key."""
-    return struct.pack("<II", min(u, v), max(u, v))
-
-
-def _direction(sender: int, recipient: int) -> bytes:
-    return struct.pack("<II", sender, recipient)
-
-
-def _prg(seed: bytes, purpose: bytes, length: int, cfg: SecAggConfig) -> np.ndarray:
-    """`length` ring elements of ChaCha20 keystream under a key derived from `seed`."""
-    key = _hkdf(seed, b"/prg/" + purpose)
-    # Each key expands exactly one stream, so a fixed nonce is safe.
-    encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    stream = encryptor.update(bytes(length * cfg.ring_bits // 8))
-    return np.frombuffer(stream, dtype=np.dtype(cfg.dtype).newbyteorder("<")).astype(cfg.dtype)
-
-
-def _self_mask(seed: bytes, length: int, cfg: SecAggConfig) -> np.ndarray:
-    return _prg(seed, b"self", length, cfg)
-
-
-def _pairwise_mask(
-    own: X25519PrivateKey, peer_public: bytes, u: int, v: int, length: int, cfg: SecAggConfig
-) -> np.ndarray:
-    """PRG(s_uv) with s_uv = HKDF(X25519(s_u^SK, s_v^PK)); the same for (u, v) and (v, u)."""
-    shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return _prg(_hkdf(shared, b"/pair-seed/" + _pair(u, v)), b"pair", length, cfg)
-
-
-def _share_cipher(own: X25519PrivateKey, peer_public: bytes, u: int, v: int) -> ChaCha20Poly1305:
-    shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    return ChaCha20Poly1305(_hkdf(shared, b"/share-key/" + _pair(u, v)))
-
-
-def _public_bytes(key: X25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def _private_bytes(key: X25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-
-
-class _Randomness:
-    """os.urandom, or (tests only) bytes derived from a seed with HKDF, one per label."""
-
-    def __init__(self, seed: bytes | None) -> None:
-        self._seed = seed
-        self._used: set[str] = set()
-
-    def draw(self, label: str, n: int) -> bytes:
-        if self._seed is None:
-            return os.urandom(n)
-        if label in self._used:
-            raise RuntimeError(f"seeded randomness: label {label!r} drawn twice")
-        self._used.add(label)
-        return _hkdf(self._seed, b"/seeded/" + label.encode(), n)
-
-
-# --- messages (the only things that cross between clients and server) --------------
-
-
-@dataclass(frozen=True)
-class KeyAdvertisement:
-    """Round 0, client -> server: the client's two public keys."""
-
-    client_id: int
-    cipher_public_key: bytes  # c_u^PK, to encrypt shares sent to u
-    mask_public_key: bytes  # s_u^PK, to agree pairwise mask seeds with u
-
-    @property
-    def nbytes(self) -> int:
-        return ID_BYTES + 2 * KEY_BYTES
-
-
-@dataclass(frozen=True)
-class KeyList:
-    """Round 0, server -> every client in U1 (broadcast)."""
-
-    keys: tuple[KeyAdvertisement, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes for k in self.keys)
-
-
-@dataclass(frozen=True)
-class EncryptedShares:
-    """One client's three Shamir shares (b, s^SK low half, s^SK high half) for another,
-    encrypted so only the recipient can read them."""
-
-    sender: int
-    recipient: int
-    nonce: bytes
-    ciphertext: bytes
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * ID_BYTES + len(self.nonce) + len(self.ciphertext)
-
-
-@dataclass(frozen=True)
-class ShareUpload:
-    """Round 1, client -> server: encrypted shares for every other client in U1."""
-
-    sender: int
-    shares: tuple[EncryptedShares, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return ID_BYTES + sum(s.nbytes for s in self.shares)
-
-
-@dataclass(frozen=True)
-class ShareInbox:
-    """Round 1, server -> client: the encrypted shares addressed to it, from U2."""
-
-    recipient: int
-    shares: tuple[EncryptedShares, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return ID_BYTES + sum(s.nbytes for s in self.shares)
-
-
-@dataclass(frozen=True, eq=False)
-class MaskedInput:
-    """Round 2, client -> server: y_u, uniformly distributed on the ring to the server."""
-
-    sender: int
-    masked: np.ndarray
-
-    def __post_init__(self) -> None:
-        masked = np.array(self.masked, copy=True)
-        masked.flags.writeable = False
-        object.__setattr__(self, "masked", masked)
-
-    @property
-    def nbytes(self) -> int:
-        return ID_BYTES + self.masked.nbytes
-
-
-@dataclass(frozen=True)
-class UnmaskRequest:
-    """Round 2, server -> every client in U3: who survived (U3). Clients work out who
-    dropped (U2 minus U3) themselves."""
-
-    survivors: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return ID_BYTES * (1 + len(self.survivors))
-
-
-@dataclass(frozen=True)
-class UnmaskResponse:
-    """Round 3, client -> server: shares of b_w for survivors w, and of s_v^SK (two
-    halves) for dropped v; never both for one client."""
-
-    sender: int
-    self_mask_shares: tuple[tuple[int, bytes], ...]  # (owner w, share of b_w)
-    mask_key_shares: tuple[tuple[int, bytes, bytes], ...]  # (owner v, share of s_v^SK[:16], of [16:])
-
-    @property
-    def nbytes(self) -> int:
-        return (
-            ID_BYTES
-            + len(self.self_mask_shares) * (ID_BYTES + SECRET_BYTES)
-            + len(self.mask_key_shares) * (ID_BYTES + 2 * SECRET_BYTES)
-        )
-
-
-# --- client ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _HeldShares:
-    self_mask: bytes
-    mask_key_low: bytes
-    mask_key_high: bytes
-
-
-class SecAggClient:
-    """One client: call advertise_keys, share_keys, masked_input, unmask, in order.
-
-    `seed` (tests only) makes keys and b_u reproducible; see the module docstring.
-    """
-
-    def __init__(self, client_id: int, cfg: SecAggConfig, *, seed: bytes | None = None) -> None:
-        if not _is_int(client_id) or not 0 <= client_id < cfg.n_clients:
-            raise ValueError(f"SecAggClient: expected a client id in 0..{cfg.n_clients - 1}, got {client_id!r}")
-        self._id = int(client_id)
-        self._cfg = cfg
-        self._random = _Randomness(seed)
-        self._cipher_key = X25519PrivateKey.from_private_bytes(self._random.draw("cipher key", KEY_BYTES))
-        self._mask_key: X25519PrivateKey | None = X25519PrivateKey.from_private_bytes(
-            self._random.draw("mask key", KEY_BYTES)
-        )
-        self._stage = "new"
-        self._advertised: KeyAdvertisement | None = None
-        self._peer_keys: dict[int, KeyAdvertisement] = {}  # U1
-        self._self_seed: bytes | None = None  # b_u, forgotten after round 2
-        self._held: dict[int, _HeldShares] = {}  # shares this client holds, by owner
-        self._u2: frozenset[int] = frozenset()
-
-    @property
-    def client_id(self) -> int:
-        return self._id
-
-    def _advance(self, expected: str, new: str, call: str) -> None:
-        if self._stage != expected:
-            raise SecAggError(f"client {self._id}: {call} called at stage {self._stage!r}, expected {expected!r}")
-        self._stage = new
-
-    def advertise_keys(self) -> KeyAdvertisement:
-        """Round 0: the two public keys."""
-        self._advance("new", "advertised", "advertise_keys")
-        self._advertised = KeyAdvertisement(self._id, _public_bytes(self._cipher_key), _public_bytes(self._mask_key))
-        return self._advertised
-
-    def share_keys(self, key_list: KeyList) -> ShareUpload:
-        """Round 1: Shamir-share b_u and s_u^SK, one encrypted bundle per other client."""
-        self._advance("advertised", "shared", "share_keys")
-        cfg, u = self._cfg, self._id
-        keys = {k.client_id: k for k in key_list.keys}
-        if len(keys) != len(key_list.keys) or not set(keys) <= set(range(cfg.n_clients)):
-            raise SecAggError(f"client {u}: the key list has repeated or unknown client ids")
-        if keys.get(u) != self._advertised:
-            raise SecAggError(f"client {u}: the key list does not hold this client's own keys")
-        publics = [p for k in keys.values() for p in (k.cipher_public_key, k.mask_public_key)]
-        if len(set(publics)) != len(publics):
-            raise SecAggError(f"client {u}: the key list repeats a public key")
-        _require_quorum(f"client {u} in round 1 (share keys)", len(keys), cfg.n_clients, cfg.threshold)
-        self._peer_keys = keys
-
-        self._self_seed = self._random.draw("self-mask seed", SECRET_BYTES)
-        mask_secret = _private_bytes(self._mask_key)
-        splits = [
-            Shamir.split(cfg.threshold, cfg.n_clients, secret)
-            for secret in (self._self_seed, mask_secret[:SECRET_BYTES], mask_secret[SECRET_BYTES:])
-        ]
-        bundles = {}
-        for position, per_secret in enumerate(zip(*splits)):
-            indices = {index for index, _ in per_secret}
-            assert indices == {position + 1}, "pycryptodome numbers shares 1..n"
-            bundles[position] = _HeldShares(*(share for _, share in per_secret))
-        self._held = {u: bundles[u]}
-
-        encrypted = []
-        for v in sorted(keys):
-            if v == u:
-                continue
-            bundle = bundles[v]
-            plaintext = _direction(u, v) + bundle.self_mask + bundle.mask_key_low + bundle.mask_key_high
-            nonce = os.urandom(NONCE_BYTES)
-            cipher = _share_cipher(self._cipher_key, keys[v].cipher_public_key, u, v)
-            ciphertext = cipher.encrypt(nonce, plaintext, DOMAIN + _direction(u, v))
-            encrypted.append(EncryptedShares(u, v, nonce, ciphertext))
-        return ShareUpload(u, tuple(encrypted))
-
-    def masked_input(self, x: np.ndarray, inbox: ShareInbox) -> MaskedInput:
-        """Round 2: decrypt the shares from U2, then send y_u (quantized x plus masks)."""
-        self._advance("shared", "masked", "masked_input")
-        cfg, u = self._cfg, self._id
-        if inbox.recipient != u:
-            raise SecAggError(f"client {u}: received the share inbox of client {inbox.recipient}")
-        for item in inbox.shares:
-            v = item.sender
-            if item.recipient != u or v == u or v not in self._peer_keys or v in self._held:
-                raise SecAggError(f"client {u}: unexpected share bundle from {v} to {item.recipient}")
-            cipher = _share_cipher(self._cipher_key, self._peer_keys[v].cipher_public_key, u, v)
-            try:
-                plaintext = cipher.decrypt(item.nonce, item.ciphertext, DOMAIN + _direction(v, u))
-            except InvalidTag:
-                raise SecAggError(f"client {u}: the shares from client {v} fail authentication") from None
-            if plaintext[: 2 * ID_BYTES] != _direction(v, u) or len(plaintext) != 2 * ID_BYTES + 3 * SECRET_BYTES:
-                raise SecAggError(f"client {u}: malformed share bundle from client {v}")
-            body = plaintext[2 * ID_BYTES :]
-            self._held[v] = _HeldShares(body[:SECRET_BYTES], body[SECRET_BYTES:-SECRET_BYTES], body[-SECRET_BYTES:])
-        self._u2 = frozenset(self._held)
-        _require_quorum(f"client {u} in round 2 (masked input)", len(self._u2), len(self._peer_keys), cfg.threshold)
-
-        y = quantize(x, cfg)
-        y = y + _self_mask(self._self_seed, y.size, cfg)
-        for v in sorted(self._u2 - {u}):
-            mask = _pairwise_mask(self._mask_key, self._peer_keys[v].mask_public_key, u, v, y.size, cfg)
-            y = y + mask if v > u else y - mask
-        # b_u and s_u^SK are no longer needed: only shares of them remain with the clients.
-        self._self_seed = None
-        self._mask_key = None
-        return MaskedInput(u, y)
-
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Round 3, answered once: b-shares of survivors, s^SK-shares of dropped clients."""
-        self._advance("masked", "done", "unmask")
-        u = self._id
-        survivors = set(request.survivors)
-        if len(survivors) != len(request.survivors) or not survivors <= self._u2 or u not in survivors:
-            raise SecAggError(f"client {u}: the survivor list must be distinct clients of U2 including this one")
-        _require_quorum(f"client {u} in round 3 (unmask)", len(survivors), len(self._u2), self._cfg.threshold)
-        dropped = self._u2 - survivors
-        return UnmaskResponse(
-            u,
-            tuple((w, self._held[w].self_mask) for w in sorted(survivors)),
-            tuple((v, self._held[v].mask_key_low, self._held[v].mask_key_high) for v in sorted(dropped)),
-        )
-
-
-# --- server ----------------------------------------------------------------------
-
-
-def _require_quorum(where: str, count: int, expected: int, threshold: int) -> None:
-    if count < threshold:
-        raise SecAggError(
-            f"secure aggregation failed at {where}: {count} of {expected} clients responded, "
-            f"the threshold is {threshold}; no sum is returned"
-        )
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from shared.secagg_client import SecAggClient
+from shared.secagg_messages import (
+    EncryptedShares,
+    KeyAdvertisement,
+    KeyList,
+    MaskedInput,
+    ShareInbox,
+    ShareUpload,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from shared.secagg_ring import (
+    DOMAIN,
+    ROUND_NAMES,
+    SecAggConfig,
+    SecAggError,
+    dequantize,
+    pairwise_mask,
+    require_quorum,
+    self_mask,
+)
 
 
 def _unique_senders(senders: Sequence[int], allowed: set[int] | frozenset[int], round_name: str) -> set[int]:
@@ -620,7 +153,7 @@ class SecAggServer:
         self._advance(0, "collect_keys")
         cfg = self._cfg
         _unique_senders([a.client_id for a in adverts], set(range(cfg.n_clients)), "0 (advertise keys)")
-        _require_quorum("round 0 (advertise keys)", len(adverts), cfg.n_clients, cfg.threshold)
+        require_quorum("round 0 (advertise keys)", len(adverts), cfg.n_clients, cfg.threshold)
         self._keys = {a.client_id: a for a in adverts}
         return KeyList(tuple(self._keys[u] for u in sorted(self._keys)))
 
@@ -629,7 +162,7 @@ class SecAggServer:
         self._advance(1, "route_shares")
         u1 = set(self._keys)
         u2 = _unique_senders([up.sender for up in uploads], u1, "1 (share keys)")
-        _require_quorum("round 1 (share keys)", len(u2), len(u1), self._cfg.threshold)
+        require_quorum("round 1 (share keys)", len(u2), len(u1), self._cfg.threshold)
         for up in uploads:
             recipients = [s.recipient for s in up.shares]
             if any(s.sender != up.sender for s in up.shares) or sorted(recipients) != sorted(u1 - {up.sender}):
@@ -649,7 +182,7 @@ class SecAggServer:
         self._advance(2, "collect_masked_inputs")
         cfg = self._cfg
         u3 = _unique_senders([m.sender for m in masked], self._u2, "2 (masked input)")
-        _require_quorum("round 2 (masked input)", len(u3), len(self._u2), cfg.threshold)
+        require_quorum("round 2 (masked input)", len(u3), len(self._u2), cfg.threshold)
         length = masked[0].masked.shape
         for m in masked:
             if m.masked.dtype != cfg.dtype or m.masked.ndim != 1 or m.masked.shape != length:
@@ -670,7 +203,7 @@ class SecAggServer:
         self._advance(3, "unmask")
         cfg = self._cfg
         u4 = _unique_senders([r.sender for r in responses], self._u3, "3 (unmask)")
-        _require_quorum("round 3 (unmask)", len(u4), len(self._u3), cfg.threshold)
+        require_quorum("round 3 (unmask)", len(u4), len(self._u3), cfg.threshold)
         dropped = self._u2 - self._u3
         for r in responses:
             owners_b = [w for w, _ in r.self_mask_shares]
@@ -684,23 +217,20 @@ class SecAggServer:
         for i, w in enumerate(sorted(self._u3)):
             seed = Shamir.combine([(r.sender + 1, r.self_mask_shares[i][1]) for r in quorum])
             self._self_mask_seeds[w] = seed
-            total -= _self_mask(seed, length, cfg)
+            total -= self_mask(seed, length, cfg)
         for i, v in enumerate(sorted(dropped)):
             low = Shamir.combine([(r.sender + 1, r.mask_key_shares[i][1]) for r in quorum])
             high = Shamir.combine([(r.sender + 1, r.mask_key_shares[i][2]) for r in quorum])
             self._dropped_mask_keys[v] = low + high
             key = X25519PrivateKey.from_private_bytes(low + high)
             for u in sorted(self._u3):
-                mask = _pairwise_mask(key, self._keys[u].mask_public_key, v, u, length, cfg)
+                mask = pairwise_mask(key, self._keys[u].mask_public_key, v, u, length, cfg)
                 # survivor u added +mask for v > u and -mask for v < u; undo that
                 total = total - mask if v > u else total + mask
         try:
             return dequantize(total, cfg, n_summed=len(self._u3))
         except ValueError as error:
             raise SecAggError(f"server in round 3: unmasking failed ({error})") from None
-
-
-# --- the whole protocol in one process ----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -802,6 +332,8 @@ def secure_sum(
         rounds=tuple(rounds),
         seconds=time.perf_counter() - start,
     )
+
+
 
 
 if __name__ == "__main__":  # benchmark: uv run python -m shared.secagg

@@ -1,4 +1,4 @@
-"""`tff-apps`: list apps, run or resume a job, list runs, score a CSV with an exported model, audit a run, run the demo, serve a TFF worker.
+"""`tff-apps`: list apps, run or resume a job, list runs, score a CSV with an exported model, audit a run, run the demo, serve a TFF worker, print the configuration reference.
 
 Exit codes: 0 success (also: the run id had already succeeded, nothing was done), 2 user
 error (one line on stderr, no traceback; also a run id another live process holds), 3 refused by the
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run every app on its embedded default data")
     demo.add_argument("--runs-dir", default="runs", help="where the demo runs go (default: runs)")
+
+    config = commands.add_parser("config", help="print the configuration reference (docs/configuration.md)")
+    config.add_argument(
+        "--docs", action="store_true", required=True,
+        help="print every job key as markdown, generated from the config dataclasses",
+    )
     return parser
 
 
@@ -142,6 +148,12 @@ def command_runs(args) -> None:
         print(f"no runs in {args.runs_dir}" + (f" for app {args.app}" if args.app else ""))
         return
     print(table(records))
+
+
+def command_config(_args) -> None:
+    from tff_apps.config_docs import render
+
+    sys.stdout.write(render())
 
 
 def command_demo(args) -> None:
@@ -230,7 +242,7 @@ def command_audit(args) -> None:
 COMMANDS = {
     "apps": command_apps, "run": command_run, "runs": command_runs, "predict": command_predict,
     "score": command_score, "audit": command_audit,
-    "demo": command_demo, "worker": command_worker,
+    "demo": command_demo, "worker": command_worker, "config": command_config,
 }
 
 

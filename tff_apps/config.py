@@ -3,7 +3,9 @@
 Resolution order: the app's `default.toml`, then the user's job file (`--config`),
 then `--set section.key=value` overrides. Every section is a frozen dataclass; a
 field's type annotation and its `metadata` ("choices", "min", "max", "exclusive_min")
-are the whole schema, so the rules live next to the defaults they constrain.
+are the whole schema, so the rules live next to the defaults they constrain. Every field
+also carries metadata "doc", what the key means: `tff_apps.config_docs` renders the
+configuration reference (docs/configuration.md) from them; validation ignores it.
 """
 
 from __future__ import annotations
@@ -28,65 +30,109 @@ from tff_apps.privacy.dp_config import PrivacySection
 class JobSection:
     """Who runs, with which seed, and where the outputs go."""
 
-    app: str = ""
-    seed: int = field(default=0, metadata={"min": 0})
-    runs_dir: str = "runs"
-    run_id: str = ""
-    description: str = ""
-    # Warm start: "" = off; "latest" = the latest succeeded run of this app in runs_dir with an
-    # export; or an export path (a run's export/ folder, a servable folder or a version folder).
-    init_from: str = ""
+    app: str = field(default="", metadata={"doc": "The app to run when none is named on the command line (`tff-apps run --config FILE`)."})
+    seed: int = field(default=0, metadata={"min": 0, "doc": (
+        "Seed of every random choice: splits, sampling, shuffling, initial weights. DP noise and secure-aggregation "
+        "keys come from the operating system's secure random source instead."
+    )})
+    runs_dir: str = field(default="runs", metadata={"doc": (
+        "Where run folders go (`<runs_dir>/<app>/<run_id>/`), with the run registry `runs.sqlite`."
+    )})
+    run_id: str = field(default="", metadata={"doc": (
+        "The run folder's name (`--run-id`); empty = a timestamp. A run id that succeeded is not retrained; a failed "
+        "or interrupted one resumes from its last checkpoint."
+    )})
+    description: str = field(default="", metadata={"doc": "Free text kept with the run; it may change when a run id is resumed."})
+    init_from: str = field(default="", metadata={"doc": (
+        "Warm start: empty = off; `latest` = the export of the latest succeeded run of this app in `runs_dir`; or an "
+        "export path (a run's `export/` folder, a servable folder or a version folder). Finance refuses it."
+    )})
 
 
 @dataclass(frozen=True)
 class TrainSection:
     """The federated algorithm and its schedule (parameter names as in the papers)."""
 
-    algorithm: str = field(
-        default="fedavg", metadata={"choices": ("fedavg", "fedavg_unweighted", "fedprox")}
-    )
-    rounds: int = field(default=20, metadata={"min": 1, "max": 100_000})
-    clients_per_round: int = field(default=0, metadata={"min": 0})  # 0 = every client
-    local_epochs: int = field(default=1, metadata={"min": 1, "max": 1000})
-    local_steps: int = field(default=0, metadata={"min": 0})  # >0: that many batches per round instead of epochs
-    batch_size: int = field(default=16, metadata={"min": 1})
-    client_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam")})
-    client_learning_rate: float = field(default=0.1, metadata={"exclusive_min": 0.0})
-    proximal_strength: float = field(default=0.01, metadata={"min": 0.0})  # FedProx mu
-    server_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "yogi")})
-    server_learning_rate: float = field(default=1.0, metadata={"exclusive_min": 0.0})
-    server_momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999})
-    eval_every: int = field(default=5, metadata={"min": 1})
-    checkpoint_every: int = field(default=5, metadata={"min": 0})  # rounds; 0 = no checkpoints
-    # tff = TFF's stock simulation (one runtime slot per client); grouped = the round's clients
-    # trained in one TFF call, same mathematics (tff_apps/learning/grouped.py)
-    engine: str = field(default="tff", metadata={"choices": ("tff", "grouped")})
+    algorithm: str = field(default="fedavg", metadata={
+        "choices": ("fedavg", "fedavg_unweighted", "fedprox"),
+        "doc": "`fedavg` (mean weighted by examples), `fedavg_unweighted` (every client counts once) or `fedprox`.",
+    })
+    rounds: int = field(default=20, metadata={"min": 1, "max": 100_000, "doc": (
+        "Federated rounds (finance: epochs over the aligned training customers)."
+    )})
+    clients_per_round: int = field(default=0, metadata={"min": 0, "doc": (
+        "Clients sampled per round, uniformly without replacement, seeded; 0 = every client."
+    )})
+    local_epochs: int = field(default=1, metadata={"min": 1, "max": 1000, "doc": (
+        "Passes over its training rows each client makes per round."
+    )})
+    local_steps: int = field(default=0, metadata={"min": 0, "doc": (
+        "If > 0: that many batches per round instead of `local_epochs` (rows drawn without replacement, seeded)."
+    )})
+    batch_size: int = field(default=16, metadata={"min": 1, "doc": "Client batch size (finance: customers per step)."})
+    client_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam"), "doc": (
+        "The clients' optimizer, restarted every round (finance: every party's optimizer)."
+    )})
+    client_learning_rate: float = field(default=0.1, metadata={"exclusive_min": 0.0, "doc": (
+        "Client step size (finance: every party's learning rate)."
+    )})
+    proximal_strength: float = field(default=0.01, metadata={"min": 0.0, "doc": "FedProx μ (`algorithm = \"fedprox\"` only)."})
+    server_optimizer: str = field(default="sgd", metadata={"choices": ("sgd", "adam", "yogi"), "doc": (
+        "The server's optimizer on the aggregated update: `sgd` (with `server_momentum`), `adam` or `yogi`."
+    )})
+    server_learning_rate: float = field(default=1.0, metadata={"exclusive_min": 0.0, "doc": (
+        "Server step size (1.0 with SGD is plain FedAvg)."
+    )})
+    server_momentum: float = field(default=0.0, metadata={"min": 0.0, "max": 0.999, "doc": "Server SGD momentum."})
+    eval_every: int = field(default=5, metadata={"min": 1, "doc": (
+        "Evaluate the global model every N rounds and after the last (finance: epochs between evaluations)."
+    )})
+    checkpoint_every: int = field(default=5, metadata={"min": 0, "doc": (
+        "Save a checkpoint every N rounds and after the last; 0 = none (a resumed run then starts over)."
+    )})
+    engine: str = field(default="tff", metadata={"choices": ("tff", "grouped"), "doc": (
+        "`tff`: TFF's stock simulation, one runtime slot per client; `grouped`: a round's clients trained in one TFF "
+        "call, the same mathematics (tff_apps/learning/grouped.py; docs/engine-speed.md)."
+    )})
 
 
 @dataclass(frozen=True)
 class PreprocessSection:
     """How features are normalized: federated statistics, or each site's own (to compare)."""
 
-    normalization: str = field(
-        default="federated", metadata={"choices": ("federated", "per_site")}
-    )
+    normalization: str = field(default="federated", metadata={"choices": ("federated", "per_site"), "doc": (
+        "`federated`: statistics from every site's aggregates through secure sum; `per_site`: each site its own "
+        "(to compare). Unused by finance, whose parties encode their own columns."
+    )})
 
 
 @dataclass(frozen=True)
 class EvaluateSection:
     """Held-out split and the baselines computed in the same run."""
 
-    test_fraction: float = field(default=0.25, metadata={"exclusive_min": 0.0, "max": 0.9})
-    centralized_baseline: bool = True
-    local_baseline: bool = True
-    baseline_epochs: int = field(default=0, metadata={"min": 0})  # 0 = rounds * local_epochs
+    test_fraction: float = field(default=0.25, metadata={"exclusive_min": 0.0, "max": 0.9, "doc": (
+        "Held-out share: healthcare, stratified and seeded at each site; finance, of the aligned customers "
+        "(stratified on the label). Traffic splits time 70 / 10 / 20 instead."
+    )})
+    centralized_baseline: bool = field(default=True, metadata={"doc": (
+        "Also train the same model on the pooled training rows (the only code that pools them)."
+    )})
+    local_baseline: bool = field(default=True, metadata={"doc": (
+        "Also train one model per site on its own rows (finance: the lender alone on its own columns)."
+    )})
+    baseline_epochs: int = field(default=0, metadata={"min": 0, "doc": (
+        "Baseline training epochs; 0 = `train.rounds` × `train.local_epochs` (finance: `train.rounds`). Traffic "
+        "baselines take as many steps as federated training instead."
+    )})
 
 
 @dataclass(frozen=True)
 class ExportSection:
     """Whether to write a SavedModel for serving."""
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata={"doc": (
+        "Write the export: a SavedModel as TF Serving reads it, its model card and weights."
+    )})
 
 
 ENGINE_SECTIONS: dict[str, type] = {

@@ -63,28 +63,57 @@ __all__ = ["DataConfig", "District", "TrafficData", "load"]
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The [data] section of a traffic job. Field metadata drives config validation: 'choices', 'min', 'max', 'exclusive_min'."""
+    """The [data] section of a traffic job.
 
-    source: str = field(default="generator", metadata={"choices": ("generator", "csv")})
+    Field metadata drives config validation ('choices', 'min', 'max', 'exclusive_min') and the
+    configuration reference ('doc').
+    """
+
+    source: str = field(default="generator", metadata={"choices": ("generator", "csv"), "doc": (
+        "`generator`: a seeded road-network simulator calibrated to METR-LA statistics; `csv`: your speeds file, "
+        "METR-LA / PEMS-BAY style (docs/traffic.md)."
+    )})
     # generator
-    n_districts: int = field(default=6, metadata={"min": 2, "max": 50})
-    sensors_per_district: int = field(default=12, metadata={"min": 2, "max": 500})
-    days: int = field(default=28, metadata={"min": 7, "max": 400})
+    n_districts: int = field(default=6, metadata={"min": 2, "max": 50, "doc": "generator: road districts (the clients)."})
+    sensors_per_district: int = field(default=12, metadata={"min": 2, "max": 500, "doc": "generator: sensors per district."})
+    days: int = field(default=28, metadata={"min": 7, "max": 400, "doc": "generator: days of 5-minute readings."})
     # csv (METR-LA / PEMS-BAY style)
-    path: str = ""  # the speeds CSV
-    layout: str = field(default="wide", metadata={"choices": ("wide", "long")})
-    timestamp_column: str = ""  # wide: empty -> first column if not numeric, else a fixed interval from start_time; long: empty -> "timestamp"
-    start_time: str = "2012-03-01 00:00:00"  # used when there is no timestamp column (and as the generator's start)
-    interval_minutes: int = field(default=5, metadata={"min": 1, "max": 60})
-    sensor_column: str = "sensor_id"  # long layout, and the sensor column of the metadata file
-    value_column: str = "speed"  # long layout
-    metadata_path: str = ""  # sensor metadata CSV: sensor_id + district, or sensor_id + latitude/longitude
-    district_column: str = "district"
-    latitude_column: str = "latitude"
-    longitude_column: str = "longitude"
-    n_clusters: int = field(default=5, metadata={"min": 2, "max": 100})  # districts from coordinates (KMeans, seeded)
-    missing_values: str = field(default="zero_or_empty", metadata={"choices": ("zero_or_empty", "empty")})  # METR-LA writes missing readings as 0
-    min_sensors_per_district: int = field(default=1, metadata={"min": 1})
+    path: str = field(default="", metadata={"doc": "csv: the speeds file."})
+    layout: str = field(default="wide", metadata={"choices": ("wide", "long"), "doc": (
+        "csv: `wide` (a timestamp column and one column per sensor, as METR-LA / PEMS-BAY exports) or `long` "
+        "(timestamp, sensor, value rows)."
+    )})
+    timestamp_column: str = field(default="", metadata={"doc": (
+        "csv: the timestamp column. Empty: wide, the first column if it is not numeric, else readings every "
+        "`interval_minutes` from `start_time`; long, `timestamp`."
+    )})
+    start_time: str = field(default="2012-03-01 00:00:00", metadata={"doc": (
+        "The first reading's time when there is no timestamp column (and the generator's start)."
+    )})
+    interval_minutes: int = field(default=5, metadata={"min": 1, "max": 60, "doc": (
+        "Minutes between readings: the regular grid timestamps must fall on."
+    )})
+    sensor_column: str = field(default="sensor_id", metadata={"doc": (
+        "csv: the sensor column of the long layout and of the metadata file."
+    )})
+    value_column: str = field(default="speed", metadata={"doc": "csv, long layout: the speed column."})
+    metadata_path: str = field(default="", metadata={"doc": (
+        "csv (required): sensor metadata mapping each sensor to `district_column`, or to "
+        "`latitude_column`/`longitude_column` clustered into `n_clusters` districts."
+    )})
+    district_column: str = field(default="district", metadata={"doc": "csv metadata: the district column."})
+    latitude_column: str = field(default="latitude", metadata={"doc": "csv metadata: the latitude column."})
+    longitude_column: str = field(default="longitude", metadata={"doc": "csv metadata: the longitude column."})
+    n_clusters: int = field(default=5, metadata={"min": 2, "max": 100, "doc": (
+        "csv metadata without districts: districts made from the coordinates (KMeans, seeded)."
+    )})
+    missing_values: str = field(default="zero_or_empty", metadata={"choices": ("zero_or_empty", "empty"), "doc": (
+        "`zero_or_empty`: a reading of 0 or an empty cell is missing (METR-LA writes missing readings as 0); "
+        "`empty`: only empty cells."
+    )})
+    min_sensors_per_district: int = field(default=1, metadata={"min": 1, "doc": (
+        "Fewest sensors with readings a district may keep."
+    )})
 
 
 @dataclass

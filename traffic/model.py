@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 class ModelConfig:
     """The [model] section of a traffic job."""
 
-    kind: str = field(default="mlp", metadata={"choices": ("mlp", "gru")})
-    hidden_units: int = field(default=64, metadata={"min": 1, "max": 4096})
+    kind: str = field(default="mlp", metadata={"choices": ("mlp", "gru"), "doc": (
+        "`mlp` (fast feed-forward) or `gru` (a sequence model over the hour of history)."
+    )})
+    hidden_units: int = field(default=64, metadata={"min": 1, "max": 4096, "doc": "Width of the hidden layers."})
 
 
 def masked_mae(y_true, y_pred):

@@ -9,17 +9,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from shared.errors import UserError
-from shared.secagg import (
-    SecAggClient,
-    SecAggConfig,
-    SecAggError,
-    SecAggServer,
-    dequantize,
-    quantization_error_bound,
-    quantize,
-    secure_sum,
-)
-from shared.secagg import _pairwise_mask, _self_mask  # the curious server's tools
+from shared.secagg import SecAggServer, secure_sum
+from shared.secagg_client import SecAggClient
+from shared.secagg_ring import SecAggConfig, SecAggError, dequantize, quantization_error_bound, quantize
+from shared.secagg_ring import pairwise_mask, self_mask  # the curious server's tools
 
 # scipy 1.9's kstest calls a NumPy function deprecated in 1.25: third-party noise.
 pytestmark = pytest.mark.filterwarnings("ignore:np.find_common_type is deprecated:DeprecationWarning")
@@ -264,7 +257,7 @@ def test_a_curious_server_cannot_unmask_one_survivor_with_what_it_reconstructs()
     seeds = server._self_mask_seeds  # b_w of every survivor: the server learns these
     assert set(seeds) == set(server.survivors) and set(server._dropped_mask_keys) == {4}
     for u in server.survivors:
-        stripped = masked[u] - _self_mask(seeds[u], DIM, CFG)  # only pairwise masks left
+        stripped = masked[u] - self_mask(seeds[u], DIM, CFG)  # only pairwise masks left
         assert np.mean(stripped == quantize(vectors[u], CFG)) < 1e-3
         assert min(uniformity_p_values(stripped)) > 1e-3
 
@@ -281,7 +274,7 @@ def test_a_dropped_clients_late_input_stays_masked_by_its_self_mask():
     for advert in key_list.keys:
         v = advert.client_id
         if v != 3:
-            mask = _pairwise_mask(key, advert.mask_public_key, 3, v, DIM, CFG)
+            mask = pairwise_mask(key, advert.mask_public_key, 3, v, DIM, CFG)
             stripped = stripped - mask if v > 3 else stripped + mask
     # ... but never got b_3, so what remains still looks uniform, not like zeros.
     assert 3 not in server._self_mask_seeds

@@ -13,11 +13,13 @@ SecureSumFactory for `privacy.secure_aggregation = "simulated"`.
 """
 
 from __future__ import annotations
+
 import numpy as np
 import tensorflow_federated as tff
-from tff_apps.privacy import secure_settings
+
 from tff_apps.config import TrainSection
 from tff_apps.learning.optimizers import is_weighted
+from tff_apps.privacy import secure_settings
 
 
 def job_aggregator(train: TrainSection, federation=None, weighted: bool | None = None):

@@ -3,10 +3,13 @@
 """
 
 from __future__ import annotations
+
 import collections
 from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
+
 from tff_apps.config import TrainSection
 
 

@@ -3,21 +3,20 @@ per-example loss, read from the model function (anything else is refused in one 
 """
 
 from __future__ import annotations
+
 from dataclasses import dataclass
 from typing import Any, Callable
+
 import tensorflow as tf
+
 # Keras 2.14 exports neither base class under tf.keras
 from keras.src.losses import LossFunctionWrapper
 from keras.src.metrics.base_metric import MeanMetricWrapper
+
 from shared.errors import UserError
 
-
 ENGINE_KEY = "train.engine"
-
-
 SUPPORTED_ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh", "softmax", "elu", "softplus", "swish")
-
-
 ADDED_METRICS = ("loss", "num_examples", "num_batches")  # TFF's from_keras_model adds these
 
 

@@ -4,14 +4,17 @@ Gaussian), built so that the mechanism that runs is the one the accountant model
 """
 
 from __future__ import annotations
+
 import math
 from typing import Any
+
 import numpy as np
+import tensorflow_federated as tff
+
 from shared.errors import UserError
+from tff_apps.privacy import secure_settings
 from tff_apps.privacy.dp_config import PrivacySection
 from tff_apps.privacy.dp_events import adaptive_noise_split
-import tensorflow_federated as tff
-from tff_apps.privacy import secure_settings
 
 
 def client_dp_aggregator(
@@ -45,8 +48,6 @@ def client_dp_aggregator(
 
 
 DDP_MODCLIP_PROB = 1e-4  # TFF's default probability of a modular wrap of the secure sum
-
-
 DDP_ROTATION = "hd"
 
 

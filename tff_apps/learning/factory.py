@@ -7,17 +7,19 @@ finalizer (the server optimizer applied to the aggregated update).
 """
 
 from __future__ import annotations
+
 import numpy as np
 import tensorflow_federated as tff
+
 from shared.errors import UserError
-from tff_apps.learning import federation as federation_lib
-from tff_apps.learning import dp_aggregators
-from tff_apps.privacy import secure_settings
 from tff_apps.config import TrainSection
+from tff_apps.learning import dp_aggregators
+from tff_apps.learning import federation as federation_lib
 from tff_apps.learning.aggregators import job_aggregator, secure_mean_factory
 from tff_apps.learning.client_works import client_work
 from tff_apps.learning.dp_aggregators import ddp_aggregator, model_dimension
 from tff_apps.learning.optimizers import ModelFn, client_optimizer, server_optimizer
+from tff_apps.privacy import secure_settings
 
 
 def secure_aggregation(cfg, clients) -> secure_settings.SecureAggregation | None:

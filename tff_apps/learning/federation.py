@@ -33,48 +33,71 @@ BAD_CLIENT_MODES = ("label_flip", "scaled_update")
 class CommunicationSection:
     """Compression of the clients' updates on the way up (the broadcast stays float32)."""
 
-    # none; quantize = TFF's uniform quantization (EncodedSumFactory, nearest level, bit-packed)
-    # of the concatenated update; hadamard / dft = the same after TFF's randomized Hadamard /
-    # Fourier rotation (`compression`). bits: 3 for a tiny model such as healthcare's (4.6x),
-    # 7 fills TFF's 28-bit packing words exactly (4x), 8 packs 3.5 values per word (3.5x).
-    compression: str = field(default="none", metadata={"choices": COMPRESSIONS})
-    bits: int = field(default=8, metadata={"min": 1, "max": 16})  # per quantized value
+    compression: str = field(default="none", metadata={"choices": COMPRESSIONS, "doc": (
+        "`quantize`: each client's update goes up quantized (TFF's EncodedSumFactory: uniform quantization of the "
+        "concatenated update, nearest level, bit-packed); `hadamard` / `dft`: the same after TFF's randomized "
+        "Hadamard / Fourier rotation."
+    )})
+    bits: int = field(default=8, metadata={"min": 1, "max": 16, "doc": (
+        "Bits per quantized value: 3 for a tiny model such as healthcare's (4.6x smaller upload); 7 fills TFF's "
+        "28-bit packing words exactly (4x); 8 packs 3.5 values per word (3.5x)."
+    )})
 
 
 @dataclass(frozen=True)
 class ClientsSection:
-    """Simulated unreliable clients (seeded by job.seed, round and client; `tff_apps.participation`)."""
+    """Simulated unreliable clients (seeded by job.seed, round and client; tff_apps/learning/participation.py)."""
 
-    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99})  # P(a sampled client fails)
-    # Stragglers: a client's simulated time is examples x seconds_per_example x a lognormal
-    # slowdown exp(N(0, speed_spread^2)); those over the deadline are cut. 0 = no deadline.
-    deadline_seconds: float = field(default=0.0, metadata={"min": 0.0})
-    seconds_per_example: float = field(default=0.001, metadata={"exclusive_min": 0.0})
-    speed_spread: float = field(default=0.5, metadata={"min": 0.0, "max": 5.0})
-    # Sample ceil(m * (1 + over_selection)) clients and keep the first m to report.
-    over_selection: float = field(default=0.0, metadata={"min": 0.0, "max": 10.0})
-    quorum: int = field(default=1, metadata={"min": 1})  # fewer reports: the round is skipped, model unchanged
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 0.99, "doc": (
+        "Probability that a sampled client fails in a round."
+    )})
+    deadline_seconds: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "Simulated round deadline; slower clients are cut as stragglers (0 = none)."
+    )})
+    seconds_per_example: float = field(default=0.001, metadata={"exclusive_min": 0.0, "doc": (
+        "A client's simulated time is examples × seconds_per_example × exp(N(0, speed_spread²))."
+    )})
+    speed_spread: float = field(default=0.5, metadata={"min": 0.0, "max": 5.0, "doc": (
+        "σ of a client's log-normal slowdown, drawn again each round."
+    )})
+    over_selection: float = field(default=0.0, metadata={"min": 0.0, "max": 10.0, "doc": (
+        "Sample ceil(m × (1 + over_selection)) clients and keep the first m (`train.clients_per_round`) to report."
+    )})
+    quorum: int = field(default=1, metadata={"min": 1, "doc": (
+        "A round with fewer reporting clients is skipped: model and ε unchanged."
+    )})
 
 
 @dataclass(frozen=True)
 class RobustnessSection:
     """Robust aggregation, and the bad-client evaluation mode that shows what it buys."""
 
-    # mean = the algorithm's (un)weighted mean; clip_zero = TFF's robust aggregator (adaptive
-    # norm clipping and zeroing); median / trimmed_mean = coordinate-wise, unweighted
-    aggregation: str = field(default="mean", metadata={"choices": AGGREGATIONS})
-    trim_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 0.49})  # per side
-    bad_clients: int = field(default=0, metadata={"min": 0})  # the first N clients turn bad
-    bad_client_mode: str = field(default="label_flip", metadata={"choices": BAD_CLIENT_MODES})
-    bad_update_scale: float = -4.0  # scaled_update: a bad client sends scale x its update
+    aggregation: str = field(default="mean", metadata={"choices": AGGREGATIONS, "doc": (
+        "`mean`: the algorithm's (un)weighted mean; `clip_zero`: TFF's robust aggregator (adaptive norm clipping "
+        "and zeroing); `median` / `trimmed_mean`: coordinate-wise, unweighted."
+    )})
+    trim_fraction: float = field(default=0.2, metadata={"min": 0.0, "max": 0.49, "doc": (
+        "`trimmed_mean`: the share of values dropped per side and coordinate."
+    )})
+    bad_clients: int = field(default=0, metadata={"min": 0, "doc": "Evaluation mode: the first N clients turn bad."})
+    bad_client_mode: str = field(default="label_flip", metadata={"choices": BAD_CLIENT_MODES, "doc": (
+        "`label_flip`: the bad clients' training labels are flipped (traffic: targets mirrored about the mean); "
+        "`scaled_update`: their updates are multiplied by `bad_update_scale`."
+    )})
+    bad_update_scale: float = field(default=-4.0, metadata={"doc": "`scaled_update`: a bad client sends this × its update."})
 
 
 @dataclass(frozen=True)
 class PersonalizationSection:
     """Per-client fine-tuning of the final global model on the client's own training split."""
 
-    epochs: int = field(default=0, metadata={"min": 0, "max": 1000})  # 0 = off
-    learning_rate: float = field(default=0.0, metadata={"min": 0.0})  # 0 = train.client_learning_rate
+    epochs: int = field(default=0, metadata={"min": 0, "max": 1000, "doc": (
+        "Each client fine-tunes the final model for this many passes over its own training rows; the report "
+        "gives each client's metric before and after (0 = off)."
+    )})
+    learning_rate: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "Fine-tuning SGD step (0 = `train.client_learning_rate`)."
+    )})
 
 
 SECTIONS: dict[str, type] = {

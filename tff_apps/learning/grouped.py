@@ -39,18 +39,21 @@ import collections
 """
 
 from __future__ import annotations
+
 import collections
 import collections.abc
 from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.aggregators import primitives
 from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
+
 # Keras 2.14 exports neither base class under tf.keras
 from shared.errors import UserError
 from tff_apps.config import TrainSection
-from tff_apps.learning.dense_chain import DenseChain, ENGINE_KEY, refuse_model, read_dense_chain
+from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain, refuse_model
 
 
 def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:

@@ -3,14 +3,14 @@ of the algorithm (FedAvg and FedProx weight clients by examples).
 """
 
 from __future__ import annotations
+
 from typing import Callable
+
 import tensorflow_federated as tff
+
 from tff_apps.config import TrainSection
 
-
 ModelFn = Callable[[], tff.learning.models.VariableModel]
-
-
 WEIGHTED_ALGORITHMS = ("fedavg", "fedprox")
 
 

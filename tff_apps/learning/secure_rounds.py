@@ -109,7 +109,7 @@ class MaskedLearningProcess(SplitRoundProcess):
     ) -> LearningProcessOutput:
         """One round. `dropouts_*` (tests): protocol client ids (positions in `client_data`)
         that vanish after sharing keys (their update is not in the sum) or after sending
-        their masked input (it is). More than n - t dropouts raise `secagg.SecAggError`;
+        their masked input (it is). More than n - t dropouts raise `SecAggError`;
         `state` is then not changed and no update is applied."""
         client_data = list(client_data)
         phase = self.run_client_phase(state, client_data)

@@ -60,29 +60,23 @@ lender step. Secure sum is simulated by TFF's open runtime (plain sum; see tff_a
 """
 
 from __future__ import annotations
+
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
 from shared.errors import UserError
 from shared.split_model import KINDS, partial_scores, sigmoid, weight_shapes
 from tff_apps.privacy import dp_config
 
-
 OPTIMIZERS = ("sgd", "adam")
-
-
 SCORE_FRACTION_BITS = 16  # fixed-point step of a partial score in the secure sum: 2^-16
-
-
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # Keras defaults
-
-
 MESSAGE_KINDS = ("partial_scores_up", "sum_to_lender", "gradient_up", "gradient_down", "loss_up")
-
-
 _INIT_STREAM, _BATCH_STREAM = 0, 1  # seed streams: default_rng([seed, stream, index])
 
 

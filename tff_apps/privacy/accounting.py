@@ -57,17 +57,19 @@ How ε is accounted (dp-accounting 0.4.3, read from its installed source)
 """
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
 import dp_accounting
 import numpy as np
 from dp_accounting import dp_event as dpe
 from dp_accounting.rdp import rdp_privacy_accountant
+
 from shared.errors import UserError
 from tff_apps.privacy.dp_config import ACCOUNTANTS, ClientSampling, Sampling
 from tff_apps.privacy.dp_events import Spend, normalize_event, round_spend
-
 
 RDP_ORDERS = np.asarray(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, dtype=np.float64)
 
@@ -187,8 +189,6 @@ def _flatten(event: dpe.DpEvent, count: int):
 
 
 _PLD_CACHE: dict[tuple, Any] = {}
-
-
 PLD_DISCRETIZATION = 1e-4  # PLDAccountant's default value_discretization_interval
 
 

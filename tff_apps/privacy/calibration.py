@@ -3,23 +3,21 @@ budget allows, and the `PrivacyPlan` a run follows.
 """
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+
 from scipy import optimize
+
 from shared.errors import UserError
 from tff_apps.privacy.accounting import check_accountant, epsilon, epsilon_after_round, epsilon_for_rounds
 from tff_apps.privacy.dp_config import ClientSampling, PrivacySection, RecordSampling, Sampling
 from tff_apps.privacy.dp_events import Spend, dp_event
 
-
 # Calibration search range and precision (relative) for the noise multiplier.
 MIN_NOISE_MULTIPLIER = 1e-3
-
-
 MAX_NOISE_MULTIPLIER = 1e4
-
-
 CALIBRATION_RTOL = 1e-3
 
 

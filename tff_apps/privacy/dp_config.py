@@ -22,24 +22,58 @@ ACCOUNTANTS = ("rdp", "pld")
 class PrivacySection:
     """The [privacy] section of a job."""
 
-    level: str = field(default="none", metadata={"choices": LEVELS})
-    clipping: str = field(default="adaptive", metadata={"choices": ("fixed", "adaptive")})  # client level
-    # fixed clip (client: update L2 norm; record: per-example gradient L2 norm); adaptive: initial clip
-    clip_norm: float = field(default=1.0, metadata={"exclusive_min": 0.0})
-    target_quantile: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})  # adaptive clipping
-    noise_multiplier: float = field(default=0.0, metadata={"min": 0.0})  # 0 = calibrate from target_epsilon
-    target_epsilon: float = field(default=0.0, metadata={"min": 0.0})  # 0 = no target
-    delta: float = field(default=1e-5, metadata={"exclusive_min": 0.0, "max": 0.1})
-    accountant: str = field(default="rdp", metadata={"choices": ACCOUNTANTS})
-    lifetime_epsilon: float = field(default=0.0, metadata={"min": 0.0})  # 0 = no lifetime budget
-    ledger: str = ""  # lifetime ledger path; the job defaults it to <runs_dir>/privacy_ledger.sqlite
-    # Secure aggregation of the model updates (module docstring, "Secure aggregation").
-    secure_aggregation: str = field(default="none", metadata={"choices": SECURE_MODES})
-    # per-coordinate clip of each client's weighted update w*u to +-secure_bound * max_weight
-    secure_bound: float = field(default=1.0, metadata={"exclusive_min": 0.0})
-    secure_scale_bits: int = field(default=20, metadata={"min": 1, "max": 62})  # masked: fixed-point bits
-    # masked: shares needed to unmask, as a fraction of the round's clients (t = ceil(f * n))
-    secure_threshold: float = field(default=0.67, metadata={"exclusive_min": 0.5, "max": 1.0})
+    level: str = field(default="none", metadata={"choices": LEVELS, "doc": (
+        "`none`; `client`: DP-FedAvg, each sampled client's update clipped and Gaussian noise added to their sum "
+        "(TFF's DifferentiallyPrivateFactory; clients weighted uniformly); `record`: DP-SGD at every client "
+        "(per-example clipping, Gaussian noise, Poisson batches; healthcare only, `fedavg` or `fedavg_unweighted`)."
+    )})
+    clipping: str = field(default="adaptive", metadata={"choices": ("fixed", "adaptive"), "doc": (
+        "Client level: `fixed` clip at `clip_norm`, or `adaptive` (Andrew et al. 2021) starting at `clip_norm`."
+    )})
+    clip_norm: float = field(default=1.0, metadata={"exclusive_min": 0.0, "doc": (
+        "L2 clip of a client's update (client level) or of a per-example gradient (record level); adaptive: the "
+        "initial clip."
+    )})
+    target_quantile: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0, "doc": (
+        "Adaptive clipping: the share of updates left unclipped."
+    )})
+    noise_multiplier: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "Noise stddev / clip; 0 = calibrated before training so that `train.rounds` rounds spend exactly "
+        "`target_epsilon`."
+    )})
+    target_epsilon: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "ε at `delta` not to exceed: with a fixed `noise_multiplier`, training stops before the round that would "
+        "pass it; 0 = no target."
+    )})
+    delta: float = field(default=1e-5, metadata={"exclusive_min": 0.0, "max": 0.1, "doc": "δ of the (ε, δ) guarantee."})
+    accountant: str = field(default="rdp", metadata={"choices": ACCOUNTANTS, "doc": (
+        "dp-accounting's RDP or PLD accountant; `pld` cannot account fixed-size client sampling "
+        "(`train.clients_per_round` < clients) and is refused there."
+    )})
+    lifetime_epsilon: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "ε budget of the data source across runs (0 = none): the run's planned spend is composed with the earlier "
+        "runs on the same data (by data fingerprint) and reserved before training; a run that would pass the "
+        "budget is refused with exit code 3."
+    )})
+    ledger: str = field(default="", metadata={"doc": (
+        "The lifetime ledger (SQLite; safe across concurrent runs); empty = `<runs_dir>/privacy_ledger.sqlite`."
+    )})
+    secure_aggregation: str = field(default="none", metadata={"choices": SECURE_MODES, "doc": (
+        "How the server receives the model updates: `none`, `simulated` (TFF's secure sum, which TFF's open runtime "
+        "runs as a plain sum) or `masked` (pairwise-masked secure aggregation); works with every `level`."
+    )})
+    secure_bound: float = field(default=1.0, metadata={"exclusive_min": 0.0, "doc": (
+        "B: each coordinate of a client's weighted update w·u is clipped to ±B·W before quantization (W = the "
+        "largest client's weight)."
+    )})
+    secure_scale_bits: int = field(default=20, metadata={"min": 1, "max": 62, "doc": (
+        "`masked`: fixed-point fractional bits s (values are multiples of 2^-s); the masking ring is 32-bit when "
+        "the round's sum fits, else 64-bit."
+    )})
+    secure_threshold: float = field(default=0.67, metadata={"exclusive_min": 0.5, "max": 1.0, "doc": (
+        "`masked`: shares needed to unmask, as a fraction f of the round's n clients (t = ⌈f·n⌉, always > n/2); "
+        "more than n − t dropouts fail the round."
+    )})
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@ clipping), and their JSON form for checkpoints and the lifetime ledger.
 """
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
-from dp_accounting import dp_event as dpe
-from tff_apps.privacy.dp_config import ClientSampling, Sampling
 
+from dp_accounting import dp_event as dpe
+
+from tff_apps.privacy.dp_config import ClientSampling, Sampling
 
 # Adaptive clipping: the value noise may be at most this factor above the total z.
 MAX_VALUE_NOISE_INFLATION = 1.25

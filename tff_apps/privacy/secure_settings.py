@@ -54,20 +54,17 @@ conservative. Adaptive clipping with distributed DP is refused.
 """
 
 from __future__ import annotations
+
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from shared.errors import UserError
-from tff_apps.privacy.dp_config import ClientSampling, PrivacySection, SECURE_MODES, examples_per_round
 
+from shared.errors import UserError
+from tff_apps.privacy.dp_config import SECURE_MODES, ClientSampling, PrivacySection, examples_per_round
 
 WEIGHTED_ALGORITHMS = ("fedavg", "fedprox")  # as tff_apps.learning.optimizers.WEIGHTED_ALGORITHMS
-
-
 RING_LIMITS = {32: 2**31 - 1, 64: 2**63 - 1}
-
-
 DDP_BITS = 20  # TFF's default field size for ddp_secure_aggregator
 
 
@@ -111,7 +108,7 @@ class SecureAggregation:
         )
 
     def secagg_config(self, n_clients: int):
-        from shared.secagg import SecAggConfig
+        from shared.secagg_ring import SecAggConfig
 
         return SecAggConfig(
             n_clients=n_clients,

@@ -11,8 +11,10 @@ Limits of the guarantee (put in the privacy statement)
 """
 
 from __future__ import annotations
+
 from collections.abc import Mapping
 from typing import Any
+
 from tff_apps.privacy.accounting import Composition, epsilon
 from tff_apps.privacy.calibration import PrivacyPlan
 from tff_apps.privacy.dp_config import PrivacySection

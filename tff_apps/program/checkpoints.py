@@ -3,22 +3,19 @@ temporary folder and renamed, so a kill during a save leaves the previous one as
 """
 
 from __future__ import annotations
+
 import asyncio
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 import tensorflow_federated as tff
 
-
 CHECKPOINT_DIR = "checkpoints"
-
-
 CHECKPOINT_PREFIX = "round_"
-
-
 CHECKPOINTS_KEPT = 2
 
 

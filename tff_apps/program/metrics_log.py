@@ -2,11 +2,14 @@
 """
 
 from __future__ import annotations
+
 import json
 import math
 from pathlib import Path
 from typing import Any
+
 import tensorflow as tf
+
 from shared.files import write_text_atomic
 
 

@@ -20,22 +20,25 @@ generator and the round inputs are the same as without [clients].
 """
 
 from __future__ import annotations
+
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
 import numpy as np
 import tensorflow_federated as tff
 from tqdm import tqdm
-from tff_apps.learning import participation
-from tff_apps.privacy.dp_config import examples_per_round
+
 from tff_apps.config import TrainSection
-from tff_apps.learning.federation import ClientsSection
+from tff_apps.learning import participation
 from tff_apps.learning.client_data import ClientTrainData, client_dataset, round_seed
+from tff_apps.learning.federation import ClientsSection
+from tff_apps.privacy.dp_config import examples_per_round
 from tff_apps.program.checkpoints import Checkpoints
-from tff_apps.program.round_summary import bytes_per_client
 from tff_apps.program.metrics_log import MetricsLog
+from tff_apps.program.round_summary import bytes_per_client
 
 
 @dataclass

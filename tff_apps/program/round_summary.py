@@ -3,9 +3,12 @@ participation summary.
 """
 
 from __future__ import annotations
+
 from typing import Any
+
 import numpy as np
 import tensorflow_federated as tff
+
 from tff_apps.learning import participation
 
 
@@ -19,8 +22,7 @@ def bytes_per_client(weights: tff.learning.models.ModelWeights, federation=None)
     float32 figure; `robustness.aggregation = "clip_zero"` adds its bounds and norm records
     (`aggregators.clip_zero_bytes`).
     """
-    from tff_apps.learning import compression
-    from tff_apps.learning import aggregators
+    from tff_apps.learning import aggregators, compression
 
     down = sum(np.asarray(w).nbytes for w in (*weights.trainable, *weights.non_trainable))
     update = sum(np.asarray(w).nbytes for w in weights.trainable)

@@ -28,19 +28,35 @@ from __future__ import annotations
 """
 
 from __future__ import annotations
+
 import math
 import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable
+
 import numpy as np
 from dp_accounting import dp_event as dpe
 from tqdm import tqdm
+
 from shared.errors import UserError
-from tff_apps.privacy import accounting
 from tff_apps.learning.preprocessing import SECURE_SUM_BITWIDTH
+from tff_apps.learning.vertical import (
+    MESSAGE_KINDS,
+    CoordinatorState,
+    PartyState,
+    VerticalComputations,
+    VerticalResult,
+    VerticalSettings,
+    batch_indices,
+    initial_weights,
+    pad_weights,
+    resolve_party_names,
+    unpad_weights,
+    validate_inputs,
+)
+from tff_apps.privacy import accounting
 from tff_apps.program.metrics_log import MetricsLog
-from tff_apps.learning.vertical import CoordinatorState, MESSAGE_KINDS, PartyState, VerticalResult, VerticalSettings, VerticalComputations, pad_weights, resolve_party_names, unpad_weights, validate_inputs, batch_indices, initial_weights
 
 
 def unseeded_generator() -> np.random.Generator:

@@ -18,6 +18,7 @@ TensorFlow Federated is imported only when a Runtime is entered, so that
 """
 
 from __future__ import annotations
+
 import atexit
 import logging
 import signal
@@ -28,18 +29,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
 import grpc
 import portpicker
+
 from shared.errors import UserError
 from tff_apps.runtime.mergeable import spreading_context
-from tff_apps.runtime.worker import GRPC_CHANNEL_OPTIONS, POLL_INTERVAL_S, STARTUP_TIMEOUT_S, grpc_ready, port_accepts, raise_system_exit, stop_process, start_worker
+from tff_apps.runtime.worker import (
+    GRPC_CHANNEL_OPTIONS,
+    POLL_INTERVAL_S,
+    STARTUP_TIMEOUT_S,
+    grpc_ready,
+    port_accepts,
+    raise_system_exit,
+    start_worker,
+    stop_process,
+)
 
 
 def _contains_secure_intrinsics(comp: Any) -> bool:
     from tensorflow_federated.python.core.backends.mapreduce import intrinsics as mapreduce_intrinsics
-    from tensorflow_federated.python.core.impl.compiler import building_blocks
-    from tensorflow_federated.python.core.impl.compiler import intrinsic_defs
-    from tensorflow_federated.python.core.impl.compiler import tree_analysis
+    from tensorflow_federated.python.core.impl.compiler import building_blocks, intrinsic_defs, tree_analysis
 
     # Everything `test_compiler.replace_secure_intrinsics_with_bodies` rewrites;
     # the native C++ runtime implements none of them.
@@ -325,8 +335,7 @@ class Runtime:
         context_stack_impl.context_stack.set_default_context(self._context)
 
     def _restore_context(self) -> None:
-        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-        from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl, runtime_error_context
 
         context, self._context = self._context, None
         # Leave it alone if someone replaced our context meanwhile.

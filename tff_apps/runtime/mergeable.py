@@ -4,6 +4,7 @@ slice per worker, partial aggregates merged in worker order.
 """
 
 from __future__ import annotations
+
 import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,14 +22,11 @@ def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: S
     run). Here slice i always goes to worker i, partials merge in worker order and
     results keep the clients' order: the same run gives the same numbers.
     """
-    from tensorflow_federated.python.common_libs import async_utils
-    from tensorflow_federated.python.common_libs import structure
+    from tensorflow_federated.python.common_libs import async_utils, structure
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
     from tensorflow_federated.python.core.impl.context_stack import context_base
     from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mcec
-    from tensorflow_federated.python.core.impl.types import computation_types
-    from tensorflow_federated.python.core.impl.types import type_analysis
-    from tensorflow_federated.python.core.impl.types import type_conversions
+    from tensorflow_federated.python.core.impl.types import computation_types, type_analysis, type_conversions
 
     def only_server_or_all_equal(type_spec: Any) -> bool:
         return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal

@@ -4,6 +4,7 @@ foreground for `tff-apps worker`. Does not import TensorFlow.
 """
 
 from __future__ import annotations
+
 import ctypes
 import errno
 import importlib.util
@@ -19,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO
-import grpc
-from shared.errors import UserError
 
+import grpc
+
+from shared.errors import UserError
 
 _log = logging.getLogger(__name__)
 
@@ -50,14 +52,8 @@ GRPC_CHANNEL_OPTIONS = [
 
 
 STARTUP_TIMEOUT_S = 30.0
-
-
 _STOP_TIMEOUT_S = 5.0
-
-
 POLL_INTERVAL_S = 0.02
-
-
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 

@@ -26,7 +26,7 @@ import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from healthcare.model import ModelConfig, tff_model_fn
-from shared import secagg
+from shared import secagg, secagg_ring
 from shared.errors import UserError
 from tests.cli import tff_apps
 from tff_apps.privacy import secure_settings
@@ -66,7 +66,7 @@ def masked_mean_bound(secure: SecureAggregation, n: int, weight_sum: float) -> f
     cfg = secure.secagg_config(n)
     level = math.floor(secure.bound * 2.0**secure.scale_bits)
     num_max = secure.value_bound * n
-    e_num = secure.max_weight * (secagg.quantization_error_bound(cfg, n) + n * secure.bound * 2.0**-50)
+    e_num = secure.max_weight * (secagg_ring.quantization_error_bound(cfg, n) + n * secure.bound * 2.0**-50)
     e_den = secure.max_weight * n * (0.5 / level + 2.0**-50)
     return ratio_error(e_num, e_den, num_max, weight_sum) + num_max / weight_sum * F32 * 1.01
 
@@ -243,7 +243,7 @@ def test_masked_round_survives_n_minus_t_dropouts_and_fails_beyond_without_an_up
     two_bounds = 2 * masked_mean_bound(spec, N, survivors_weight)
     assert difference <= two_bounds + finalizer_rounding(flat(out.state.global_model_weights))
 
-    with pytest.raises(secagg.SecAggError, match=f"the threshold is {t}; no sum is returned"):
+    with pytest.raises(secagg_ring.SecAggError, match=f"the threshold is {t}; no sum is returned"):
         masked.next(state, data, dropouts_after_sharing=list(range(N - t + 1)))
     assert np.array_equal(flat(masked.get_model_weights(state)), before)  # no update applied
     again = masked.next(state, data)  # the state is intact and usable
@@ -334,7 +334,7 @@ def test_a_masked_round_with_too_many_dropouts_fails_the_job_cleanly(tmp_path, m
         return original(self, state, data, **kwargs)
 
     monkeypatch.setattr(secure_rounds.MaskedLearningProcess, "next", drop_in_round_2)
-    with pytest.raises(secagg.SecAggError, match="3 of 5 clients responded, the threshold is 4"):
+    with pytest.raises(secagg_ring.SecAggError, match="3 of 5 clients responded, the threshold is 4"):
         run_in_process(monkeypatch, tmp_path, "drop", ["train.rounds=3", "privacy.secure_aggregation=masked"])
     run_dir = tmp_path / "healthcare" / "drop"
     summary = json.loads((run_dir / "summary.json").read_text())
