@@ -123,7 +123,7 @@ def test_report_shows_client_profiles_and_personalization(finished_run: Path):
 
 
 def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(finished_run: Path):
-    from tests.tff_apps.test_serving import check_served_like_in_run
+    from tests.tff_apps.program.test_serving import check_served_like_in_run
 
     check_served_like_in_run(finished_run / "export" / "healthcare" / "1", atol=1e-5)
 

@@ -45,7 +45,7 @@ def test_run_reports_every_method_at_15_30_60_minutes(traffic_run: Path):
 
 
 def test_export_serves_in_a_fresh_process_as_the_in_run_model_predicted(traffic_run: Path):
-    from tests.tff_apps.test_serving import check_served_like_in_run
+    from tests.tff_apps.program.test_serving import check_served_like_in_run
 
     check_served_like_in_run(traffic_run / "export" / "traffic" / "1", atol=1e-3)  # mph
 

@@ -110,7 +110,7 @@ def test_record_level_runs_compose_per_client(tmp_path):
 
 CHILD = r"""
 import json, sys, time
-from tff_apps.privacy import ledger
+from tff_apps.privacy import accounting, dp_config, dp_events, ledger
 path, run_id, z, rounds, budget, hold, start_at, then = sys.argv[1:]
 if float(hold) > 0:  # widen the window between reading the spends and booking this one
     compose = accounting.composed_epsilon
