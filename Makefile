@@ -17,7 +17,7 @@ demo: install
 	$(UV) run --locked tff-apps demo
 
 test: install
-	$(UV) run --locked pytest -q -n 2 --dist loadfile
+	$(UV) run --locked pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: install
 	$(UV) run --locked python benchmarks/psi_bench.py

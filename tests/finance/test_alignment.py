@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from finance.alignment import align, aligned, split_aligned
 from finance.data import DataConfig, load
 from shared.errors import UserError
+from tests.finance.party_csvs import LENDER_CSV, PARTNER_CSV, csv_config
 
 
 @pytest.fixture(scope="module")
@@ -32,36 +32,17 @@ def test_split_aligned_is_stratified_seeded_and_disjoint(german):
 # --------------------------------------------------------------------------- csv
 
 
-def _write(path: Path, text: str) -> str:
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-LENDER_CSV = "id,age,region,default\nA1,30,north,0\nA2,45,south,1\nA3,28,north,0\nA4,52,east,1\nA5,33,south,0\n"
-PARTNER_CSV = "id,balance,score\n a2 ,100.5,7\nA1,20,3\nA5,,5\nZ9,7,1\nA3,3.5,2\n"
-
-
-def _cfg(tmp_path: Path, lender: str = LENDER_CSV, partner: str = PARTNER_CSV, **kw) -> DataConfig:
-    return DataConfig(
-        source="csv",
-        lender_csv=_write(tmp_path / "lender.csv", lender),
-        partner_csv=_write(tmp_path / "partner.csv", partner),
-        label_column=kw.pop("label_column", "default"),
-        **kw,
-    )
-
-
 def test_csv_duplicate_ids_name_the_file_and_party(tmp_path):
-    data = load(_cfg(tmp_path, partner=PARTNER_CSV.replace("Z9", "a1")), seed=0)
+    data = load(csv_config(tmp_path, partner=PARTNER_CSV.replace("Z9", "a1")), seed=0)
     with pytest.raises(UserError, match=r"partner\.csv: PSI: the partner's customer ID 'a1' appears at rows 1, 3"):
         align(data)
-    data = load(_cfg(tmp_path, lender=LENDER_CSV.replace("A4", "A3 ")), seed=0)
+    data = load(csv_config(tmp_path, lender=LENDER_CSV.replace("A4", "A3 ")), seed=0)
     with pytest.raises(UserError, match=r"lender\.csv: PSI: the lender's customer ID 'a3' appears"):
         align(data)
 
 
 def test_csv_empty_intersection_names_both_files(tmp_path):
     partner = "id,balance,score\nB1,1,2\nB2,3,4\n"
-    data = load(_cfg(tmp_path, partner=partner), seed=0)
+    data = load(csv_config(tmp_path, partner=partner), seed=0)
     with pytest.raises(UserError, match=r"lender\.csv and .*partner\.csv: PSI: the lender and the partner share no customer ID"):
         align(data)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from finance.data import DataConfig, load
-from tests.cli import run_app, tff_apps
+from tests.cli import run_app, tff_apps_in_process
 from tests.report_page import checked_report_page
 
 SEED_JOB = ["--set", "job.seed=0"]
@@ -74,7 +74,7 @@ def party_csvs(folder: Path, n: int = 1000) -> tuple[Path, Path]:
 def test_score_command_does_vertical_inference(default_run: Path, tmp_path: Path):
     lender_csv, partner_csv = party_csvs(tmp_path)
     output = tmp_path / "scores.csv"
-    result = tff_apps(
+    result = tff_apps_in_process(
         "score", str(default_run / "export"), "--input", f"lender={lender_csv}",
         "--input", f"partner={partner_csv}", "--output", str(output),
     )
@@ -86,7 +86,7 @@ def test_score_command_does_vertical_inference(default_run: Path, tmp_path: Path
     assert len(scores) == 800 and scores["probability"].between(0, 1).all()
     assert scores["probability"].std() > 0.01  # real scores, not a constant
     # A party's servable version folder names the same export (tff_apps.predict.resolve_export).
-    again = tff_apps(
+    again = tff_apps_in_process(
         "score", str(default_run / "export" / "finance_lender" / "1"), "--input", f"lender={lender_csv}",
         "--input", f"partner={partner_csv}", "--output", str(tmp_path / "again.csv"),
     )
@@ -97,7 +97,7 @@ def test_score_command_does_vertical_inference(default_run: Path, tmp_path: Path
 def test_score_refuses_a_missing_party(default_run: Path, tmp_path: Path):
     lender_csv, _ = party_csvs(tmp_path, n=20)
     output = tmp_path / "scores.csv"
-    result = tff_apps("score", str(default_run / "export"), "--input", f"lender={lender_csv}", "--output", str(output))
+    result = tff_apps_in_process("score", str(default_run / "export"), "--input", f"lender={lender_csv}", "--output", str(output))
     assert result.returncode == 2
     assert "partner" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not output.exists()
@@ -112,7 +112,7 @@ def test_score_refuses_a_missing_party(default_run: Path, tmp_path: Path):
     ],
 )
 def test_user_mistakes_exit_2_and_leave_nothing(tmp_path: Path, override: str, expected: str):
-    result = tff_apps("run", "finance", "--set", override, "--set", f'job.runs_dir="{tmp_path}"')
+    result = tff_apps_in_process("run", "finance", "--set", override, "--set", f'job.runs_dir="{tmp_path}"')
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
@@ -121,7 +121,7 @@ def test_user_mistakes_exit_2_and_leave_nothing(tmp_path: Path, override: str, e
 def test_label_noise_reports_an_accounted_epsilon(tmp_path: Path):
     from tff_apps.program.vertical_rounds import label_dp_epsilon
 
-    result = tff_apps(
+    result = tff_apps_in_process(
         "run", "finance", "--set", "model.label_noise_multiplier=2.0", "--set", "train.rounds=4",
         "--set", "evaluate.centralized_baseline=false", "--set", "export.enabled=false",
         "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "noisy",

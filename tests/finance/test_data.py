@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from finance.data import (
     load,
 )
 from shared.errors import UserError
+from tests.finance.party_csvs import LENDER_CSV, PARTNER_CSV, csv_config
 from shared.psi import normalize_id
 
 
@@ -95,27 +95,8 @@ def test_german_overlap_is_configurable_and_seeded():
 # --------------------------------------------------------------------------- csv
 
 
-def _write(path: Path, text: str) -> str:
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-LENDER_CSV = "id,age,region,default\nA1,30,north,0\nA2,45,south,1\nA3,28,north,0\nA4,52,east,1\nA5,33,south,0\n"
-PARTNER_CSV = "id,balance,score\n a2 ,100.5,7\nA1,20,3\nA5,,5\nZ9,7,1\nA3,3.5,2\n"
-
-
-def _cfg(tmp_path: Path, lender: str = LENDER_CSV, partner: str = PARTNER_CSV, **kw) -> DataConfig:
-    return DataConfig(
-        source="csv",
-        lender_csv=_write(tmp_path / "lender.csv", lender),
-        partner_csv=_write(tmp_path / "partner.csv", partner),
-        label_column=kw.pop("label_column", "default"),
-        **kw,
-    )
-
-
 def test_csv_loads_both_parties_infers_categoricals_and_aligns(tmp_path):
-    data = load(_cfg(tmp_path), seed=0)
+    data = load(csv_config(tmp_path), seed=0)
     assert data.lender.columns == ["age", "region"] and data.partner.columns == ["balance", "score"]
     assert data.lender.categorical == ["region"] and data.partner.categorical == []
     assert data.lender.labels.tolist() == [0, 1, 0, 1, 0]
@@ -130,7 +111,7 @@ def test_csv_loads_both_parties_infers_categoricals_and_aligns(tmp_path):
 
 def test_csv_configured_columns_and_text_labels(tmp_path):
     lender = "id,age,region,status\nA1,30,north,good\nA2,45,south,bad\nA3,28,north,good\n"
-    cfg = _cfg(tmp_path, lender, label_column="status", positive_label="bad", lender_columns="age",
+    cfg = csv_config(tmp_path, lender, label_column="status", positive_label="bad", lender_columns="age",
                categorical_columns="score")
     data = load(cfg, seed=0)
     assert data.lender.columns == ["age"] and data.lender.labels.tolist() == [0, 1, 0]
@@ -169,7 +150,7 @@ def test_csv_configured_columns_and_text_labels(tmp_path):
 )
 def test_csv_mistakes_are_one_line_user_errors_naming_the_input(tmp_path, lender, partner, kw, expected):
     with pytest.raises(UserError, match=expected) as info:
-        load(_cfg(tmp_path, lender, partner, **kw), seed=0)
+        load(csv_config(tmp_path, lender, partner, **kw), seed=0)
     assert "\n" not in str(info.value)
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,13 +21,17 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from shared.metrics import roc_auc
-from tests.cli import run_app, tff_apps
+from tests.cli import run_app, tff_apps, tff_apps_in_process
 from tests.report_page import checked_report_page
 
 SMALL_JOB = [
     "--set", "train.rounds=3",
     "--set", "train.eval_every=1",
     "--set", "evaluate.baseline_epochs=3",
+]
+FEDERATED_ONLY = [
+    "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+    "--set", "export.enabled=false",
 ]
 
 
@@ -132,7 +137,7 @@ def test_warm_start_from_the_latest_run_records_its_lineage(finished_run: Path):
     from tff_apps.program.export import load_weights, weights_digest
 
     runs = finished_run.parent.parent
-    result = tff_apps(
+    result = tff_apps_in_process(
         "run", "healthcare", "--set", "train.rounds=1", "--set", "evaluate.centralized_baseline=false",
         "--set", "evaluate.local_baseline=false", "--set", "job.init_from=latest",
         "--set", f'job.runs_dir="{runs}"', "--run-id", "warm",
@@ -151,12 +156,29 @@ def test_warm_start_from_the_latest_run_records_its_lineage(finished_run: Path):
     assert first_round(runs / "healthcare" / "warm") < first_round(finished_run)  # it starts trained
 
 
-def test_same_config_gives_the_same_model(finished_run: Path, tmp_path: Path):
-    result = tff_apps("run", "healthcare", *SMALL_JOB, "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "r2")
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory):
+    """The same job again (federated training only: baselines and export do not touch the
+    federated model), in its own session: what it left running once it ended, and its summary."""
+    runs = tmp_path_factory.mktemp("second")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", *SMALL_JOB, *FEDERATED_ONLY,
+         "--set", f'job.runs_dir="{runs}"', "--run-id", "r2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True,
+    )
+    _, stderr = process.communicate(timeout=300)  # returns only once nothing holds our pipe open
+    assert process.returncode == 0, stderr[-3000:]
+    left = processes_in_session(process.pid)
+    return SimpleNamespace(left_running=left, summary=json.loads((runs / "healthcare" / "r2" / "summary.json").read_text()))
+
+
+def test_same_config_gives_the_same_model(finished_run: Path, second_run):
     first = json.loads((finished_run / "summary.json").read_text())["results"]
-    second = json.loads((tmp_path / "healthcare" / "r2" / "summary.json").read_text())["results"]
-    assert second["federated"]["pooled"] == first["federated"]["pooled"]
+    assert second_run.summary["results"]["federated"]["pooled"] == first["federated"]["pooled"]
+
+
+def test_no_process_outlives_a_normal_run(second_run):
+    assert second_run.left_running == []
 
 
 def test_predict_scores_raw_rows_in_a_fresh_process(finished_run: Path, tmp_path: Path):
@@ -183,7 +205,7 @@ def test_predict_scores_raw_rows_in_a_fresh_process(finished_run: Path, tmp_path
 def test_predict_rejects_bad_csv_with_one_line_and_no_output(finished_run, tmp_path, breakage, named):
     breakage(raw_rows()).to_csv(tmp_path / "in.csv", index=False)
     out = tmp_path / "scored.csv"
-    result = tff_apps("predict", str(finished_run / "export"), "--input", str(tmp_path / "in.csv"), "--output", str(out))
+    result = tff_apps_in_process("predict", str(finished_run / "export"), "--input", str(tmp_path / "in.csv"), "--output", str(out))
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and named in result.stderr and "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "in.csv"]
@@ -200,26 +222,15 @@ def test_predict_rejects_bad_csv_with_one_line_and_no_output(finished_run, tmp_p
     ],
 )
 def test_user_errors_exit_2_with_one_line_and_leave_nothing(tmp_path, override, named):
-    result = tff_apps("run", "healthcare", "--set", override, "--set", f'job.runs_dir="{tmp_path / "runs"}"')
+    result = tff_apps_in_process("run", "healthcare", "--set", override, "--set", f'job.runs_dir="{tmp_path / "runs"}"')
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and named in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_unknown_app_is_a_user_error():
-    result = tff_apps("run", "astrology")
+    result = tff_apps_in_process("run", "astrology")
     assert result.returncode == 2 and "healthcare" in result.stderr
-
-
-def test_no_process_outlives_a_normal_run(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", *SMALL_JOB,
-         "--set", "evaluate.local_baseline=false", "--set", f'job.runs_dir="{tmp_path}"'],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    process.communicate(timeout=240)  # returns only once nothing holds our pipe open
-    assert process.returncode == 0
-    assert processes_in_session(process.pid) == []
 
 
 def test_ctrl_c_stops_the_run_and_its_worker(tmp_path):
@@ -242,53 +253,3 @@ def test_ctrl_c_stops_the_run_and_its_worker(tmp_path):
     summary = json.loads((metrics.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert not (metrics.parent / "export").exists()
-
-
-def write_uci_style_hospitals(folder: Path) -> None:
-    """Hospital CSVs laid out like the UCI heart files: '?' and chol = 0 for missing, num 0-4."""
-    from healthcare.data import DataConfig, load
-
-    rng = np.random.default_rng(1)
-    for client in load(DataConfig(source="heart"), seed=1).clients:
-        frame = client.features.copy()
-        frame["chol"] = frame["chol"].fillna(0)
-        frame["num"] = [int(rng.integers(1, 5)) if y else 0 for y in client.labels]
-        frame = frame.astype(object)
-        frame.loc[rng.random(len(frame)) < 0.05, "thalach"] = "?"
-        frame.loc[3, "num"] = ""  # a row without a label is dropped and counted
-        frame.to_csv(folder / f"{client.name}.csv", index=False)
-
-
-def test_hospital_csv_folder_end_to_end(tmp_path: Path):
-    hospitals = tmp_path / "hospitals"
-    hospitals.mkdir()
-    write_uci_style_hospitals(hospitals)
-    job = tmp_path / "job.toml"
-    job.write_text(
-        f'[job]\napp = "healthcare"\nruns_dir = "{tmp_path / "runs"}"\n'
-        f'[data]\nsource = "csv"\npath = "{hospitals}"\nlabel_column = "num"\nnegative_label = "0"\n'
-        'categorical_columns = ["cp", "restecg"]\nzero_means_missing = ["chol"]\n'
-        "[train]\nrounds = 5\n[evaluate]\nlocal_baseline = false\nbaseline_epochs = 5\n"
-    )
-    result = tff_apps("run", "--config", str(job), "--run-id", "csv")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "runs" / "healthcare" / "csv"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["data"]["dropped_rows"] == {"cleveland": 1, "hungarian": 1, "switzerland": 1, "va": 1}
-    assert summary["data"]["categorical"] == ["cp", "restecg"]
-    assert summary["results"]["federated"]["pooled"]["auc"] > 0.75
-
-    # Serving gets raw rows: chol = 0 must mean "not measured", as it did in training.
-    rows = pd.read_csv(hospitals / "va.csv", dtype=str).head(12).drop(columns=["num"])
-    rows["thalach"] = rows["thalach"].replace("?", "120")
-    as_zero, as_empty = rows.assign(chol="0"), rows.assign(chol="")
-    as_zero.to_csv(tmp_path / "zero.csv", index=False)
-    as_empty.to_csv(tmp_path / "empty.csv", index=False)
-    for name in ("zero", "empty"):
-        scored = tff_apps("predict", str(run / "export"), "--input", str(tmp_path / f"{name}.csv"),
-                          "--output", str(tmp_path / f"{name}_scored.csv"))
-        assert scored.returncode == 0, scored.stderr[-3000:]
-    zero = pd.read_csv(tmp_path / "zero_scored.csv")["probability"]
-    empty = pd.read_csv(tmp_path / "empty_scored.csv")["probability"]
-    np.testing.assert_allclose(zero, empty, atol=1e-7)
-    assert zero.std() > 0.01  # the rows differ, so do their scores

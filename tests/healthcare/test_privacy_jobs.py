@@ -16,7 +16,7 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from tests.cli import tff_apps
+from tests.cli import tff_apps_in_process
 
 DELTA = 1e-5
 ADD_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
@@ -41,7 +41,7 @@ def rdp_epsilon(event, relation) -> float:
 
 
 def run(runs: Path, run_id: str, *args: str):
-    return tff_apps("run", "healthcare", *FAST, *args, "--set", f'job.runs_dir="{runs}"', "--run-id", run_id)
+    return tff_apps_in_process("run", "healthcare", *FAST, *args, "--set", f'job.runs_dir="{runs}"', "--run-id", run_id)
 
 
 def outputs(run_dir: Path) -> tuple[dict, list[dict]]:

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from shared import psi
 from shared.errors import UserError
 from shared.psi import Message, PsiParty, expected_bytes, intersect, normalize_id, run_protocol
 

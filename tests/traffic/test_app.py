@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.cli import run_app, tff_apps
+from tests.cli import run_app, tff_apps_in_process
 from tests.report_page import checked_report_page
 
 SMALL_JOB = [
@@ -59,7 +59,7 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
     rows["timestamp"] = ["2012-03-05 08:00:00", "2012-03-05 17:30:00", "2012-03-10 03:00:00"]
     rows["sensor_id"] = ["a", "b", "c"]
     rows.to_csv(tmp_path / "history.csv", index=False)
-    result = tff_apps("predict", str(traffic_run / "export"), "--input", str(tmp_path / "history.csv"),
+    result = tff_apps_in_process("predict", str(traffic_run / "export"), "--input", str(tmp_path / "history.csv"),
                       "--output", str(tmp_path / "forecast.csv"))
     assert result.returncode == 0, result.stderr[-3000:]
     forecast = pd.read_csv(tmp_path / "forecast.csv")
@@ -70,7 +70,7 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
 
     rows.loc[1, "timestamp"] = "yesterday-ish"
     rows.to_csv(tmp_path / "bad.csv", index=False)
-    bad = tff_apps("predict", str(traffic_run / "export"), "--input", str(tmp_path / "bad.csv"),
+    bad = tff_apps_in_process("predict", str(traffic_run / "export"), "--input", str(tmp_path / "bad.csv"),
                    "--output", str(tmp_path / "bad_out.csv"))
     assert bad.returncode == 2 and "timestamp" in bad.stderr and bad.stderr.count("\n") == 1
     assert not (tmp_path / "bad_out.csv").exists()
@@ -78,7 +78,7 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
 
 def test_the_grouped_engine_is_refused_before_the_run_folder(tmp_path: Path):
     """The forecaster's masked-MAE loss is not one the grouped engine runs: one line, exit 2, nothing written."""
-    result = tff_apps("run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped")
+    result = tff_apps_in_process("run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "train.engine = 'grouped'" in result.stderr and "'tff'" in result.stderr
     assert not (tmp_path / "traffic").exists()

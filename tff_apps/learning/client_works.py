@@ -1,4 +1,6 @@
-"""FedProx client work (Li et al., MLSys 2020), with the proximal gradient's sign right.
+"""Client works: `client_work` picks TFF's model-delta work (FedAvg) or FedProx's.
+
+FedProx (Li et al., MLSys 2020) is built here, with the proximal gradient's sign right.
 
 TFF 0.87's `proximal_client_work` adds `mu * (w0 - w)` to each gradient, the negative
 of the gradient of (mu/2)||w - w0||^2, so its "FedProx" pushes clients AWAY from the

@@ -1,4 +1,4 @@
-"""Differential privacy: the [privacy] section, the mechanisms as run, and their ε.
+"""ε of the mechanisms as run: dp_accounting's RDP and PLD accountants over their events.
 
 Two levels (`privacy.level`):
 

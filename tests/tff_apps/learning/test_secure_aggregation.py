@@ -26,9 +26,9 @@ import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from healthcare.model import ModelConfig, tff_model_fn
-from shared import secagg, secagg_ring
+from shared import secagg_ring
 from shared.errors import UserError
-from tests.cli import tff_apps
+from tests.cli import tff_apps_in_process
 from tff_apps.privacy import secure_settings
 from tff_apps.learning import factory
 from tff_apps.program import round_loop
@@ -148,7 +148,7 @@ def test_secure_aggregation_keys_defaults_and_refusals():
 
 
 def test_a_refused_combination_exits_2_with_one_line_and_no_run_folder(tmp_path):
-    result = tff_apps(
+    result = tff_apps_in_process(
         "run", "healthcare", "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "bad",
         "--set", "privacy.level=client", "--set", "privacy.clipping=fixed", "--set", "privacy.noise_multiplier=1",
         "--set", "privacy.secure_aggregation=masked",
