@@ -69,8 +69,8 @@ not depend on any randomness: masks cancel exactly, so the same inputs always gi
 same total, seeded or not.
 
 `secure_sum` runs every client and the server in this process; only the message
-dataclasses below cross between them, and `SecAggResult` reports the bytes and time of
-each round. `SecAggClient` / `SecAggServer` are the parts to place on real machines.
+dataclasses of `shared.secagg_messages` cross between them, and `SecAggResult` reports the
+bytes and time of each round. `SecAggClient` / `SecAggServer` are the parts to place on real machines.
 """
 
 from __future__ import annotations

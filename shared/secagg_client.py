@@ -53,7 +53,7 @@ class _HeldShares:
 class SecAggClient:
     """One client: call advertise_keys, share_keys, masked_input, unmask, in order.
 
-    `seed` (tests only) makes keys and b_u reproducible; see the module docstring.
+    `seed` (tests only) makes keys and b_u reproducible; see `shared.secagg`, "Randomness".
     """
 
     def __init__(self, client_id: int, cfg: SecAggConfig, *, seed: bytes | None = None) -> None:

@@ -2,14 +2,12 @@
 [communication] asks, inside TFF's robust clip_zero wrappers; and the mean through TFF's
 SecureSumFactory for `privacy.secure_aggregation = "simulated"`.
 
-# -- secure aggregation -------------------------------------------------------------------------
-#
-# "simulated" uses SecureSumFactory with FIXED bounds (value sum +-B*W, weight sum [0, W]),
-# not `tff.learning.secure_aggregator`: that one moves its bound every round (a quantile
-# estimate of the clients' max values, times 2) and adds adaptive zeroing and L2 clipping.
-# Fixed bounds make "simulated" and "masked" clip identically (the masked protocol's ring and
-# fixed point must be fixed before the round), so the two modes give the same model up to
-# quantization; the bound is a documented config value instead of a hidden estimate.
+"simulated" uses SecureSumFactory with FIXED bounds (value sum +-B*W, weight sum [0, W]),
+not `tff.learning.secure_aggregator`: that one moves its bound every round (a quantile
+estimate of the clients' max values, times 2) and adds adaptive zeroing and L2 clipping.
+Fixed bounds make "simulated" and "masked" clip identically (the masked protocol's ring and
+fixed point must be fixed before the round), so the two modes give the same model up to
+quantization; the bound is a documented config value instead of a hidden estimate.
 """
 
 from __future__ import annotations

@@ -31,11 +31,6 @@ equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to 
 What it does not run is refused: `federation.check_engine` refuses configs (UserError
 before the run folder); `build_grouped_process` refuses models other than a chain of Keras
 Dense layers with a per-example loss (`read_dense_chain`).
-
-
-from __future__ import annotations
-
-import collections
 """
 
 from __future__ import annotations

@@ -54,6 +54,10 @@ How ε is accounted (dp-accounting 0.4.3, read from its installed source)
   (conservative); rounds_k counts the rounds client k actually took part in.
 * RDP (default orders) and PLD (`PLDAccountant`, default discretization) are
   dp-accounting's own accountants. Compositions mixing relations (the lifetime ledger may
+  hold client- and record-level runs on the same data) are composed in RDP by adding each
+  event's RDP curve, each computed under its own relation: a client-level bound also
+  bounds any change of one record inside that client, so the sum bounds the record-level
+  loss. For a single relation this is exactly the accountant's ComposedDpEvent.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ one of the same scale, Canonne et al. 2020, but the sum of several is not exactl
 discrete Gaussian). The effective noise multiplier z_eff = total stddev / Delta is set
 (`dp_aggregators.ddp_parameters`) to the plan's calibrated z, rounded UP to the next integer
 noise scale (2e-5 relative for the healthcare model; the statement reports both), so the
-client-level accounting above (Gaussian(z/2) under replace-one) applies unchanged and is
+client-level accounting (Gaussian(z/2) under replace-one, `accounting`) applies unchanged and is
 conservative. Adaptive clipping with distributed DP is refused.
 """
 

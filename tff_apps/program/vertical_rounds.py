@@ -22,9 +22,6 @@ Bytes exchanged, counted from the payloads as sent (per batch of n rows, P parti
 partial_scores_up P*n*8 (int64), sum_to_lender n*4, gradient_up n*4 (lender -> coordinator),
 gradient_down (P-1)*n*4 (coordinator -> partners), loss_up 4 per epoch (lender -> coordinator).
 Weights, features and labels are never sent.
-
-
-from __future__ import annotations
 """
 
 from __future__ import annotations
