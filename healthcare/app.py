@@ -111,7 +111,7 @@ class HealthcareApp:
         if cfg.export.enabled and cfg.preprocess.normalization == "federated":
             preprocessor = preprocessor_of(trains[0].name)
             card = model_card(cfg, summary)
-            card["serving_check"] = serving_check(global_model, preprocessor, trains[0])
+            card["serving_check"] = serving_check(global_model, preprocessor)
             model_dir = servable_dir(run.export_dir, self.name)
             export_model(model_dir, global_model, preprocessor, card, weights=result.weights)
             summary["export"] = str(model_dir)
@@ -224,16 +224,20 @@ def describe_data(data: HealthcareData, trains, tests) -> dict[str, Any]:
     }
 
 
-def serving_check(model, preprocessor, table: ClientTable, rows: int = 3) -> dict[str, Any]:
-    """A few raw rows (by serving input name) and the in-run model's outputs for them, so a
+def serving_check(model, preprocessor) -> dict[str, Any]:
+    """Rows made of the released federated statistics (`Preprocessor.statistic_rows`, no
+    client's data) by serving input name, and the in-run model's outputs for them, so a
     fresh process can check that the SavedModel predicts what the trained model did."""
     from tff_apps.program.export import signature_names
 
-    raw = table.features[preprocessor.feature_names].iloc[:rows]
+    raw = preprocessor.statistic_rows()
     names = signature_names(preprocessor.feature_names)
-    outputs = model(preprocessor.transform(raw.to_numpy()), training=False).numpy().reshape(-1)
+    outputs = model(preprocessor.transform(raw), training=False).numpy().reshape(-1)
     return {
-        "inputs": {names[c]: raw[c].astype(float).tolist() for c in preprocessor.feature_names},
+        "inputs": {
+            names[c]: [None if np.isnan(v) else float(v) for v in raw[:, i]]
+            for i, c in enumerate(preprocessor.feature_names)
+        },
         "outputs": outputs.astype(float).tolist(),
     }
 

@@ -342,29 +342,31 @@ def export_forecaster(
         "input_types": {"timestamp": "datetime"},
         "output_columns": [f"forecast_{(k + 1) * interval_minutes}min" for k in range(HORIZON)],
         "lineage": lineage,
-        "serving_check": serving_check(model, split, data),
+        "serving_check": serving_check(model, split, interval_minutes),
     }
     export_module(servable_dir(run.export_dir, "traffic"), module, "forecast", card, weights=weights)
 
 
-def serving_check(model, split, data: TrafficData, rows: int = 3) -> dict[str, Any]:
-    """The first test windows of `split`'s district as raw serving inputs (speed_lag_k =
-    k steps before the latest reading, `timestamp` = its epoch seconds; 0 = missing) and
-    the in-run model's forecasts for them, in the input's units."""
-    from traffic.windows import epoch_seconds
+# A weekday morning peak, a weekday evening and a weekend night (the latest reading's time).
+SERVING_CHECK_TIMES = ("2012-03-05 08:00:00", "2012-03-05 17:30:00", "2012-03-10 03:00:00")
 
-    district = next(d for d in data.districts if d.name == split.name)
-    seconds = epoch_seconds(data.timestamps)
-    inputs: dict[str, list[float]] = {f"speed_lag_{k}": [] for k in range(HISTORY - 1, -1, -1)}
-    inputs["timestamp"] = []
-    for row in range(rows):
-        latest = int(split.test.target_start[row]) - 1
-        sensor = int(split.test.sensor[row])
-        for k in range(HISTORY):
-            value = district.speeds[latest - k, sensor]
-            inputs[f"speed_lag_{k}"].append(0.0 if np.isnan(value) else float(value))
-        inputs["timestamp"].append(float(seconds[latest]))
-    outputs = split.to_mph(model(split.test.x[:rows], training=False).numpy())
+
+def serving_check(model, split, interval_minutes: int) -> dict[str, Any]:
+    """Three made-up hours of one sensor, built only from the normalization the serving graph
+    releases anyway (`split.mean`, `split.std`): steady at the mean, falling by one std over
+    the hour, rising by one std with a missing reading (0) in the middle; by serving input
+    name (speed_lag_k = k steps before the latest reading, `timestamp` = its epoch seconds),
+    with the in-run model's forecasts for them in the input's units. No client's readings."""
+    from traffic.windows import epoch_seconds, history_window
+
+    ramp = np.linspace(0.0, 1.0, HISTORY)  # oldest first
+    lags = split.mean + split.std * np.stack([np.zeros(HISTORY), -ramp, ramp - 0.5])
+    lags[2, HISTORY // 2] = 0.0
+    seconds = epoch_seconds(pd.DatetimeIndex(SERVING_CHECK_TIMES))
+    x = history_window(lags, seconds, split.mean, split.std, interval_minutes)
+    inputs = {f"speed_lag_{HISTORY - 1 - i}": lags[:, i].astype(float).tolist() for i in range(HISTORY)}
+    inputs["timestamp"] = [float(t) for t in seconds]
+    outputs = split.to_mph(model(x, training=False).numpy())
     return {"inputs": inputs, "outputs": outputs.astype(float).tolist()}
 
 

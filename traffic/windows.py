@@ -50,6 +50,22 @@ def time_features(seconds: np.ndarray) -> np.ndarray:
     )
 
 
+def history_window(
+    lags: np.ndarray, latest_seconds: np.ndarray, mean: float, std: float, interval_minutes: float
+) -> np.ndarray:
+    """[N, history, N_FEATURES] model inputs from raw histories of one sensor (lags [N, history],
+    oldest first, 0 or NaN = missing; `latest_seconds` [N] the time of the last reading), with the
+    arithmetic of `make_windows` (and of the serving graph, `traffic.model.serving_module`)."""
+    lags = np.asarray(lags, dtype=np.float64)
+    history = lags.shape[1]
+    observed = np.isfinite(lags) & (lags != 0.0)
+    normalized = np.where(observed, (lags - mean) / std, 0.0)
+    offsets = -(history - 1 - np.arange(history)) * interval_minutes * 60.0
+    clock = time_features(np.asarray(latest_seconds, dtype=np.float64)[:, None] + offsets[None, :])
+    x = np.concatenate([normalized[..., None], observed[..., None].astype(float), clock], axis=-1)
+    return x.astype(np.float32)
+
+
 def split_bounds(n_steps: int, fractions=(0.7, 0.1, 0.2)) -> dict[str, tuple[int, int]]:
     """Chronological [start, end) step ranges of train, validation and test."""
     edges = np.round(np.cumsum((0.0,) + tuple(fractions)) * n_steps).astype(int)

@@ -253,3 +253,16 @@ def test_ctrl_c_stops_the_run_and_its_worker(tmp_path):
     summary = json.loads((metrics.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert not (metrics.parent / "export").exists()
+
+
+def test_no_client_row_is_released_in_the_export_or_the_report(finished_run: Path):
+    """Every training and test row of the job (the whole breast-cancer table, split over the
+    hospitals) is looked for in every released file; the serving check uses rows made of
+    the released federated statistics instead."""
+    from tests.release_scan import released_files, rows_found
+
+    rows = load_breast_cancer().data
+    files = released_files(finished_run)
+    assert {p.name for p in files} >= {"model_card.json", "saved_model.pb", "weights.npz", "report.md", "report.html"}
+    leaks = {str(p.relative_to(finished_run)): found for p in files if (found := rows_found(rows, p))}
+    assert leaks == {}

@@ -82,3 +82,23 @@ def test_the_grouped_engine_is_refused_before_the_run_folder(tmp_path: Path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "train.engine = 'grouped'" in result.stderr and "'tff'" in result.stderr
     assert not (tmp_path / "traffic").exists()
+
+
+def test_no_district_reading_is_released_in_the_export_or_the_report(traffic_run: Path):
+    """Every sensor's readings, as rows of 12 consecutive steps (a window, what the serving
+    check used to carry), are looked for in every released file."""
+    from tests.release_scan import released_files, rows_found
+    from traffic.data import DataConfig, load
+
+    from traffic.app import describe_data
+
+    data = load(DataConfig(n_districts=3, sensors_per_district=4, days=7), seed=0)  # SMALL_JOB's data
+    summary = json.loads((traffic_run / "summary.json").read_text())
+    assert describe_data(data)["fingerprint"] == summary["data"]["fingerprint"]  # the run's own readings
+    rows = np.concatenate([
+        np.lib.stride_tricks.sliding_window_view(d.speeds.T, 12, axis=1).reshape(-1, 12) for d in data.districts
+    ])
+    files = released_files(traffic_run)
+    assert {p.name for p in files} >= {"model_card.json", "saved_model.pb", "weights.npz", "report.md"}
+    leaks = {str(p.relative_to(traffic_run)): found[:3] for p in files if (found := rows_found(rows, p))}
+    assert leaks == {}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from traffic import evaluate
-from traffic.windows import make_windows, split_bounds, epoch_seconds, time_features
+from traffic.windows import epoch_seconds, history_window, make_windows, split_bounds, time_features
 
 HISTORY, HORIZON = 12, 12
 
@@ -41,6 +41,18 @@ def test_windows_stay_inside_their_split_and_hold_the_right_values():
     np.testing.assert_allclose(windows.x[k, :, 0], np.where(observed, history, 0.0), atol=1e-6)
     np.testing.assert_array_equal(windows.x[k, :, 1], observed.astype(np.float32))
     np.testing.assert_allclose(windows.y[k], normalized[t : t + HORIZON, s], atol=1e-6)  # NaN stays NaN
+
+
+def test_a_raw_history_gives_the_window_training_builds():
+    """`history_window` (the serving check's inputs) repeats `make_windows` for raw readings."""
+    speeds, stamps = toy_series()
+    normalized = (speeds - 60) / 5
+    windows = make_windows(normalized, epoch_seconds(stamps), split_bounds(len(speeds))["test"], HISTORY, HORIZON)
+    picks = [0, 41, 100]
+    raw = np.stack([speeds[windows.target_start[k] - HISTORY : windows.target_start[k], windows.sensor[k]] for k in picks])
+    raw[np.isnan(raw)] = 0.0  # how serving receives a missing reading
+    latest = epoch_seconds(stamps)[windows.target_start[picks] - 1]
+    np.testing.assert_allclose(history_window(raw, latest, 60.0, 5.0, 5), windows.x[picks], atol=1e-6)
 
 
 def test_time_features_follow_the_clock_and_the_week():

@@ -63,6 +63,26 @@ class Preprocessor:
         flags = tf.constant([[name in self.zero_means_missing for name in self.feature_names]])
         return tf.where(flags & tf.equal(raw, 0.0), tf.constant(float("nan"), raw.dtype), raw)
 
+    def statistic_rows(self) -> np.ndarray:
+        """Three raw rows made only of what this preprocessor releases anyway (it is built into
+        the serving graph): each numeric column at mean - std, mean (missing, imputed, in the
+        first numeric column) and mean + std; each categorical column cycling through its
+        vocabulary. No client's row: a model card's serving check can carry them."""
+        columns = []
+        names = self.expanded_names
+        for name in self.feature_names:
+            if name in self.categories:
+                vocabulary = self.categories[name]
+                columns.append([vocabulary[i % len(vocabulary)] for i in range(3)])
+            else:
+                mean, std = self.mean[names.index(name)], self.std[names.index(name)]
+                columns.append([mean - std, mean, mean + std])
+        rows = np.array(columns, dtype=np.float64).T
+        numeric = [i for i, name in enumerate(self.feature_names) if name not in self.categories]
+        if numeric:
+            rows[1, numeric[0]] = np.nan
+        return rows
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
