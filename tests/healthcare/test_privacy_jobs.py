@@ -72,6 +72,8 @@ def test_client_level_fixed_clip_stops_before_the_target_and_accounts_what_ran(t
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "healthcare" / "fixed"
     summary, rounds = outputs(run_dir)
+    # z / m = 1/3 x clip per coordinate of the mean update: warned before training, in the run's log
+    assert "privacy: client-level DP over 3 clients a round adds noise of std 0.333 x" in (run_dir / "run.log").read_text()
     assert summary["rounds"] == 4 and [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert all(len(r["clients"]) == m for r in rounds)
     statement = summary["privacy"]

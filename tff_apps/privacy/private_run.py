@@ -57,6 +57,7 @@ class RunPrivacy:
     # what the learning process resolved for the mechanism (distributed DP: noise passed to
     # TFF, scale, sensitivity after rounding); `factory.build_learning_process` fills it
     mechanism_details: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None  # `client_noise_warning`
     _composition: accounting.Composition | None = None
 
     @property
@@ -161,6 +162,29 @@ class RunPrivacy:
             self.ledger.commit(self.reservation, self.spend())
 
 
+# Above this per-coordinate noise std on the mean update (relative to the clip: z / m for m
+# clients a round), client-level DP drowns the updates: the job gets a warning line.
+NOISE_WARNING_RATIO = 0.1
+
+
+def client_noise_warning(plan: calibration.PrivacyPlan) -> str | None:
+    """One line when client-level noise swamps the mean update (e.g. a few hospitals at a
+    small ε), None otherwise: the sum of m clipped updates gets N(0, (zC)^2) per coordinate,
+    so the mean gets std zC/m against updates of norm at most C."""
+    if plan.level != "client":
+        return None
+    m = plan.sampling.participants
+    ratio = plan.noise_multiplier / m
+    if ratio < NOISE_WARNING_RATIO:
+        return None
+    return (
+        f"privacy: client-level DP over {m} clients a round adds noise of std {ratio:.3g} x privacy.clip_norm "
+        f"to every coordinate of the mean update (z = {plan.noise_multiplier:.3g}), while a clipped update has "
+        "norm at most 1 x clip_norm: expect the model to learn mostly noise. Record-level DP "
+        '(privacy.level = "record") suits a few clients with many rows each.'
+    )
+
+
 def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy | None:
     """Plans the job's DP and reserves its lifetime budget; None when `privacy.level` is none
     (a job with only `privacy.secure_aggregation` gets it checked here, and None).
@@ -191,7 +215,9 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
             "privacy: %d of train.rounds = %d fit privacy.target_epsilon = %g",
             plan.rounds, cfg.train.rounds, section.target_epsilon,
         )
-    result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure)
+    result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure, warning=client_noise_warning(plan))
+    if result.warning:
+        log.warning(result.warning)  # before training, on stderr; the run's log gets it too
     if section.lifetime_epsilon > 0:
         path = Path(section.ledger) if section.ledger else Path(cfg.job.runs_dir) / LEDGER_FILE
         result.ledger = Ledger(path)

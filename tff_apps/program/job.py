@@ -308,6 +308,8 @@ def _run_prepared(
             "took over the stale lock of pid %s on %s (started %s)",
             lock.took_over.get("pid", "?"), lock.took_over.get("host", "?"), lock.took_over.get("started", "?"),
         )
+    if run.privacy is not None and run.privacy.warning:
+        logging.getLogger(__name__).warning(run.privacy.warning)
     if run.resumed:
         logging.getLogger(__name__).info("resuming run %s/%s in %s", run.app, run.run_id, run.dir)
     started = time.time()

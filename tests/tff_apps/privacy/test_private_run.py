@@ -73,3 +73,21 @@ def test_app_without_privacy_support_is_refused(tmp_path):
     cfg = job(tmp_path, "privacy.level=client", "privacy.noise_multiplier=1.0")
     with pytest.raises(UserError, match="does not support"):
         private_run.start(Bare(), cfg, None, "r1")
+
+
+@dataclass
+class ManyClients(FakeApp):
+    def client_rows(self, cfg, prepared):
+        return {f"c{i}": 50 for i in range(200)}
+
+
+def test_a_job_whose_client_noise_swamps_the_mean_update_is_warned(tmp_path, caplog):
+    dp = ["privacy.level=client", "privacy.clipping=fixed", "privacy.noise_multiplier=1.0"]
+    few = private_run.start(FakeApp(), job(tmp_path, *dp), None, "few")  # 2 clients: std 0.5 x clip
+    assert few.warning.startswith("privacy: client-level DP over 2 clients a round adds noise of std 0.5 x")
+    assert 'privacy.level = "record"' in few.warning and "\n" not in few.warning
+    assert few.warning in caplog.text
+    many = private_run.start(ManyClients(), job(tmp_path, *dp, "train.clients_per_round=100"), None, "many")
+    assert many.warning is None  # std 0.01 x clip per coordinate
+    record = private_run.start(FakeApp(), job(tmp_path, "privacy.level=record", "privacy.noise_multiplier=1.0"), None, "r")
+    assert record.warning is None

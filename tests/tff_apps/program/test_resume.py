@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 from tests.cli import tff_apps, user_environment
+from tests.tff_apps.program.test_metrics_log import event_steps
 from tff_apps.privacy import dp_events
 from tff_apps.privacy import accounting
 from tff_apps.privacy import dp_config
@@ -193,6 +194,8 @@ def test_dp_run_killed_and_resumed_spends_the_uninterrupted_epsilon_once(ops):
     rounds = rounds_of(run_dir)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
     assert [r["epsilon"] for r in rounds] == pytest.approx(uninterrupted, rel=1e-9)
+    # TensorBoard shows each round once: the killed attempt's rounds after the checkpoint are gone
+    assert event_steps(run_dir / "tensorboard")["epsilon"] == [1, 2, 3, 4, 5, 6]
     assert [r["clients"] for r in rounds] == [r["clients"] for r in rounds_of(ops.runs / "healthcare" / "full")]
     statement = summary["privacy"]
     assert statement["rounds"] == 6 and statement["epsilon"] == pytest.approx(uninterrupted[-1], rel=1e-9)
