@@ -17,7 +17,7 @@ import numpy as np
 from finance.data import LENDER, PARTNER, FinanceData, PartyTable
 from shared.errors import UserError
 from shared.partition import stratified_split
-from shared.psi import NORMALIZATION, Progress, intersect
+from shared.psi import NORMALIZATION, PROTOCOL, Progress, intersect
 
 __all__ = ["Alignment", "align", "aligned", "split_aligned", "psi_intersect"]
 
@@ -46,7 +46,7 @@ class Alignment:
     def describe(self) -> dict:
         """For the run summary."""
         return {
-            "protocol": "ECDH-PSI on X25519 (shared.psi)",
+            "protocol": PROTOCOL,
             "normalization": NORMALIZATION,
             "lender_customers": self.lender_size,
             "partner_customers": self.partner_size,

@@ -2,9 +2,11 @@
 
 prepare: load both parties' tables, align them by private set intersection, split the
 aligned customers (the lender draws a stratified split). train: each party encodes its
-own columns, the split model trains through `tff_apps.vertical` (TFF computations,
-secure sum of the partial scores), the baselines train beside it, and each party's
-bottom model is exported as its own SavedModel.
+own columns, the split model trains and is evaluated through `tff_apps.learning.vertical`
+(TFF computations, secure sum of the partial scores: the lender's metrics see only the
+summed test logits and its own labels), the baselines train beside it, and each party's
+bottom model is exported as its own SavedModel. score: each party's export scores its own
+rows and the scores are summed by the same secure sum (`finance.model.score_vertical`).
 """
 
 from __future__ import annotations
@@ -93,21 +95,18 @@ class FinanceApp:
         y_train, y_test = prepared.lender.labels[train_rows], prepared.lender.labels[test_rows]
         settings = vertical_settings(cfg)
 
-        def evaluate_epoch(party_weights) -> dict[str, float]:
-            report = evaluate.vertical_metrics(
-                *party_weights, test_x[LENDER], test_x[PARTNER], y_test, settings.score_bound
-            )
+        def evaluate_epoch(z) -> dict[str, float]:
+            # The lender's side: the securely summed test logits and its own test labels.
+            report = evaluate.vertical_metrics(z, y_test)
             return {"auc": report["auc"], "ks": report["ks"]}
 
         result = vertical_rounds.train_vertical(
             [train_x[LENDER], train_x[PARTNER]], y_train, settings,
-            party_names=list(PARTIES), evaluate=evaluate_epoch, run_dir=run.dir,
+            party_names=list(PARTIES), evaluate=evaluate_epoch,
+            eval_parties=[test_x[LENDER], test_x[PARTNER]], run_dir=run.dir,
         )
-        reports = {
-            "vertical": evaluate.vertical_metrics(
-                *result.party_weights, test_x[LENDER], test_x[PARTNER], y_test, settings.score_bound
-            )
-        }
+        # The last epoch is always evaluated: its z is the final model's.
+        reports = {"vertical": evaluate.vertical_metrics(result.eval_logits, y_test)}
         reports.update(run_baselines(cfg, train_x, test_x, y_train, y_test))
         summary = {
             "data": describe_data(prepared, len(train_rows), len(test_rows)),
@@ -117,6 +116,7 @@ class FinanceApp:
             "tff_calls": result.tff_calls,
             "bytes_per_epoch": result.bytes_per_epoch,
             "bytes_total": result.bytes_total,
+            "evaluation": {"tff_calls": result.eval_calls, "bytes_total": result.eval_bytes_total},
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": privacy_statement(cfg, result),
@@ -148,7 +148,7 @@ class FinanceApp:
         unknown = [p for p in inputs if p not in PARTIES]
         if missing or unknown:
             raise UserError(
-                f"score: give one CSV per party as --input lender=FILE --input partner=FILE"
+                "score: give one CSV per party as --input lender=FILE --input partner=FILE"
                 + (f"; missing {', '.join(missing)}" if missing else "")
                 + (f"; unknown party {', '.join(unknown)}" if unknown else "")
             )
@@ -217,7 +217,10 @@ def privacy_statement(cfg: JobConfig, result) -> dict[str, Any]:
         "level": "label" if result.label_dp else "none",
         "label_dp": result.label_dp,
         "partial_noise": result.partial_noise,
-        "secure_sum": "partial scores summed by TFF's federated_secure_sum_bitwidth (simulated by TFF's open runtime)",
+        "secure_sum": (
+            "partial scores (training and evaluation) summed by TFF's federated_secure_sum_bitwidth "
+            "(simulated by TFF's open runtime)"
+        ),
         "score_bound": cfg.model.score_bound,
         "epsilon": result.label_dp["epsilon"] if result.label_dp else None,
         "delta": cfg.privacy.delta if result.label_dp else None,

@@ -1,6 +1,7 @@
 """Credit-scoring metrics (AUC, KS, Gini) on held-out aligned customers, and the two baselines.
 
-- `vertical_metrics`: the split model (both parties' bottom models, partial scores summed).
+- `vertical_metrics`: the split model, computed by the lender from the logits z it receives
+  (the parties' partial scores summed by the engine's secure sum) and its own labels.
 - `centralized_baseline`: CENTRALIZED BASELINE, the only code in the finance app that
   joins the two parties' (encoded) columns: the same model family trained on the joined
   table, i.e. the "no loss" reference of a vertical model.
@@ -18,12 +19,10 @@ run (label noise, partial-score noise) and the score clip do not apply to them.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import tensorflow as tf
 
-from finance.model import ModelConfig, build_bottom_model, partial_score, sigmoid
+from finance.model import ModelConfig, build_bottom_model, sigmoid
 from shared.metrics import ScoredReport, binary_report, gini, ks_statistic
 from tff_apps.learning.vertical import batch_indices, initial_weights
 
@@ -55,20 +54,14 @@ def binary_metrics(y: np.ndarray, p: np.ndarray) -> dict:
     return ScoredReport.of(metrics, y, p)  # the scores ride along for the ROC plot, not into JSON
 
 
-def vertical_metrics(
-    lender_weights: Sequence[np.ndarray], partner_weights: Sequence[np.ndarray],
-    x_lender: np.ndarray, x_partner: np.ndarray, y: np.ndarray, score_bound: float = 0.0,
-) -> dict:
-    """Metrics of the split model: sigmoid(lender partial + partner partial) per customer.
-
-    Each party computes its partial score on its own encoded rows; with `score_bound` > 0
-    both are clipped to +-score_bound first, as in the exported models and the secure sum.
-    """
-    lender = partial_score(lender_weights, x_lender).astype(np.float64)
-    partner = partial_score(partner_weights, x_partner).astype(np.float64)
-    if score_bound > 0:
-        lender, partner = np.clip(lender, -score_bound, score_bound), np.clip(partner, -score_bound, score_bound)
-    return binary_metrics(y, sigmoid(lender + partner))
+def vertical_metrics(logits: np.ndarray, y: np.ndarray) -> dict:
+    """Metrics of the split model from what the lender holds: z per held-out customer (the sum
+    of the parties' clipped partial scores, as `tff_apps.program.vertical_rounds.secure_logits`
+    and training's evaluation decode it) and its own labels. No party's weights or columns."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    if len(z) != len(y):
+        raise ValueError(f"{len(z)} logits for {len(y)} labels")
+    return binary_metrics(y, sigmoid(z))
 
 
 def _optimizer(name: str, learning_rate: float) -> tf.keras.optimizers.Optimizer:

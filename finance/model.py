@@ -20,7 +20,8 @@ Export: `export_party` writes one party's bottom model as its own SavedModel tha
 the party's RAW columns by name (float32 numerics, NaN = missing; string categoricals),
 applies the party's encoder and returns ``partial_score`` (float32, one per row).
 `score_vertical` does vertical inference from the two parties' CSVs: align by PSI,
-each party scores its own rows, sum, sigmoid.
+each party scores its own rows, the engine's secure sum adds the scores (as in training),
+sigmoid.
 
 TensorFlow is imported inside the functions that need it, so validating a job (which
 builds `ModelConfig`) does not pay for TensorFlow's import.
@@ -369,9 +370,14 @@ def score_vertical(
 ) -> dict[str, Any]:
     """Vertical inference: each party scores its own CSV rows, aligned by PSI, summed, sigmoid.
 
-    Writes ``<id_column>,probability`` (the lender's spelling of each shared customer's ID,
-    in the PSI's common order) to `output_csv` atomically. Returns match_count, match
-    rates, rows_written, psi_seconds and seconds (the whole call).
+    The sum is training's: each party's partial scores are its CLIENTS value of
+    `tff.federated_secure_sum_bitwidth` (clip to the export's score_bound, 16 fractional bits;
+    `tff_apps.program.vertical_rounds.secure_score_sum`), run in a TFF runtime this call starts
+    and stops, and only the decoded sum reaches the code that writes probabilities (within
+    2^-17 per party of the plain sum). Writes ``<id_column>,probability`` (the lender's
+    spelling of each shared customer's ID, in the PSI's common order) to `output_csv`
+    atomically. Returns match_count, match rates, rows_written, psi_seconds and seconds
+    (the whole call).
     """
     from finance.alignment import psi_intersect
     from finance.csv_columns import require_id_column
@@ -398,6 +404,7 @@ def score_vertical(
             f"{lender_export} (run {runs[0]}) and {partner_export} (run {runs[1]}) come from different runs; "
             "use the two parties' exports of one run"
         )
+    bound = _sum_bound(lender, partner)
     # Column checks before the PSI, so a wrong file fails fast.
     require_columns(lender_frame, lender.columns, lender_src)
     require_columns(partner_frame, partner.columns, partner_src)
@@ -406,10 +413,11 @@ def score_vertical(
         lender_frame[id_column].to_numpy(dtype=object), partner_frame[id_column].to_numpy(dtype=object),
         lender_src, partner_src,
     )
-    # Each party scores only its own rows of the shared customers.
+    # Each party scores only its own rows of the shared customers; only the secure sum of the
+    # scores comes back.
     lender_rows = lender_frame.iloc[result.rows_a].reset_index(drop=True)
     partner_rows = partner_frame.iloc[result.rows_b].reset_index(drop=True)
-    logit = lender(lender_rows, lender_src) + partner(partner_rows, partner_src)
+    logit = _secure_sum([lender(lender_rows, lender_src), partner(partner_rows, partner_src)], bound)
     out = pd.DataFrame({id_column: lender_rows[id_column].to_numpy(), "probability": sigmoid(logit)})
     write_text_atomic(output_csv, out.to_csv(index=False))
     return {
@@ -420,3 +428,26 @@ def score_vertical(
         "psi_seconds": result.seconds,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _sum_bound(lender: PartyScorer, partner: PartyScorer) -> float:
+    """The secure sum's public clip bound: the exports' score_bound, i.e. the trained model's.
+    An export without a clip (0) is summed with the default bound, outside which a partial
+    score barely moves a probability (sigmoid(32) = 1 - 1.3e-14)."""
+    bounds = [float(scorer.card.get("score_bound", 0.0)) for scorer in (lender, partner)]
+    if bounds[0] != bounds[1]:
+        raise UserError(
+            f"{lender.export_dir} (score_bound {bounds[0]}) and {partner.export_dir} (score_bound {bounds[1]}) "
+            "were exported with different score bounds; use the two parties' exports of one run"
+        )
+    return bounds[0] if bounds[0] > 0 else ModelConfig.score_bound
+
+
+def _secure_sum(party_scores: list[np.ndarray], bound: float) -> np.ndarray:
+    """The engine's secure sum in a TFF runtime of its own, stopped on return, error or signal
+    (no TFF worker outlives `tff-apps score`)."""
+    from tff_apps.program.vertical_rounds import secure_score_sum
+    from tff_apps.runtime.context import Runtime
+
+    with Runtime():
+        return secure_score_sum(party_scores, bound).astype(np.float64)

@@ -1,10 +1,11 @@
-"""Two-party private set intersection (ECDH-PSI on X25519) to align vertical-FL rows.
+"""Two-party private set intersection (ECDH-PSI on ristretto255) to align vertical-FL rows.
 
 A lender and a data partner each hold a table keyed by customer ID. Vertical federated
 learning needs the rows of the customers they share, in the same order on both sides,
 without either party learning the other's non-shared IDs (not even hashes of them).
-This is the Diffie-Hellman PSI of FATE's ECDH-PSI and NVFlare's DH-PSI, on X25519 from
-the `cryptography` package; the hash is SHA-256 from `hashlib`. No primitive is home-made.
+This is the Diffie-Hellman PSI of FATE's ECDH-PSI and NVFlare's DH-PSI, in the prime-order
+group ristretto255 (RFC 9496) from libsodium, through the `rbcl` bindings (which bundle
+libsodium); the hashes are SHA-256 and SHA-512 from `hashlib`. No primitive is home-made.
 
 Normalization (`normalize_id`)
 ------------------------------
@@ -22,33 +23,50 @@ Protocol (semi-honest parties; A = initiator, the lender; B = responder, the par
 ----------------------------------------------------------------------------------
 1. Salt. A sends 16 random bytes s_A, B sends 16 random bytes s_B;
    both compute ``salt = SHA-256(s_A || s_B)``. Blinded values are bound to the session.
-2. Hash to a point. ``h(x) = SHA-256(b"tff-apps-psi-v1" || salt || utf8(normalize(x)))``
-   is used as a 32-byte X25519 u-coordinate. X25519's Montgomery ladder works for any u
-   (Curve25519 or its twist, both twist-secure), and with clamped scalars it commutes:
-   ``a·(b·P) = b·(a·P)``.
-3. Blind. Each party draws a fresh private key (``X25519PrivateKey.generate()``),
-   computes ``a·h(x_i)`` for its own IDs, shuffles that list with a secret random
-   permutation, and sends it ("blinded").
-4. Double-blind. Each party multiplies every value it received by its own key and
-   returns the list IN THE ORDER RECEIVED ("double_blinded"). It keeps these values:
-   they are the double-blinded values of the other party's set.
-5. Intersect. Each party un-shuffles the returned list, so it holds ``a·b·h(x_i)`` for
-   each of its own rows i, and keeps the rows whose value is among the double-blinded
-   values of the other party's set. Both parties then order their shared rows by the
-   normalized ID, which each knows for its own rows, so both end in the same order
-   without further messages, and the order is the same in every session.
+2. Hash to the group. ``H(x) = from_hash(SHA-512(b"tff-apps-psi-v2" || salt ||
+   utf8(normalize(x))))``, where ``from_hash`` is libsodium's
+   ``crypto_core_ristretto255_from_hash``: RFC 9496's element derivation from 64 uniform
+   bytes (two Elligator maps, added), so H behaves as a random oracle into the group
+   (`hash_to_group`). ristretto255 has prime order
+   L = 2^252 + 27742317777372353535851937790883648493: no cofactor, no twist, and each
+   element has exactly one 32-byte encoding.
+3. Blind. Each party draws a fresh secret scalar a, uniform in [1, L)
+   (``crypto_core_ristretto255_scalar_random``, `random_scalar`), computes ``a·H(x_i)``
+   (``crypto_scalarmult_ristretto255``, `blind`) for its own IDs, shuffles that list with
+   a secret random permutation, and sends it ("blinded"). Scalar multiplication in one
+   group commutes: ``a·(b·P) = b·(a·P) = (ab)·P``.
+4. Double-blind. Each party checks every value it received (`is_group_element`: the
+   canonical RFC 9496 encoding of a group element other than the identity; anything
+   else is a protocol violation and raises a `RuntimeError` naming the message and the
+   index), multiplies it by its own scalar and returns the list IN THE ORDER RECEIVED
+   ("double_blinded"). It keeps these values: they are the double-blinded values of the
+   other party's set.
+5. Intersect. Each party checks the returned values the same way, un-shuffles them, so
+   it holds ``a·b·H(x_i)`` for each of its own rows i, and keeps the rows whose value is
+   among the double-blinded values of the other party's set. Both parties then order
+   their shared rows by the normalized ID, which each knows for its own rows, so both
+   end in the same order without further messages, and the order is the same in every
+   session.
 
 Messages, in order: salt A->B, salt B->A, blinded A->B, blinded B->A,
 double_blinded B->A, double_blinded A->B. Bytes exchanged:
-``32 + 64 · (n_A + n_B)`` (16 per salt share, 32 per value per pass, two passes).
+``32 + 64 · (n_A + n_B)`` (16 per salt share, 32 per element per pass, two passes).
+Hashing, checks and multiplications run in one thread per CPU (rbcl calls libsodium
+through ctypes, which releases the GIL).
 
 What each party learns: its own rows that are shared (hence the intersection size),
 the other party's set size, the session salt, and the double-blinded values of both
-sets. Under the decisional Diffie-Hellman assumption with SHA-256 as a random oracle,
-the singly- and doubly-blinded values of the other party's non-shared IDs look random:
-without the other party's private key they cannot be linked to any ID or hash, and
-fresh keys and salt make them unlinkable across sessions. Because each party shuffles
-what it sends, neither learns the other's row numbers of the shared customers.
+sets. The group has prime order, so every element other than the identity generates
+it, and for a uniform secret scalar a, ``a·H(x)`` is a uniform non-identity element
+whatever x is: no public test (like X25519's curve-or-twist test on a raw hash, which
+blinding preserved) splits the blinded values by a property of the IDs. Under the
+decisional Diffie-Hellman assumption in ristretto255, with H a random oracle, the
+singly- and doubly-blinded values of the other party's non-shared IDs look random:
+without the other party's scalar they cannot be linked to any ID or hash, and fresh
+scalars and salt make them unlinkable across sessions. Each party checks every element
+it receives, so a malformed or tampered message stops the protocol instead of being
+multiplied or matched. Because each party shuffles what it sends, neither learns the
+other's row numbers of the shared customers.
 Limits: this is security against semi-honest parties. A party that stuffs its list
 with guessed IDs learns which guesses the other holds (inherent in any PSI; bound the
 list size by contract or audit); the protocol does not prove the parties used the
@@ -60,27 +78,33 @@ things that cross between them are `Message` objects, recorded in the transcript
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import time
 import unicodedata
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+import rbcl
 
 from shared.errors import UserError
 
-DOMAIN = b"tff-apps-psi-v1"
+DOMAIN = b"tff-apps-psi-v2"
+PROTOCOL = "ECDH-PSI on ristretto255 (shared.psi)"
 SALT_SHARE_BYTES = 16
-POINT_BYTES = 32
+POINT_BYTES = 32  # a ristretto255 element
 NORMALIZATION = "normalization: NFKC, surrounding whitespace stripped, case-folded, NFKC again"
+IDENTITY = bytes(POINT_BYTES)  # the encoding of the identity element, never a valid message value
 
 # progress(step_name, done, total), called after each chunk of a long step.
 Progress = Callable[[str, int, int], None]
 _CHUNK = 10_000
+_WORKERS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 16))
 _MAX_ROWS_SHOWN = 5
 _MAX_ID_CHARS = 60
 
@@ -196,12 +220,70 @@ def _duplicate_message(normalized: list[str], party: str) -> str:
     )
 
 
-# --- one party --------------------------------------------------------------------
+# --- the group: ristretto255 from libsodium, through rbcl --------------------------
+
+
+def _remove_library_copy() -> None:
+    """Delete the copy of libsodium that rbcl writes to the temp folder on import.
+
+    rbcl loads its bundled libsodium from a temporary file that it never removes (about
+    2.7 MB per process); once loaded, the mapping no longer needs the file.
+    """
+    path = getattr(sys.modules.get("rbcl._sodium"), "lib_path", None)
+    if isinstance(path, str):
+        with contextlib.suppress(OSError):  # e.g. Windows, where a loaded library stays locked
+            os.unlink(path)
+
+
+_remove_library_copy()
+assert rbcl.crypto_core_ristretto255_BYTES == rbcl.crypto_scalarmult_ristretto255_BYTES == POINT_BYTES
+_from_hash = rbcl.crypto_core_ristretto255_from_hash
+_is_valid_point = rbcl.crypto_core_ristretto255_is_valid_point
+_scalarmult = rbcl.crypto_scalarmult_ristretto255
+
+
+def hash_to_group(normalized: str, salt: bytes) -> bytes:
+    """H(x): the ristretto255 element of a normalized ID in a session (module docstring, step 2)."""
+    digest = hashlib.sha512(DOMAIN + salt + normalized.encode("utf-8", "surrogatepass")).digest()
+    return _from_hash(digest)
+
+
+def random_scalar() -> bytes:
+    """A fresh secret scalar, uniform in [1, L) (libsodium never returns zero)."""
+    return rbcl.crypto_core_ristretto255_scalar_random()
+
+
+def blind(scalar: bytes, element: bytes) -> bytes:
+    """scalar·element in ristretto255; libsodium refuses an invalid element or an identity result."""
+    return _scalarmult(scalar, element)
+
+
+def is_group_element(value: object) -> bool:
+    """True for the canonical 32-byte encoding of a ristretto255 element other than the identity."""
+    return isinstance(value, bytes) and len(value) == POINT_BYTES and _is_element(value)
+
+
+def _is_element(value: bytes) -> bool:
+    # libsodium 1.0.18 (bundled in rbcl) ignores bit 255 when decoding, so a value with it set
+    # would be a second encoding of an element; RFC 9496 rejects it, and so do we.
+    return value[-1] < 0x80 and value != IDENTITY and _is_valid_point(value)
+
+
+def _check_elements(values: list[bytes], message: Message, start: int) -> None:
+    for offset, value in enumerate(values):
+        if not _is_element(value):
+            raise RuntimeError(
+                f"PSI: {message.kind} message from {message.sender} holds an invalid element at index "
+                f"{start + offset} (0-based): not the canonical encoding of a ristretto255 group element "
+                "other than the identity. This is a protocol violation (a corrupted or tampered message), "
+                "not a problem with the IDs; rerun the alignment"
+            )
 
 
 def _check_values(message: Message, expected_count: int | None) -> list[bytes]:
+    """The message's values, if it is a list of 32-byte strings of the expected length."""
     values = message.payload
-    if not isinstance(values, list) or any(len(value) != POINT_BYTES for value in values):
+    if not isinstance(values, list) or any(type(value) is not bytes or len(value) != POINT_BYTES for value in values):
         raise RuntimeError(f"PSI: {message.kind} message from {message.sender} is not a list of 32-byte values")
     if expected_count is not None and len(values) != expected_count:
         raise RuntimeError(
@@ -210,8 +292,31 @@ def _check_values(message: Message, expected_count: int | None) -> list[bytes]:
     return values
 
 
+def _map_chunks(
+    work: Callable[[int, list], list], items: list, step: str | None, progress: Progress | None
+) -> list:
+    """work(start, items[start:end]) over chunks of items, in threads, results concatenated in order.
+
+    ctypes releases the GIL while libsodium runs, so one thread per CPU works in parallel.
+    Chunks are at most `_CHUNK` long; progress(step, done, total) follows each chunk, in order.
+    """
+    total = len(items)
+    size = max(1, min(_CHUNK, -(-total // _WORKERS)))
+    chunks = [(start, items[start : start + size]) for start in range(0, total, size)]
+    out: list = []
+    with ThreadPoolExecutor(max_workers=max(1, min(_WORKERS, len(chunks)))) as pool:
+        for result in pool.map(lambda chunk: work(*chunk), chunks):
+            out.extend(result)
+            if progress is not None and step is not None:
+                progress(step, len(out), total)
+    return out
+
+
+# --- one party --------------------------------------------------------------------
+
+
 class PsiParty:
-    """One side of the protocol: its own IDs, private key, salt share and secret shuffle.
+    """One side of the protocol: its own IDs, secret scalar, salt share and secret shuffle.
 
     Call the steps in this order (see `run_protocol`): `salt_message`, `receive_salt`,
     `blinded_message`, `double_blind`, `receive_double_blinded`, `shared_rows`.
@@ -222,13 +327,13 @@ class PsiParty:
         self.name = name
         self.initiator = initiator
         self._ids = _normalize_party_ids(ids, name)
-        self._private_key = X25519PrivateKey.generate()
+        self._scalar = random_scalar()
         self._progress = progress
         self._salt_share = os.urandom(SALT_SHARE_BYTES)
         self._salt: bytes | None = None
         self._order: np.ndarray | None = None  # secret shuffle: sent position -> own row
         self._other_double: set[bytes] | None = None  # double-blinded values of the other set
-        self._own_double: list[bytes] | None = None  # a·b·h(x_i) for own row i
+        self._own_double: list[bytes] | None = None  # a·b·H(x_i) for own row i
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -244,24 +349,33 @@ class PsiParty:
         self._salt = hashlib.sha256(first + second).digest()
 
     def blinded_message(self, receiver: str) -> Message:
-        """Own IDs hashed to points, blinded with the private key, in a secret random order."""
-        if self._salt is None:
+        """Own IDs hashed to the group, blinded with the secret scalar, in a secret random order."""
+        salt = self._salt
+        if salt is None:
             raise RuntimeError("PSI: blinded_message called before the salt exchange")
-        prefix = DOMAIN + self._salt
-        sha256 = hashlib.sha256
-        points = [sha256(prefix + key.encode("utf-8", "surrogatepass")).digest() for key in self._ids]
         # A uniformly random permutation from the OS CSPRNG (64-bit random sort keys).
-        keys = np.frombuffer(os.urandom(8 * len(points)), dtype=np.uint64)
+        keys = np.frombuffer(os.urandom(8 * len(self._ids)), dtype=np.uint64)
         self._order = np.argsort(keys, kind="stable")
-        shuffled = [points[row] for row in self._order.tolist()]
-        blinded = self._multiply(shuffled, f"{self.name}: blind own IDs")
+        shuffled = [self._ids[row] for row in self._order.tolist()]
+        scalar = self._scalar
+
+        def work(start: int, chunk: list[str]) -> list[bytes]:
+            return [blind(scalar, hash_to_group(key, salt)) for key in chunk]
+
+        blinded = _map_chunks(work, shuffled, f"{self.name}: blind own IDs", self._progress)
         return Message(self.name, receiver, "blinded", blinded)
 
     def double_blind(self, message: Message) -> Message:
-        """The other party's blinded values times own key, returned in the order received."""
+        """The other party's blinded elements, checked, times own scalar, in the order received."""
         self._expect(message, "blinded")
         values = _check_values(message, None)
-        doubled = self._multiply(values, f"{self.name}: double-blind {message.sender}'s IDs")
+        scalar = self._scalar
+
+        def work(start: int, chunk: list[bytes]) -> list[bytes]:
+            _check_elements(chunk, message, start)
+            return [blind(scalar, value) for value in chunk]
+
+        doubled = _map_chunks(work, values, f"{self.name}: double-blind {message.sender}'s IDs", self._progress)
         self._other_double = set(doubled)
         return Message(self.name, message.sender, "double_blinded", doubled)
 
@@ -270,6 +384,12 @@ class PsiParty:
         if self._order is None:
             raise RuntimeError("PSI: double-blinded values arrived before this party sent its own")
         values = _check_values(message, len(self._ids))
+
+        def work(start: int, chunk: list[bytes]) -> list[bytes]:
+            _check_elements(chunk, message, start)
+            return chunk
+
+        _map_chunks(work, values, None, None)
         own = [b""] * len(values)
         for position, row in enumerate(self._order.tolist()):
             own[row] = values[position]
@@ -291,24 +411,6 @@ class PsiParty:
                 f"PSI: {self.name} expected a {kind} message addressed to it, "
                 f"got {message.kind} for {message.receiver} from {message.sender}"
             )
-
-    def _multiply(self, values: list[bytes], step: str) -> list[bytes]:
-        """Scalar-multiply each 32-byte u-coordinate by the private key (X25519)."""
-        exchange = self._private_key.exchange
-        from_bytes = X25519PublicKey.from_public_bytes
-        total = len(values)
-        out: list[bytes] = []
-        try:
-            for start in range(0, total, _CHUNK):
-                out.extend([exchange(from_bytes(value)) for value in values[start : start + _CHUNK]])
-                if self._progress is not None:
-                    self._progress(step, len(out), total)
-        except ValueError as error:  # cryptography refuses an all-zero shared secret
-            raise RuntimeError(
-                f"PSI: X25519 gave an all-zero result at {step} (a low-order input point; for hashed IDs "
-                "this has probability about 2^-250, so suspect a tampered message); rerun the alignment"
-            ) from error
-        return out
 
 
 # --- both parties, in this process -------------------------------------------------

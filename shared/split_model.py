@@ -3,7 +3,8 @@
 A party's bottom-model weights are float32 arrays in Keras Dense order:
 ``logistic`` = [kernel (d, 1), bias (1,)]; ``mlp`` = [kernel1 (d, h), bias1 (h,),
 kernel2 (h, 1), bias2 (1,)] with relu between. The engine (tff_apps/learning/vertical.py) trains
-them; the finance app encodes, evaluates and exports them.
+them; the finance app encodes, evaluates and exports them. `predict_proba` is the plain-sum
+reference the tests hold the engine's secure sum against.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ def partial_scores(weights: list[np.ndarray], x: np.ndarray, kind: str) -> np.nd
         return x @ w[0][:, 0] + w[1][0]
     hidden = np.maximum(x @ w[0] + w[1], 0.0)
     return hidden @ w[2][:, 0] + w[3][0]
+
+
+def predict_proba(
+    party_weights: list[list[np.ndarray]], party_matrices: list[np.ndarray], kind: str,
+    *, score_bound: float = 32.0,
+) -> np.ndarray:
+    """sigmoid(sum_p clip(partial score_p, +-score_bound)), in the clear: the trained model's
+    prediction as a numpy reference (the apps sum through the engine's secure sum instead).
+    32.0 is the engine's default bound (`VerticalSettings.score_bound`)."""
+    if len(party_weights) != len(party_matrices) or not party_weights:
+        raise ValueError(f"{len(party_weights)} weight sets for {len(party_matrices)} party matrices")
+    rows = {len(x) for x in party_matrices}
+    if len(rows) != 1:
+        raise ValueError(f"party matrices have different row counts {sorted(rows)}; align them first")
+    z = sum(
+        np.clip(partial_scores(w, x, kind), -score_bound, score_bound)
+        for w, x in zip(party_weights, party_matrices)
+    )
+    return sigmoid(z)
 
 
 def _check_weights(weights, kind: str, width: int) -> None:

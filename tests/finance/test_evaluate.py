@@ -65,13 +65,31 @@ def test_baselines_on_the_default_job_joined_beats_the_lender_alone(encoded):
     assert again["auc"] == alone["auc"]
 
 
-def test_vertical_metrics_sums_the_partial_scores(encoded):
+@pytest.fixture(scope="module")
+def runtime():
+    from tff_apps.runtime.context import Runtime
+
+    with Runtime() as rt:
+        yield rt
+
+
+def test_vertical_metrics_from_the_secure_sum_match_the_plain_sum(runtime, encoded):
+    """The lender's metrics from the securely summed test logits (all it receives) equal, to
+    1e-4, the old evaluation that added both parties' partial scores in the clear."""
+    from tff_apps.learning.vertical import SCORE_FRACTION_BITS, VerticalSettings
+    from tff_apps.program.vertical_rounds import secure_logits
+
     e = encoded
     rng = np.random.default_rng(0)
-    lender_w = [rng.normal(size=(e["xl"].shape[1], 1)).astype(np.float32), np.array([0.1], np.float32)]
-    partner_w = [rng.normal(size=(e["xp"].shape[1], 1)).astype(np.float32), np.array([-0.3], np.float32)]
-    m = vertical_metrics(lender_w, partner_w, e["xlt"], e["xpt"], e["yt"])
-    direct = binary_metrics(
-        e["yt"], 1 / (1 + np.exp(-(e["xlt"] @ lender_w[0] + e["xpt"] @ partner_w[0] - 0.2).ravel()))
-    )
-    assert m["auc"] == pytest.approx(direct["auc"])
+    lender_w = [rng.normal(size=(e["xl"].shape[1], 1)).astype(np.float32) * 0.3, np.array([0.1], np.float32)]
+    partner_w = [rng.normal(size=(e["xp"].shape[1], 1)).astype(np.float32) * 0.3, np.array([-0.3], np.float32)]
+    z = secure_logits([lender_w, partner_w], [e["xlt"], e["xpt"]], VerticalSettings(score_bound=32.0))
+    plain = (e["xlt"].astype(np.float64) @ lender_w[0] + e["xpt"].astype(np.float64) @ partner_w[0]).ravel() - 0.2
+    assert np.abs(plain).max() < 32  # the clip does not act: the plain sum is the old evaluation
+    assert 0 < np.abs(z - plain).max() <= 2 * 2.0 ** -(SCORE_FRACTION_BITS + 1) + 1e-5
+    secure, old = vertical_metrics(z, e["yt"]), binary_metrics(e["yt"], 1 / (1 + np.exp(-plain)))
+    for key in ("auc", "ks", "gini", "accuracy", "brier"):
+        assert secure[key] == pytest.approx(old[key], abs=1e-4), key
+    assert secure["n"] == 240 and 0.3 < secure["auc"] < 1.0
+    with pytest.raises(ValueError, match="240 logits for 3 labels"):
+        vertical_metrics(z, e["yt"][:3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -126,12 +127,42 @@ def test_party_export_round_trip_gives_the_partial_scores(exports):
     np.testing.assert_allclose(load_party(export_dir)(rows), expected, atol=1e-5)
 
 
-def test_score_vertical_writes_sigmoid_of_summed_partials_for_exactly_the_shared_ids(exports, tmp_path):
+def running_worker(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_score_vertical_writes_sigmoid_of_the_secure_sum_for_exactly_the_shared_ids(exports, tmp_path, monkeypatch):
+    """Each party's CLIENTS value is its own export's scores of its own shared rows; the
+    probabilities are sigmoid of the decoded secure sum only (within the fixed-point step of
+    the plain sum); the command's TFF worker is gone when it returns."""
+    from tff_apps.learning import vertical
+    from tff_apps.runtime.context import Runtime
+
     lender_csv, partner_csv = tmp_path / "l.csv", tmp_path / "p.csv"
     lender_csv.write_text(LENDER_CSV)
     partner_csv.write_text(PARTNER_CSV)
     out = tmp_path / "scores.csv"
     (lender_dir, lender_enc, lender_w), (partner_dir, partner_enc, partner_w) = exports["lender"], exports["partner"]
+    sums, workers = [], []
+    original_get, original_enter = vertical.SecureScoreSum._get, Runtime.__enter__
+
+    def recording_get(self, name, *shape):
+        comp = original_get(self, name, *shape)
+
+        def call(scores):
+            sums.append((name, self.bound, [np.array(s) for s in scores], np.asarray(comp(scores))))
+            return sums[-1][-1]
+
+        return call
+
+    def recording_enter(self):
+        entered = original_enter(self)
+        workers.append(self.worker_pid)
+        return entered
+
+    monkeypatch.setattr(vertical.SecureScoreSum, "_get", recording_get)
+    monkeypatch.setattr(Runtime, "__enter__", recording_enter)
     summary = score_vertical(lender_dir, partner_dir, lender_csv, partner_csv, "id", out)
     assert summary["match_count"] == 3 and summary["rows_written"] == 3
     scored = pd.read_csv(out)
@@ -139,10 +170,16 @@ def test_score_vertical_writes_sigmoid_of_summed_partials_for_exactly_the_shared
     assert scored["id"].tolist() == ["A1", "A2", "A4"]  # the lender's spelling, no Z9 / A3
     lender_rows = pd.DataFrame({"age": [30.0, 45.0, 52.0], "region": ["north", "south", "west"]})
     partner_rows = pd.DataFrame({"balance": [20.0, 100.5, np.nan], "housing": ["rent", "own", "free"]})
-    logit = partial_score(lender_w, lender_enc.transform(lender_rows)) + partial_score(
-        partner_w, partner_enc.transform(partner_rows)
-    )
-    np.testing.assert_allclose(scored["probability"].to_numpy(), sigmoid(logit), atol=1e-6)
+    own = [partial_score(lender_w, lender_enc.transform(lender_rows)), partial_score(partner_w, partner_enc.transform(partner_rows))]
+    [(name, bound, given, z)] = sums
+    assert name == "score_sum" and bound == 32.0  # these exports have no clip: the default bound
+    for party in (0, 1):  # party p's slot: its own model's scores of its own rows, nothing else
+        np.testing.assert_allclose(given[party], own[party], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scored["probability"].to_numpy(), sigmoid(z.astype(np.float64)), rtol=1e-12)  # (CSV)
+    step = 2.0**-17  # fixed-point rounding per party; a probability moves by at most a quarter of z's error
+    assert 0 < np.abs(z - (given[0] + given[1])).max() <= 2 * step
+    np.testing.assert_allclose(scored["probability"].to_numpy(), sigmoid(own[0] + own[1]), rtol=0, atol=2 * step / 4 + 1e-6)
+    assert len(workers) == 1 and workers[0] is not None and not running_worker(workers[0])
     # The engine's predict command also scores a party export (string inputs).
     assert predict_csv(lender_dir, lender_csv, tmp_path / "partial.csv") == 4
 
@@ -162,6 +199,13 @@ def test_score_vertical_errors_are_user_errors(exports, tmp_path):
         score_vertical(lender_dir, partner_dir, lender_csv, renamed, "id", out)
     with pytest.raises(UserError, match="swap the two"):
         score_vertical(partner_dir, lender_dir, lender_csv, partner_csv, "id", out)
+    _, partner_enc, partner_w = exports["partner"]
+    bounded = export_party(  # the same partner model, exported with a clip the lender's export lacks
+        tmp_path / "bounded", "partner", partner_enc, build_bottom_model("mlp", partner_enc.n_outputs, 4, partner_w),
+        {"run_id": "r1"}, score_bound=8.0,
+    )
+    with pytest.raises(UserError, match=r"\(score_bound 0\.0\) and .*bounded \(score_bound 8\.0\) were exported with different"):
+        score_vertical(lender_dir, bounded, lender_csv, partner_csv, "id", out)
     with pytest.raises(UserError, match="not an exported model"):
         score_vertical(tmp_path, partner_dir, lender_csv, partner_csv, "id", out)
     with pytest.raises(UserError, match=r"missing\.csv: folder .* does not exist"):

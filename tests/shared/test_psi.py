@@ -1,4 +1,4 @@
-"""Tests for shared.psi: ECDH-PSI on X25519 for aligning vertical-FL rows."""
+"""Tests for shared.psi: ECDH-PSI on ristretto255 for aligning vertical-FL rows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+import rbcl
 
 from shared.errors import UserError
-from shared.psi import Message, PsiParty, expected_bytes, intersect, normalize_id, run_protocol
+from shared.psi import (
+    Message,
+    PsiParty,
+    blind,
+    expected_bytes,
+    hash_to_group,
+    intersect,
+    is_group_element,
+    normalize_id,
+    random_scalar,
+    run_protocol,
+)
 
 N = 2_000
 OVERLAP = 0.8
@@ -42,9 +53,19 @@ def session_salt(transcript: list[Message]) -> bytes:
     return hashlib.sha256(shares[0] + shares[1]).digest()
 
 
+def digest(normalized: str, salt: bytes) -> bytes:
+    """The documented 64 bytes behind H(id): SHA-512("tff-apps-psi-v2" || salt || utf8(normalized id))."""
+    return hashlib.sha512(b"tff-apps-psi-v2" + salt + normalized.encode()).digest()
+
+
 def point(normalized: str, salt: bytes) -> bytes:
-    """h(id) as documented: SHA-256("tff-apps-psi-v1" || salt || utf8(normalized id))."""
-    return hashlib.sha256(b"tff-apps-psi-v1" + salt + normalized.encode()).digest()
+    """H(id) as documented, through libsodium directly: ristretto255 from_hash of the digest."""
+    return rbcl.crypto_core_ristretto255_from_hash(digest(normalized, salt))
+
+
+def times(scalar: bytes, element: bytes) -> bytes:
+    """scalar·element, through libsodium directly (a reference independent of shared.psi)."""
+    return rbcl.crypto_scalarmult_ristretto255(scalar, element)
 
 
 def payload_chunks(transcript: list[Message]) -> list[bytes]:
@@ -94,13 +115,27 @@ def test_unequal_sizes_and_pandas_and_integer_ids():
     assert numbers.rows_a.tolist() == [7, 8, 9] and numbers.rows_b.tolist() == [0, 1, 2]
 
 
-def test_x25519_blinding_commutes_for_any_u_coordinate():
-    """The protocol's premise: a·(b·P) = b·(a·P) for any 32 bytes (curve, twist, top bit set)."""
-    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
-    load = X25519PublicKey.from_public_bytes
-    for _ in range(200):
-        u = os.urandom(32)
-        assert a.exchange(load(b.exchange(load(u)))) == b.exchange(load(a.exchange(load(u))))
+def test_hash_to_group_is_the_documented_ristretto255_derivation():
+    salt = os.urandom(32)
+    for key in ["cust-01", "straße", "s\u015b", "42"]:
+        assert hash_to_group(key, salt) == point(key, salt)
+        assert hash_to_group(key, salt) != hash_to_group(key, os.urandom(32))  # bound to the session salt
+
+
+def test_blinding_commutes_with_the_modules_own_functions():
+    """The protocol's premise: a·(b·H(x)) == b·(a·H(x)), and both equal (ab)·H(x)."""
+    salt = os.urandom(32)
+    for i in range(50):
+        a, b = random_scalar(), random_scalar()
+        assert a != b and any(a) and any(b)
+        element = hash_to_group(f"customer-{i}", salt)
+        ab = blind(a, blind(b, element))
+        assert ab == blind(b, blind(a, element))
+        assert ab == times(rbcl.crypto_core_ristretto255_scalar_mul(a, b), element)
+        assert ab != blind(a, element) != element and is_group_element(ab)
+    # Blinding is a bijection (an inverse scalar undoes it): nothing is lost or merged.
+    a = random_scalar()
+    assert blind(rbcl.crypto_core_ristretto255_scalar_invert(a), blind(a, element)) == element
 
 
 # --- normalization ----------------------------------------------------------------
@@ -166,15 +201,17 @@ def test_transcript_holds_no_id_hash_or_fragment_of_either(aligned):
     for key in normalized:
         hashes += [
             point(key, salt),
+            digest(key, salt),
             hashlib.sha256(key.encode()).digest(),
-            hashlib.sha256(b"tff-apps-psi-v1" + key.encode()).digest(),
+            hashlib.sha512(key.encode()).digest(),
+            hashlib.sha256(b"tff-apps-psi-v1" + salt + key.encode()).digest(),
         ]
     pieces = {item[i : i + 8] for item in hashes + list(texts) for i in range(len(item) - 7)}
     for chunk in chunks:
         assert not any(chunk[i : i + 8] in pieces for i in range(len(chunk) - 7))
 
 
-def test_singly_blinded_values_are_links_only_with_the_private_key():
+def test_singly_blinded_values_are_links_only_with_the_secret_scalar():
     ids_a, ids_b, truth = overlapping_ids(300, 0.5, seed=3)
     lender = PsiParty("lender", ids_a, initiator=True)
     partner = PsiParty("partner", ids_b, initiator=False)
@@ -185,18 +222,17 @@ def test_singly_blinded_values_are_links_only_with_the_private_key():
     sent_by_partner = next(m for m in transcript if m.kind == "blinded" and m.sender == "partner").payload
     non_shared = [normalize_id(raw) for raw in ids_b if raw not in truth]
     hashed = [point(key, salt) for key in non_shared]
-    load = X25519PublicKey.from_public_bytes
 
-    # What the lender received is not h(y), nor h(y) under any other key ...
+    # What the lender received is not H(y), nor H(y) under any other scalar ...
     assert not set(hashed) & set(sent_by_partner)
-    stranger = X25519PrivateKey.generate()
-    assert not {stranger.exchange(load(h)) for h in hashed} & set(sent_by_partner)
-    # ... but it is exactly b·h(y) (white-box: the test uses the partner's private key).
-    partner_key = partner._private_key
-    assert {partner_key.exchange(load(h)) for h in hashed} <= set(sent_by_partner)
+    stranger = random_scalar()
+    assert not {times(stranger, h) for h in hashed} & set(sent_by_partner)
+    # ... but it is exactly b·H(y) (white-box: the test uses the partner's secret scalar).
+    partner_scalar = partner._scalar
+    assert {times(partner_scalar, h) for h in hashed} <= set(sent_by_partner)
     # The lender's own double-blinding of those values matches none of its rows.
-    lender_key = lender._private_key
-    assert not {lender_key.exchange(load(partner_key.exchange(load(h)))) for h in hashed} & set(
+    lender_scalar = lender._scalar
+    assert not {times(lender_scalar, times(partner_scalar, h)) for h in hashed} & set(
         next(m for m in transcript if m.kind == "double_blinded" and m.sender == "partner").payload
     )
 
@@ -207,8 +243,7 @@ def test_sent_lists_are_shuffled_so_row_positions_do_not_leak():
     partner = PsiParty("partner", ids, initiator=False)
     transcript = run_protocol(lender, partner)
     salt = session_salt(transcript)
-    load = X25519PublicKey.from_public_bytes
-    in_row_order = [lender._private_key.exchange(load(point(key, salt))) for key in ids]
+    in_row_order = [times(lender._scalar, point(key, salt)) for key in ids]
     sent = next(m for m in transcript if m.kind == "blinded" and m.sender == "lender").payload
     assert sorted(sent) == sorted(in_row_order) and sent != in_row_order
 
@@ -296,11 +331,97 @@ def test_empty_lists_same_names_and_bare_strings_are_user_errors():
     assert "sequence" in one_line_error(lambda: intersect("abc", ["a"]))
 
 
-def test_tampered_low_order_point_raises_a_runtime_error():
-    lender = PsiParty("lender", ["x"], initiator=True)
-    partner = PsiParty("partner", ["x"], initiator=False)
-    lender.receive_salt(partner.salt_message("lender"))
-    zero_point = Message("partner", "lender", "blinded", [bytes(32)])
-    with pytest.raises(RuntimeError, match="all-zero"):
-        lender.double_blind(zero_point)
+# --- group elements on the wire (the X25519 twist leak, issue: hash into a prime-order group)
 
+
+# The order of ristretto255: prime, so every element but the identity has order exactly L.
+L = 2**252 + 27742317777372353535851937790883648493
+
+
+def has_order_l(element: bytes) -> bool:
+    """(L-1)·P + P is the identity, i.e. L·P = 0: P lies in the prime-order group."""
+    minus = times((L - 1).to_bytes(32, "little"), element)
+    return rbcl.crypto_core_ristretto255_add(minus, element) == bytes(32)
+
+
+def test_every_transmitted_element_is_a_valid_ristretto255_point():
+    """X25519 sent raw u-coordinates, about half on the twist, a side anyone could test and
+    blinding kept; now every element sent is a canonical encoding in the prime-order group."""
+    ids_a, ids_b, truth = overlapping_ids(300, 0.5, seed=5)
+    result = intersect(ids_a, ids_b)
+    assert {ids_a[row] for row in result.rows_a} == truth
+    lists = [m for m in result.transcript if m.kind in ("blinded", "double_blinded")]
+    assert len(lists) == 4 and all(len(m.payload) == 300 for m in lists)
+    for message in lists:
+        for value in message.payload:
+            assert type(value) is bytes and len(value) == 32
+            assert rbcl.crypto_core_ristretto255_is_valid_point(value) and value != bytes(32)
+            assert is_group_element(value)
+        assert len(set(message.payload)) == len(message.payload)
+    sample = [m.payload[i] for m in lists for i in range(0, 300, 30)]
+    assert all(has_order_l(value) for value in sample)
+
+
+def test_hashing_maps_distinct_ids_to_distinct_valid_points():
+    salt = os.urandom(32)
+    keys = [f"customer-{i:06d}" for i in range(2_000)]
+    keys += [normalize_id(raw) for raw in ["Straße", "ＣＵＳＴ－０１", "7"]]
+    elements = [hash_to_group(key, salt) for key in keys]
+    assert len(set(elements)) == len(keys)
+    assert all(len(e) == 32 and rbcl.crypto_core_ristretto255_is_valid_point(e) and e != bytes(32) for e in elements)
+    assert all(has_order_l(e) for e in elements[:50])
+    # Each hash is a canonical encoding: random 32-byte strings mostly are not (about 1 in 8 is).
+    random_valid = sum(rbcl.crypto_core_ristretto255_is_valid_point(os.urandom(32)) for _ in range(2_000))
+    assert 100 < random_valid < 500
+
+
+def test_is_group_element_refuses_non_canonical_identity_and_wrong_length():
+    element = hash_to_group("x", bytes(32))
+    assert is_group_element(element)
+    assert not is_group_element(b"\xff" * 32)  # not a canonical field element
+    assert not is_group_element(bytes(32))  # the identity
+    assert not is_group_element(element[:31]) and not is_group_element(bytearray(element))
+    # The top bit is never set in a canonical encoding; libsodium 1.0.18 ignores it, the module does not.
+    flipped = element[:-1] + bytes([element[-1] | 0x80])
+    assert rbcl.crypto_core_ristretto255_is_valid_point(flipped)
+    assert not is_group_element(flipped)
+
+
+def started_pair(ids_a: list[str], ids_b: list[str]) -> tuple[PsiParty, PsiParty, Message, Message]:
+    lender = PsiParty("lender", ids_a, initiator=True)
+    partner = PsiParty("partner", ids_b, initiator=False)
+    lender.receive_salt(partner.salt_message("lender"))
+    partner.receive_salt(lender.salt_message("partner"))
+    return lender, partner, lender.blinded_message("partner"), partner.blinded_message("lender")
+
+
+@pytest.mark.parametrize("bad", ["ff", "identity", "odd", "top bit"])
+def test_tampered_blinded_message_is_refused_naming_message_and_index(bad):
+    lender, _, _, from_partner = started_pair(["x", "y", "z"], ["x", "y", "w"])
+    real = from_partner.payload[0]
+    bad = {
+        "ff": b"\xff" * 32,  # not a canonical field element
+        "identity": bytes(32),
+        "odd": bytes([1]) + bytes(31),  # a negative field element
+        "top bit": real[:-1] + bytes([real[-1] | 0x80]),  # a second encoding of a real element
+    }[bad]
+    tampered = Message("partner", "lender", "blinded", from_partner.payload[:2] + [bad] + from_partner.payload[2:])
+    with pytest.raises(RuntimeError, match=r"^PSI: blinded message from partner holds an invalid element at index 2 "):
+        lender.double_blind(tampered)
+    assert lender._other_double is None  # nothing was kept
+    # The untampered message goes through.
+    assert len(lender.double_blind(from_partner).payload) == 3
+
+
+def test_tampered_double_blinded_message_is_refused_naming_message_and_index():
+    lender, partner, from_lender, from_partner = started_pair(["x", "y", "z"], ["x", "y", "w"])
+    lender.double_blind(from_partner)
+    returned = partner.double_blind(from_lender).payload
+    tampered = Message("partner", "lender", "double_blinded", [returned[0], b"\xff" * 32, returned[2]])
+    with pytest.raises(RuntimeError, match="double_blinded message from partner holds an invalid element at index 1"):
+        lender.receive_double_blinded(tampered)
+    too_long = Message("partner", "lender", "double_blinded", [returned[0], b"\x01" * 33, returned[2]])
+    with pytest.raises(RuntimeError, match="not a list of 32-byte values"):
+        lender.receive_double_blinded(too_long)
+    lender.receive_double_blinded(Message("partner", "lender", "double_blinded", returned))
+    assert lender.shared_rows().tolist() == [0, 1]

@@ -12,10 +12,10 @@ clipped to the public bound B (`score_bound`): s_p = clip(bottom(w_p, x_p), -B, 
 bottom is `logistic` (x @ kernel + bias) or `mlp` (relu(x @ k1 + b1) @ k2 + b2). The logit is
 z = sum_p s_p, the prediction sigmoid(z), the loss the mean binary cross-entropy over the
 batch plus l2/2 * ||kernels_p||^2 for each party on its own kernels (biases are not penalised).
-The clip is part of the model (`predict_proba` applies it too): a party whose score is
-clipped on a row gets zero gradient for that row, so training is exact gradient descent on
-this model. With scores inside +-B (the usual case) it is the plain sum model, i.e. a
-centralized model on the joined columns with one bias per party. Weights per party are
+The clip is part of the model (`shared.split_model.predict_proba` applies it too): a party
+whose score is clipped on a row gets zero gradient for that row, so training is exact
+gradient descent on this model. With scores inside +-B (the usual case) it is the plain sum
+model, i.e. a centralized model on the joined columns with one bias per party. Weights per party are
 float32 arrays in Keras Dense order: logistic [kernel (d,1), bias (1,)], mlp
 [kernel1 (d,h), bias1 (h,), kernel2 (h,1), bias2 (1,)]. Init: logistic zeros; mlp
 Glorot-uniform kernels from `default_rng([seed, 0, party_index])`, zero biases.
@@ -44,6 +44,10 @@ the coordinator as SERVER)
    To save a call, backward of batch k and forward of batch k+1 are one computation.
    TFF calls per mini-batch: 2 (lender step; backward+forward), plus one forward-only call
    at the start of training; the very last batch runs backward only.
+4. evaluation (federated, `evaluate`): the forward of step 1 without partial noise, on each
+   party's own held-out rows; the coordinator passes the decoded z to the lender, which
+   scores it against its own labels. Scoring (`SecureScoreSum`): each party's exported model
+   gives its partial scores as its CLIENTS value, clipped, encoded and summed as in step 1.
 
 Deviation from a "clean lender update": the lender updates with the same g~ it released, not
 with its clean g. If the lender trained on clean gradients, its weights would depend on every
@@ -55,8 +59,9 @@ g~ values and features, so the accounting is exact. Without label noise g~ = g.
 Party weights and optimizer state never leave their party. The coordinator holds a
 `CoordinatorState` (epoch, step, loss history, byte counters) and nothing else. In this
 simulation one Python driver plays every role, but each party's values (`PartyState`) are
-only passed as that party's CLIENTS member to the computations, and the labels only to the
-lender step. Secure sum is simulated by TFF's open runtime (plain sum; see tff_apps/runtime/).
+only passed as that party's CLIENTS member to the computations (training and evaluation),
+and the labels only to the lender step and the lender's own metrics. Secure sum is
+simulated by TFF's open runtime (plain sum; see tff_apps/runtime/).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from shared.errors import UserError
-from shared.split_model import KINDS, partial_scores, sigmoid, weight_shapes
+from shared.split_model import KINDS, weight_shapes
 from tff_apps.privacy import dp_config
 
 OPTIMIZERS = ("sgd", "adam")
@@ -109,6 +114,7 @@ class PartyState:
     weights: list[np.ndarray]  # padded, Keras order
     optimizer_state: list[np.ndarray]  # [step] (+ Adam moments m..., v...)
     labels: np.ndarray | None = None  # the lender only
+    eval_features: np.ndarray | None = None  # float32 (held-out rows, d_max), zero-padded
     noise_rng: np.random.Generator | None = None  # OS-seeded, for the party's DP noise
 
 
@@ -136,7 +142,10 @@ class VerticalResult:
     label_dp: dict[str, Any] | None
     partial_noise: dict[str, Any] | None
     coordinator: CoordinatorState
-    tff_calls: int = 0
+    tff_calls: int = 0  # training calls
+    eval_calls: int = 0
+    eval_bytes_total: dict[str, int] = field(default_factory=dict)  # partial_scores_up, sum_to_lender
+    eval_logits: np.ndarray | None = None  # the last evaluation's z, as the lender received it
 
 
 def initial_weights(kind: str, width: int, hidden_units: int, seed: int, party_index: int) -> list[np.ndarray]:
@@ -154,23 +163,6 @@ def initial_weights(kind: str, width: int, hidden_units: int, seed: int, party_i
     return weights
 
 
-def predict_proba(
-    party_weights: list[list[np.ndarray]], party_matrices: list[np.ndarray], kind: str,
-    *, score_bound: float = VerticalSettings.score_bound,
-) -> np.ndarray:
-    """sigmoid(sum_p clip(partial score_p, +-score_bound)): the trained model's prediction."""
-    if len(party_weights) != len(party_matrices) or not party_weights:
-        raise ValueError(f"{len(party_weights)} weight sets for {len(party_matrices)} party matrices")
-    rows = {len(x) for x in party_matrices}
-    if len(rows) != 1:
-        raise ValueError(f"party matrices have different row counts {sorted(rows)}; align them first")
-    z = sum(
-        np.clip(partial_scores(w, x, kind), -score_bound, score_bound)
-        for w, x in zip(party_weights, party_matrices)
-    )
-    return sigmoid(z)
-
-
 def batch_indices(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[np.ndarray]:
     """Epoch `epoch`'s (1-based) mini-batches: a seeded permutation of the aligned positions cut
     into consecutive batches (the last one may be smaller). Every party derives the same ones;
@@ -179,23 +171,79 @@ def batch_indices(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[n
     return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-class VerticalComputations:
-    """The protocol's TFF computations for one party layout, built once per batch shape."""
+class SecureScoreSum:
+    """The secure sum of per-party partial scores (step 1's encoding), computations cached by
+    row count. On its own it serves scoring: each party's CLIENTS value is the partial scores
+    its exported model computed on its own rows; the coordinator gets only the decoded sum."""
+
+    def __init__(self, n_parties: int, score_bound: float):
+        self.n_parties = n_parties
+        self.bound = float(score_bound)
+        self.offset = math.ceil(score_bound * 2**SCORE_FRACTION_BITS)  # K
+        self.bitwidth = (2 * self.offset).bit_length()
+        self._cache: dict[tuple, Any] = {}
+        self.calls = 0
+
+    def _fixed_point(self, released):
+        """float64 scores -> the integers summed: clip to +-B, steps of 2^-F, shifted by K >= 0."""
+        released = tf.clip_by_value(released, -self.bound, self.bound)
+        return tf.cast(tf.round(released * 2.0**SCORE_FRACTION_BITS), tf.int64) + self.offset
+
+    def _decoder(self, n: int):
+        total_offset = self.n_parties * self.offset
+
+        @tff.tensorflow.computation(tff.TensorType(np.int64, [n]))
+        def decode(total):
+            return tf.cast(total - total_offset, tf.float32) * (2.0**-SCORE_FRACTION_BITS)
+
+        return decode
+
+    def _clients(self, t):
+        return tff.FederatedType(t, tff.CLIENTS)
+
+    def _build_score_sum(self, n):
+        vec = tff.TensorType(np.float32, [n])
+
+        @tff.tensorflow.computation(vec)
+        def encode(scores):
+            return self._fixed_point(tf.cast(scores, tf.float64))
+
+        decode = self._decoder(n)
+
+        @tff.federated_computation(self._clients(vec))
+        def score_sum(scores):
+            encoded = tff.federated_map(encode, scores)
+            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
+
+        return score_sum
+
+    def _get(self, name, *shape):
+        key = (name, *shape)
+        if key not in self._cache:
+            self._cache[key] = getattr(self, f"_build_{name}")(*shape)
+        return self._cache[key]
+
+    def score_sum(self, scores):
+        """One TFF call: `scores[p]` (float32 [n]) is party p's CLIENTS value; returns z [n]."""
+        self.calls += 1
+        return np.asarray(self._get("score_sum", len(scores[0]))(scores), np.float32)
+
+
+class VerticalComputations(SecureScoreSum):
+    """The protocol's TFF computations for one party layout, built once per batch shape.
+    `calls` counts training calls, `eval_calls` evaluation calls."""
 
     def __init__(self, settings: VerticalSettings, n_parties: int, width: int):
+        super().__init__(n_parties, settings.score_bound)
         self.s = settings
-        self.n_parties = n_parties
         self.width = width
         self.shapes = weight_shapes(settings.kind, width, settings.hidden_units)
         self.is_kernel = [len(shape) == 2 for shape in self.shapes]
-        self.offset = math.ceil(settings.score_bound * 2**SCORE_FRACTION_BITS)  # K
-        self.bitwidth = (2 * self.offset).bit_length()
         self.weight_type = [tff.TensorType(np.float32, s) for s in self.shapes]
         self.opt_type = [tff.TensorType(np.float32, [])]
         if settings.optimizer == "adam":
             self.opt_type += self.weight_type + self.weight_type
-        self._cache: dict[tuple, Any] = {}
-        self.calls = 0
+        self.eval_calls = 0
 
     def initial_optimizer_state(self) -> list[np.ndarray]:
         state = [np.zeros((), np.float32)]
@@ -234,28 +282,10 @@ class VerticalComputations:
         return new_w, [step, *m, *v]
 
     def _encode(self, w, x, noise):
-        bound = float(self.s.score_bound)
-        released = tf.clip_by_value(
-            tf.cast(self._score(w, x), tf.float64) + tf.cast(noise, tf.float64), -bound, bound
-        )
-        return tf.cast(tf.round(released * 2.0**SCORE_FRACTION_BITS), tf.int64) + self.offset
-
-    def _decoder(self, n: int):
-        total_offset = self.n_parties * self.offset
-
-        @tff.tensorflow.computation(tff.TensorType(np.int64, [n]))
-        def decode(total):
-            return tf.cast(total - total_offset, tf.float32) * (2.0**-SCORE_FRACTION_BITS)
-
-        return decode
-
-    # -- types --
+        return self._fixed_point(tf.cast(self._score(w, x), tf.float64) + tf.cast(noise, tf.float64))
 
     def _x(self, n):
         return tff.TensorType(np.float32, [n, self.width])
-
-    def _clients(self, t):
-        return tff.FederatedType(t, tff.CLIENTS)
 
     # -- computations --
 
@@ -276,6 +306,21 @@ class VerticalComputations:
             return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
 
         return forward
+
+    def _build_evaluate(self, n):
+        # Step 1 without noise: metrics need the model's own z, and no label is involved.
+        @tff.tensorflow.computation(self.weight_type, self._x(n))
+        def encode(w, x):
+            return self._fixed_point(tf.cast(self._score(w, x), tf.float64))
+
+        decode = self._decoder(n)
+
+        @tff.federated_computation(self._clients(self.weight_type), self._clients(self._x(n)))
+        def evaluate(w, x):
+            encoded = tff.federated_map(encode, (w, x))
+            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
+
+        return evaluate
 
     def _build_backward(self, n):
         vec = tff.TensorType(np.float32, [n])
@@ -330,12 +375,6 @@ class VerticalComputations:
 
         return lender_step
 
-    def _get(self, name, *shape):
-        key = (name, *shape)
-        if key not in self._cache:
-            self._cache[key] = getattr(self, f"_build_{name}")(*shape)
-        return self._cache[key]
-
     # -- calls (each one TFF call) --
 
     def forward(self, w, x, noise):
@@ -346,6 +385,10 @@ class VerticalComputations:
         self.calls += 1
         loss, g = self._get("lender_step", len(y))(z, y, noise)
         return float(loss), np.asarray(g, np.float32)
+
+    def evaluate(self, w, x):
+        self.eval_calls += 1
+        return np.asarray(self._get("evaluate", len(x[0]))(w, x), np.float32)
 
     def backward(self, g, w, opt, x):
         self.calls += 1
@@ -377,8 +420,26 @@ def validate_inputs(parties, labels, settings: VerticalSettings) -> tuple[list[n
     if not isinstance(settings, VerticalSettings):
         raise ValueError(f"settings must be a VerticalSettings, got {type(settings).__name__}")
     _validate_settings(settings)
+    matrices = validate_matrices(parties)
+    rows = len(matrices[0])
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != rows:
+        raise UserError(f"data: {y.shape} labels for {rows} aligned rows; give one label per row")
+    if not np.all(np.isin(y, (0, 1))):
+        raise UserError("data: labels must be 0 or 1")
+    if settings.batch_size > rows:
+        raise UserError(
+            f"batch_size = {settings.batch_size} is larger than the {rows} training rows; choose at most {rows}"
+        )
+    return matrices, y.astype(np.float32)
+
+
+def validate_matrices(parties, what: str = "parties") -> list[np.ndarray]:
+    """Aligned float32 party matrices (party 0 the lender), finite, at least one column each."""
     if not isinstance(parties, (list, tuple)) or not parties:
-        raise ValueError("parties must be a non-empty list of matrices, party 0 the lender")
+        raise ValueError(f"{what} must be a non-empty list of matrices, party 0 the lender")
     matrices = []
     for p, x in enumerate(parties):
         x = np.asarray(x)
@@ -392,18 +453,7 @@ def validate_inputs(parties, labels, settings: VerticalSettings) -> tuple[list[n
     rows = [len(x) for x in matrices]
     if len(set(rows)) != 1:
         raise UserError(f"data: the parties have different row counts {rows}; rows must be aligned (PSI) first")
-    y = np.asarray(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1 or len(y) != rows[0]:
-        raise UserError(f"data: {y.shape} labels for {rows[0]} aligned rows; give one label per row")
-    if not np.all(np.isin(y, (0, 1))):
-        raise UserError("data: labels must be 0 or 1")
-    if settings.batch_size > rows[0]:
-        raise UserError(
-            f"batch_size = {settings.batch_size} is larger than the {rows[0]} training rows; choose at most {rows[0]}"
-        )
-    return matrices, y.astype(np.float32)
+    return matrices
 
 
 def _validate_settings(s: VerticalSettings) -> None:
