@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from healthcare import statistics
 from healthcare.data import DataConfig, HealthcareData, load
 from healthcare.model import ModelConfig
-from shared import profile
 from shared.files import write_text_atomic
 from shared.partition import stratified_split
 from shared.tabular import ClientTable
@@ -48,6 +48,10 @@ class HealthcareApp:
         """Training rows per hospital, as the program holds them (for [privacy])."""
         return {t.name: len(t) for t in prepared.trains}
 
+    def statistics_spec(self, cfg: JobConfig, prepared: Prepared):
+        """Public column ranges for DP statistics (`privacy.preprocessing`/`profiles` = "dp")."""
+        return statistics.statistics_spec(cfg, prepared)
+
     def fingerprint(self, prepared: Prepared) -> str:
         return data_fingerprint([c.fingerprint() for c in prepared.data.clients])
 
@@ -64,8 +68,10 @@ class HealthcareApp:
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
         settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
-        profiled = profile.summary_entry(data_profiles(data, trains))  # per-hospital aggregates, warnings logged
-        preprocessor_of = fit_preprocessing(cfg, prepared)
+        # per-hospital aggregates (warnings logged) and the normalization: exact or DP
+        preprocessor_of, profiled = statistics.released_statistics(cfg, prepared, run)
+        if run.privacy is not None:
+            run.privacy.releases = statistics.release_keys(cfg, profiled)
         clients = [
             client_data.ClientTrainData(
                 t.name,
@@ -102,7 +108,7 @@ class HealthcareApp:
             **round_summary.rounds_summary(result.history, settings),
             "headline": evaluate.HEADLINE,
             "results": reports,
-            "privacy": result.privacy,
+            "privacy": result.privacy if run.privacy is not None else statement_without_dp(cfg, trains, profiled),
             **federation.robustness_entry(settings, [c.name for c in clients]),
             **profiled,
         }
@@ -139,12 +145,6 @@ def flip_diagnosis(labels: np.ndarray) -> np.ndarray:
     return 1 - labels
 
 
-def data_profiles(data: HealthcareData, trains: list[ClientTable]) -> dict[str, dict[str, Any]]:
-    """Each hospital profiles its own raw training rows (before imputation and scaling);
-    only these aggregates leave it."""
-    return {t.name: profile.profile(t.features, t.labels, "binary", data.categorical_columns) for t in trains}
-
-
 def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weights, n_inputs: int) -> dict:
     """[personalization]: each hospital fine-tunes the global model on its own (unflipped)
     training rows; AUC and accuracy of both models on its test rows, computed at the hospital."""
@@ -163,27 +163,6 @@ def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weigh
         cfg.personalization, cfg.train, cfg.job.seed,
     )
     return personalization.summary(results, "auc", also=("accuracy",))
-
-
-def fit_preprocessing(cfg: JobConfig, prepared: Prepared):
-    """Site name -> preprocessor: the federation's (secure-sum statistics), or each site's own."""
-    from tff_apps.learning import preprocessing
-
-    data = prepared.data
-    names, categorical = data.feature_names, data.categorical_columns
-    site_raw = [t.features.to_numpy() for t in prepared.trains]
-    if cfg.preprocess.normalization == "federated":
-        shared_preprocessor = preprocessing.fit_federated(
-            site_raw, names, categorical, data.zero_means_missing
-        )
-        return lambda _site: shared_preprocessor
-    # Per-site statistics; the vocabulary stays federated so every site has the same inputs.
-    categories = preprocessing.federated_categories(site_raw, names, categorical)
-    per_site = {
-        t.name: preprocessing.fit_local(raw, names, categorical, categories, data.zero_means_missing)
-        for t, raw in zip(prepared.trains, site_raw)
-    }
-    return lambda site: per_site[site]
 
 
 def run_baselines(cfg: JobConfig, prepared: Prepared) -> dict[str, dict]:
@@ -243,9 +222,6 @@ def serving_check(model, preprocessor) -> dict[str, Any]:
 
 
 def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
-    from tff_apps.privacy.statement import privacy_statement
-    from tff_apps.privacy.secure_settings import secure_aggregation
-
     federated = summary["results"]["federated"]
     return {
         "app": "healthcare",
@@ -256,20 +232,22 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "rounds": summary["rounds"],
         "lineage": summary.get("lineage"),
         "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
-        # The statement of the mechanism that ran; a job without DP but with secure
-        # aggregation still states its mode (what the server saw of the updates).
-        "privacy": (
-            summary["privacy"]
-            if isinstance(summary["privacy"], dict) or cfg.privacy.secure_aggregation == "none"
-            else privacy_statement(
-                None,
-                secure=secure_aggregation(
-                    cfg.privacy, cfg.train, {k: v["train_rows"] for k, v in summary["data"]["sites"].items()}
-                ),
-                section=cfg.privacy,
-            )
-        ),
+        "privacy": summary["privacy"],  # the mechanism that ran and every release outside ε
     }
+
+
+def statement_without_dp(cfg: JobConfig, trains, profiled) -> dict[str, Any]:
+    """A job without DP states its secure aggregation mode (what the server saw of the
+    updates) and its releases (all outside ε)."""
+    from tff_apps.privacy import releases
+    from tff_apps.privacy.secure_settings import secure_aggregation
+    from tff_apps.privacy.statement import privacy_statement
+
+    secure = None
+    if cfg.privacy.secure_aggregation != "none":
+        secure = secure_aggregation(cfg.privacy, cfg.train, {t.name: len(t) for t in trains})
+    statement = privacy_statement(None, secure=secure, section=cfg.privacy)
+    return releases.add_to_statement(statement, statistics.release_keys(cfg, profiled))
 
 
 APP = HealthcareApp()

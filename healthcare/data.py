@@ -113,6 +113,8 @@ class HealthcareData:
     source_description: str  # one line
     dropped_rows: dict[str, int]  # per site: rows dropped (e.g. missing label)
     zero_means_missing: list[str] = field(default_factory=list)  # also applied by the exported model
+    # public [low, high] per column, for DP statistics (`preprocess.bounds` overrides them)
+    public_bounds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def load(cfg: DataConfig, seed: int) -> HealthcareData:
@@ -189,7 +191,17 @@ def _load_heart(seed: int) -> HealthcareData:
         zero_means_missing=["chol"],  # raw UCI rows sent for scoring code "not measured" as 0
         source_description=f"heart: 4 hospitals generated from UCI per-site statistics (seed {seed})",
         dropped_rows={c.name: 0 for c in clients},
+        public_bounds=HEART_PUBLIC_BOUNDS,
     )
+
+
+# The UCI heart-disease attributes' ranges as their documentation and clinical plausibility
+# give them (codes: cp 1-4, restecg 0-2; binary sex, fbs, exang), never read from the rows:
+# what a DP release may clip to. docs/privacy.md repeats them for users of the real CSVs.
+HEART_PUBLIC_BOUNDS = {
+    "age": [20, 90], "sex": [0, 1], "cp": [1, 4], "trestbps": [80, 200], "chol": [100, 600],
+    "fbs": [0, 1], "restecg": [0, 2], "thalach": [60, 210], "exang": [0, 1], "oldpeak": [-3, 7],
+}
 
 
 # --------------------------------------------------------------------------- csv

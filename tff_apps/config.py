@@ -104,6 +104,12 @@ class PreprocessSection:
         "`federated`: statistics from every site's aggregates through secure sum; `per_site`: each site its own "
         "(to compare). Unused by finance, whose parties encode their own columns."
     )})
+    bounds: dict[str, list[float]] = field(default_factory=dict, metadata={"doc": (
+        "Public range `[low, high]` of each raw feature column (a categorical column: its lowest and highest "
+        "code), known without reading the data, e.g. `{ age = [20, 90], cp = [1, 4] }`. Needed for every column "
+        "by `privacy.preprocessing = \"dp\"` and `privacy.profiles = \"dp\"` (values are clipped to it); the "
+        "`heart` source has its own (docs/privacy.md). Overrides the source's ranges column by column."
+    )})
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,11 @@ def check_value(name: str, value: Any, expected: Any, rules: typing.Mapping[str,
 def check_type(name: str, value: Any, expected: Any) -> Any:
     """Accepts exactly the TOML type a field needs (an int where a float is wanted too)."""
     origin = typing.get_origin(expected)
+    if origin is dict:
+        _, value_type = typing.get_args(expected)
+        if not isinstance(value, dict):
+            raise UserError(f"config: {name} must be a table (e.g. {{ age = [20, 90] }}), got {value!r}")
+        return {str(key): check_type(f"{name}.{key}", item, value_type) for key, item in value.items()}
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):

@@ -122,6 +122,8 @@ def field_default(f: dataclasses.Field) -> Any:
 
 def type_name(hint: Any) -> str:
     """The TOML type a field takes, in words."""
+    if typing.get_origin(hint) is dict:
+        return f"table of {type_name(typing.get_args(hint)[1])}"
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return f"list of {type_name(item)}s"
@@ -130,6 +132,8 @@ def type_name(hint: Any) -> str:
 
 def toml_value(value: Any) -> str:
     """A value as it would be written in a job file."""
+    if value == {}:
+        return "{}"  # tomli_w writes an empty table as a [section], not inline
     return tomli_w.dumps({"v": value}).strip()[len("v = "):]
 
 

@@ -69,8 +69,13 @@ class TrafficApp:
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         from tff_apps.learning import federation
 
-        profiled = profile.summary_entry(district_profiles(prepared.data))  # warnings logged
-        outcome = train_and_evaluate(cfg, prepared.data, run)
+        # exact profiles are a release outside ε: not computed under DP (traffic has no DP profiles)
+        wanted = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"
+        profiled = profile.summary_entry(district_profiles(prepared.data)) if wanted else {}  # warnings logged
+        keys = release_keys(cfg, profiled)
+        if run.privacy is not None:
+            run.privacy.releases = keys
+        outcome = train_and_evaluate(cfg, prepared.data, run, statement_without_dp(cfg, keys))
         summary = {
             "data": describe_data(prepared.data),
             "rounds": outcome.rounds,
@@ -105,6 +110,22 @@ class TrafficApp:
         return summary
 
 
+def release_keys(cfg: JobConfig, profiled: dict[str, Any]) -> list[str]:
+    """The releases of a traffic run, for the privacy statement."""
+    keys = ["speed_normalization", "site_counts", *(["profiles"] if profiled else [])]
+    keys += ["evaluation", "training_metrics", "participation"]
+    if cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline:
+        keys.append("baselines")
+    return keys
+
+
+def statement_without_dp(cfg: JobConfig, keys: list[str]) -> dict[str, Any]:
+    from tff_apps.privacy import releases
+    from tff_apps.privacy.statement import privacy_statement
+
+    return releases.add_to_statement(privacy_statement(None, section=cfg.privacy), keys)
+
+
 def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, sections: dict[str, str]) -> Path:
     """report.html: MAE per round, per-district MAE, and 60-min forecasts of 3 sensors."""
     from traffic.evaluate import forecast_series
@@ -137,8 +158,9 @@ class Outcome:
     personalization: dict[str, Any] | None = None  # [personalization]: district -> before/after MAE
 
 
-def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
-    """Federated training, then the four baselines, on the same test windows."""
+def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statement=None) -> Outcome:
+    """Federated training, then the four baselines, on the same test windows. The privacy
+    statement is the DP run's, or `plain_statement` (a run without DP)."""
     # TF and TFF load here, once config and data are known to be valid.
     from tff_apps.learning import federation
     from tff_apps.learning import factory
@@ -172,18 +194,19 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run) -> Outcome:
         privacy=run.privacy, init_from=run.init_from, federation=settings,
     )
     result.weights.assign_weights_to(global_model)
+    privacy = result.privacy if run.privacy is not None else plain_statement
     reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
     reports.update(run_baselines(cfg, data, splits, bounds))
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
     if cfg.export.enabled and cfg.preprocess.normalization == "federated":
         export_forecaster(
-            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], result.privacy,
+            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], privacy,
             weights=result.weights, lineage=result.lineage,
         )
         exported = True
     return Outcome(
-        reports, len(result.history), result.seconds, exported, statistics_table(data), result.privacy,
+        reports, len(result.history), result.seconds, exported, statistics_table(data), privacy,
         result.lineage, round_summary.rounds_summary(result.history, settings), personalization=personalized,
     )
 

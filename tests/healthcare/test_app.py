@@ -90,7 +90,14 @@ def test_run_writes_summary_metrics_tensorboard_and_export(finished_run: Path):
     assert rounds[-1]["test_auc"] == pytest.approx(results["federated"]["pooled"]["auc"], abs=1e-9)
     assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
     card = json.loads((finished_run / "export" / "healthcare" / "1" / "model_card.json").read_text())
-    assert card["app"] == "healthcare" and card["privacy"] == "none" and card["rounds"] == 3
+    assert card["app"] == "healthcare" and card["privacy"]["level"] == "none" and card["rounds"] == 3
+    # no DP: every release is outside ε, and the card says which and where
+    released = {entry["release"]: entry for entry in card["privacy"]["released_outside_epsilon"]}
+    assert set(released) == {
+        "normalization", "site_counts", "profiles", "evaluation", "training_metrics", "participation", "baselines"
+    }
+    assert "min, max" in released["profiles"]["contains"] and "summary.json" in released["profiles"]["where"]
+    assert any(path.startswith("checkpoints/") for path in card["privacy"]["operator_only"])
     assert card["data_fingerprint"] == summary["data"]["fingerprint"]
     assert card["config"]["train"]["rounds"] == 3
     assert card["packages"]["tensorflow-federated"] == "0.87.0"

@@ -75,7 +75,10 @@ def test_client_level_fixed_clip_stops_before_the_target_and_accounts_what_ran(t
     # z / m = 1/3 x clip per coordinate of the mean update: warned before training, in the run's log
     assert "privacy: client-level DP over 3 clients a round adds noise of std 0.333 x" in (run_dir / "run.log").read_text()
     assert summary["rounds"] == 4 and [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert all(len(r["clients"]) == m for r in rounds)
+    # who took part stays with the operator: not in metrics.jsonl, in operator/rounds.jsonl
+    assert not any("clients" in r for r in rounds)
+    operator = [json.loads(line) for line in (run_dir / "operator" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in operator] == [1, 2, 3, 4] and all(len(r["clients"]) == m for r in operator)
     statement = summary["privacy"]
     assert statement["level"] == "client" and statement["rounds"] == 4 and statement["rounds_planned"] == 4
     assert statement["epsilon"] == pytest.approx(eps[3], rel=0.01)
@@ -87,6 +90,32 @@ def test_client_level_fixed_clip_stops_before_the_target_and_accounts_what_ran(t
     assert all(a < b for a, b in zip(per_round, per_round[1:]))
     card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["privacy"] == statement and card["rounds"] == 4
+
+
+def operator_clients(run_dir: Path) -> list[list[str]]:
+    lines = (run_dir / "operator" / "rounds.jsonl").read_text().splitlines()
+    return [json.loads(line)["clients"] for line in lines]
+
+
+def test_dp_sampling_is_secret_two_runs_of_one_config_sample_differently(tmp_path):
+    """ε assumes nobody can recompute who was sampled: with DP the sampling follows the OS's
+    random source, not job.seed (which the model card carries)."""
+    settings = [
+        "--set", "train.rounds=4", "--set", "train.clients_per_round=2", "--set", "train.local_epochs=1",
+        "--set", "privacy.level=client", "--set", "privacy.clipping=fixed", "--set", "privacy.noise_multiplier=1.0",
+        "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+    ]
+    for run_id in ("first", "second"):
+        assert run(tmp_path, run_id, *settings).returncode == 0
+    (first, first_rounds), (second, second_rounds) = (outputs(tmp_path / "healthcare" / r) for r in ("first", "second"))
+    assert first["privacy"]["epsilon"] == second["privacy"]["epsilon"] > 0
+    assert first["rounds"] == second["rounds"] == 4
+    lists = [operator_clients(tmp_path / "healthcare" / r) for r in ("first", "second")]
+    assert all(len(clients) == 2 for run_lists in lists for clients in run_lists)
+    # 10 pairs a round, 4 rounds: equal lists by chance with probability 1e-4
+    assert lists[0] != lists[1]
+    assert "operator/rounds.jsonl" in " ".join(first["privacy"]["operator_only"])
+    assert "hospital_" in json.dumps(lists) and "hospital_" not in json.dumps(first_rounds)
 
 
 def test_client_level_adaptive_clip_epsilon(tmp_path):
@@ -232,4 +261,64 @@ def test_unreachable_privacy_settings_are_refused_before_a_run_folder(tmp_path):
     )
     assert result.returncode == 2
     assert "privacy.target_epsilon" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "healthcare" / "bad").exists()
+
+
+# -- DP data statistics ------------------------------------------------------------------------
+
+
+def heart_rows() -> dict[str, int]:
+    from tff_apps.program.job import resolve_job
+
+    app, cfg = resolve_job("healthcare", None, ["data.source=heart"])
+    return app.client_rows(cfg, app.prepare(cfg))
+
+
+def test_dp_statistics_compose_with_training_into_the_target(tmp_path):
+    """heart, record level, total ε 1: normalization and profiles through the Gaussian
+    mechanism, ε split as an independent dp_accounting computation finds it."""
+    batch, steps, rounds, target = 16, 2, 2, 1.0
+    result = run(
+        tmp_path, "stats", "--set", "data.source=heart", "--set", f"train.rounds={rounds}",
+        "--set", f"train.local_steps={steps}", "--set", f"train.batch_size={batch}",
+        "--set", "train.algorithm=fedavg_unweighted", "--set", "privacy.level=record",
+        "--set", f"privacy.target_epsilon={target}", "--set", "privacy.preprocessing=dp", "--set", "privacy.profiles=dp",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "healthcare" / "stats"
+    summary, _ = outputs(run_dir)
+    statement = summary["privacy"]
+    z, z_stats = statement["noise_multiplier"], statement["statistics"]["noise_multiplier"]
+    statistics = [G(z_stats), G(z_stats)]  # the normalization and the profiles
+    per_site = [
+        rdp_epsilon(COMPOSED([*statistics, SELF(POISSON(min(1.0, batch / n), G(z)), steps * rounds)]), ADD_REMOVE)
+        for n in heart_rows().values()
+    ]
+    assert statement["epsilon"] == pytest.approx(max(per_site), rel=0.01) and statement["epsilon"] <= target
+    assert max(per_site) == pytest.approx(target, rel=0.01)
+    assert statement["epsilon_statistics"] == pytest.approx(rdp_epsilon(COMPOSED(statistics), ADD_REMOVE), rel=0.01)
+    assert statement["epsilon_statistics"] == pytest.approx(target / 4, rel=0.01)
+    assert statement["epsilon_training"] < statement["epsilon"]
+    # the released statistics are inside ε now; profiles carry no min or max
+    released = {entry["release"] for entry in statement["released_outside_epsilon"]}
+    assert "normalization" not in released and "profiles" not in released and "site_counts" in released
+    profiles = summary["profiles"]
+    assert set(profiles) == set(heart_rows()) and all(p["dp"] for p in profiles.values())
+    assert not any({"min", "max"} & set(c) for p in profiles.values() for c in p["columns"].values())
+    stored = json.loads((run_dir / "dp_statistics.json").read_text())
+    assert stored["preprocessor"]["categories"] == {"cp": [1.0, 2.0, 3.0, 4.0], "restecg": [0.0, 1.0, 2.0]}
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["privacy.level=client", "privacy.noise_multiplier=1", "privacy.preprocessing=dp"],
+     'privacy.preprocessing = "dp" is accounted per record: it needs privacy.level = "record"'),
+    (["privacy.level=record", "privacy.target_epsilon=3", "privacy.preprocessing=dp"],
+     "preprocess.bounds lacks mean_radius, mean_texture, "),
+    (["data.source=heart", "privacy.level=record", "privacy.target_epsilon=3", "privacy.preprocessing=dp",
+      "preprocess.bounds={ age = [90, 20] }"], r"preprocess.bounds.age = \[90.0, 20.0\]: give \[low, high\]"),
+])
+def test_dp_statistics_without_what_they_need_are_refused_before_a_run_folder(tmp_path, settings, message):
+    result = run(tmp_path, "bad", *[part for setting in settings for part in ("--set", setting)])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, result.stderr) and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "healthcare" / "bad").exists()

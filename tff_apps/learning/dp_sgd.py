@@ -3,7 +3,7 @@
 Per local step at client k (n_k rows):
 1. Poisson sampling, done in the client's round input (`poisson_client_dataset`): every
    record is in the step's batch independently with probability q_k = min(1, b / n_k),
-   drawn with numpy from the round's seed. The batches are padded to one width with a 0/1
+   drawn with numpy from the round's (secret) seed. The batches are padded to one width with a 0/1
    mask, so the TFF computation has static shapes and NO data-dependent control flow:
    an empty batch is a step on noise alone, exactly the mechanism the accountant assumes
    (`dp_events.record_step_event`: PoissonSampled(q_k, Gaussian(z))).
@@ -20,8 +20,9 @@ count would leak the data size) and no training metrics (they would not be priva
 
 The DP noise is drawn from TF's unseeded generator, like tensorflow_privacy's queries: it
 is the one random choice NOT taken from the job seed, because anyone holding the job
-config could otherwise regenerate and subtract it. The Poisson sampling is seeded (house
-rule); amplification by sampling then assumes the seed stays secret (privacy.py).
+config could otherwise regenerate and subtract it. The Poisson sampling follows the round's
+seed, which under DP derives from a secret seed drawn from the OS (`round_loop.sampling_seed`),
+so that amplification by sampling holds for anyone holding the job config.
 
 Models whose layers mix examples (batch normalization) have no per-example gradients and
 are not supported.

@@ -311,10 +311,14 @@ def epsilon_after_round(
     sampling: Sampling,
     accountant: str = "rdp",
     clipping: str = "fixed",
+    prefix: Spend | None = None,
 ) -> list[float]:
-    """ε after each of rounds 1..`rounds` (every client taking part each round)."""
+    """ε after each of rounds 1..`rounds` (every client taking part each round), after the
+    `prefix` spend (the DP data statistics) if any."""
     check_accountant(accountant, sampling)
     composition = Composition(accountant)
+    if prefix is not None:
+        composition.add(prefix)
     spend = round_spend(noise_multiplier, sampling, clipping)
     result = []
     for _ in range(int(rounds)):
@@ -329,10 +333,10 @@ def epsilon_for_rounds(
     sampling: Sampling,
     accountant: str = "rdp",
     clipping: str = "fixed",
+    prefix: Spend | None = None,
 ) -> float:
     check_accountant(accountant, sampling)
-    return (
-        Composition(accountant)
-        .add(round_spend(noise_multiplier, sampling, clipping), int(rounds))
-        .epsilon(delta)
-    )
+    composition = Composition(accountant)
+    if prefix is not None:
+        composition.add(prefix)
+    return composition.add(round_spend(noise_multiplier, sampling, clipping), int(rounds)).epsilon(delta)

@@ -4,13 +4,16 @@ budget allows, and the `PrivacyPlan` a run follows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from dp_accounting import dp_event as dpe
 from scipy import optimize
 
 from shared.errors import UserError
+from tff_apps.privacy import dp_statistics
 from tff_apps.privacy.accounting import check_accountant, epsilon, epsilon_after_round, epsilon_for_rounds
 from tff_apps.privacy.dp_config import ClientSampling, PrivacySection, RecordSampling, Sampling
 from tff_apps.privacy.dp_events import Spend, dp_event
@@ -29,13 +32,14 @@ def rounds_within_budget(
     sampling: Sampling,
     accountant: str = "rdp",
     clipping: str = "fixed",
+    prefix: Spend | None = None,
 ) -> int:
     """The most rounds (<= max_rounds) whose ε stays <= target: training stops before the
     round that would exceed it. ε grows with rounds, so this is a bisection."""
 
     def fits(r: int) -> bool:
         return (
-            epsilon_for_rounds(noise_multiplier, delta, r, sampling, accountant, clipping) <= target_epsilon
+            epsilon_for_rounds(noise_multiplier, delta, r, sampling, accountant, clipping, prefix) <= target_epsilon
         )
 
     if fits(max_rounds):
@@ -54,6 +58,7 @@ def calibrate_noise_multiplier(
     sampling: Sampling,
     accountant: str = "rdp",
     clipping: str = "fixed",
+    prefix: Spend | None = None,
 ) -> float:
     """The smallest z (to 0.1 % relative) whose ε after `rounds` rounds is <= target.
 
@@ -65,7 +70,7 @@ def calibrate_noise_multiplier(
         raise UserError(f"privacy.target_epsilon = {target_epsilon!r} must be > 0 to calibrate the noise")
 
     def eps(z: float) -> float:
-        return epsilon_for_rounds(z, delta, rounds, sampling, accountant, clipping)
+        return epsilon_for_rounds(z, delta, rounds, sampling, accountant, clipping, prefix)
 
     if eps(MAX_NOISE_MULTIPLIER) > target_epsilon:
         raise UserError(
@@ -100,12 +105,21 @@ class PrivacyPlan:
     noise_multiplier: float  # TFF's (total) noise_multiplier / DP-SGD's z
     rounds: int  # rounds to run (train.rounds, or fewer if the target ε stops training earlier)
     calibrated: bool
+    statistics: tuple[str, ...] = ()  # the DP data statistics released before training
+    statistics_noise_multiplier: float = 0.0
 
     @property
     def level(self) -> str:
         return self.section.level
 
-    def spend(self, rounds: int | None = None, participation: Mapping[str, int] | None = None) -> Spend:
+    def statistics_spend(self) -> Spend | None:
+        """Every client's records are in the DP statistics, sampled in training or not."""
+        if not self.statistics:
+            return None
+        event = dp_statistics.statistics_event(self.statistics_noise_multiplier, len(self.statistics))
+        return {name: event for name in self.sampling.client_rows}
+
+    def training_spend(self, rounds: int | None = None, participation: Mapping[str, int] | None = None) -> Spend:
         return dp_event(
             self.noise_multiplier,
             self.sampling,
@@ -113,6 +127,17 @@ class PrivacyPlan:
             self.section.clipping,
             participation,
         )
+
+    def spend(self, rounds: int | None = None, participation: Mapping[str, int] | None = None) -> Spend:
+        """The statistics (if any) and training, composed."""
+        training = self.training_spend(rounds, participation)
+        statistics = self.statistics_spend()
+        if statistics is None:
+            return training
+        return {
+            name: dpe.ComposedDpEvent([event, training[name]]) if name in training else event
+            for name, event in statistics.items()
+        }
 
     def epsilon(self, rounds: int | None = None, participation: Mapping[str, int] | None = None) -> float:
         return epsilon(self.spend(rounds, participation), self.section.delta, self.section.accountant)
@@ -125,6 +150,7 @@ class PrivacyPlan:
             self.sampling,
             self.section.accountant,
             self.section.clipping,
+            self.statistics_spend(),
         )
 
 
@@ -152,30 +178,34 @@ def plan(section: PrivacySection, train, sampling: Sampling) -> PrivacyPlan | No
             "privacy.target_epsilon > 0 (to calibrate the noise); both are 0"
         )
     check_accountant(section.accountant, sampling)
+    dp_statistics.check_section(section)
+    statistics = tuple(dp_statistics.releases(section))
+    statistics_z = 0.0
+    if statistics:
+        statistics_z = dp_statistics.calibrate(
+            dp_statistics.statistics_epsilon(section), section.delta, len(statistics), section.accountant
+        )
+    resolved = PrivacyPlan(section, sampling, 0.0, int(train.rounds), False, statistics, statistics_z)
+    prefix = resolved.statistics_spend()
     rounds = int(train.rounds)
     if section.noise_multiplier > 0:
         z = float(section.noise_multiplier)
         if section.target_epsilon > 0:
             rounds = rounds_within_budget(
-                section.target_epsilon,
-                z,
-                section.delta,
-                rounds,
-                sampling,
-                section.accountant,
-                section.clipping,
+                section.target_epsilon, z, section.delta, rounds, sampling, section.accountant,
+                section.clipping, prefix,
             )
             if rounds == 0:
                 first = epsilon_for_rounds(
-                    z, section.delta, 1, sampling, section.accountant, section.clipping
+                    z, section.delta, 1, sampling, section.accountant, section.clipping, prefix
                 )
                 raise UserError(
                     f"privacy.target_epsilon = {section.target_epsilon:g}: a single round with "
                     f"privacy.noise_multiplier = {z:g} already spends ε = {first:.3g}; raise "
                     "the target or the noise multiplier (or set it to 0 to calibrate)"
                 )
-        return PrivacyPlan(section, sampling, z, rounds, calibrated=False)
+        return dataclasses.replace(resolved, noise_multiplier=z, rounds=rounds)
     z = calibrate_noise_multiplier(
-        section.target_epsilon, section.delta, rounds, sampling, section.accountant, section.clipping
+        section.target_epsilon, section.delta, rounds, sampling, section.accountant, section.clipping, prefix
     )
-    return PrivacyPlan(section, sampling, z, rounds, calibrated=True)
+    return dataclasses.replace(resolved, noise_multiplier=z, calibrated=True)

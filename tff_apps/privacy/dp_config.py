@@ -76,6 +76,22 @@ class PrivacySection:
     )})
 
 
+    preprocessing: str = field(default="exact", metadata={"choices": ("exact", "dp"), "doc": (
+        "The federated normalization statistics and category counts built into the model: `exact` (a release "
+        "outside ε, listed in the privacy statement) or `dp` (Gaussian mechanism on each site's count, sum and "
+        "sum of squares within `preprocess.bounds`, composed into the run's ε; `level = \"record\"` only)."
+    )})
+    profiles: str = field(default="auto", metadata={"choices": ("auto", "none", "dp"), "doc": (
+        "Client data profiles: `auto` = exact without DP, not computed with DP; `none`; `dp` = each site's "
+        "rows, label share, and per column count, mean and std (no min or max) with Gaussian noise, composed "
+        "into ε (`level = \"record\"` only)."
+    )})
+    statistics_epsilon: float = field(default=0.0, metadata={"min": 0.0, "doc": (
+        "ε (at `delta`) of the DP data statistics (`preprocessing` and `profiles` = `dp`) on their own; 0 = a "
+        "quarter of `target_epsilon`. Training gets the rest of the target."
+    )})
+
+
 @dataclass(frozen=True)
 class ClientSampling:
     """Client level: each round `round_loop.sample_clients` draws `clients_per_round` of

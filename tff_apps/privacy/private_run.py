@@ -34,6 +34,8 @@ from tff_apps.privacy import secure_settings
 from tff_apps.privacy.statement import privacy_statement
 from tff_apps.privacy import accounting
 from tff_apps.privacy import dp_events
+from tff_apps.privacy import dp_statistics
+from tff_apps.privacy import releases as releases_lib
 from tff_apps.privacy import ledger as ledger_lib
 from tff_apps.privacy.ledger import Ledger, Reservation
 
@@ -58,6 +60,9 @@ class RunPrivacy:
     # TFF, scale, sensitivity after rounding); `factory.build_learning_process` fills it
     mechanism_details: dict[str, Any] = field(default_factory=dict)
     warning: str | None = None  # `client_noise_warning`
+    statistics_spec: Any = None  # dp_statistics.StatisticsSpec when the plan has DP statistics
+    statistics_released: bool = False  # the DP statistics left the sites (this attempt or an earlier one)
+    releases: list[str] | None = None  # the app's releases outside ε (`releases.RELEASES` keys)
     _composition: accounting.Composition | None = None
 
     @property
@@ -90,17 +95,32 @@ class RunPrivacy:
 
     def record_round(self, participants: Sequence[str]) -> float:
         """Accounts one round that ran with these clients; returns ε so far."""
-        if self._composition is None:
-            self._composition = accounting.Composition(self.section.accountant)
+        composition = self._composition_so_far()
         spend = dp_events.round_spend(
             self.plan.noise_multiplier, self.plan.sampling, self.section.clipping, participants
         )
-        self._composition.add(spend)
+        composition.add(spend)
         self.rounds_run += 1
         for name in participants:
             self.participation[name] = self.participation.get(name, 0) + 1
-        self.epsilon_so_far = self._composition.epsilon(self.section.delta)
+        self.epsilon_so_far = composition.epsilon(self.section.delta)
         self.round_participants.append(list(participants))
+        return self.epsilon_so_far
+
+    def _composition_so_far(self) -> accounting.Composition:
+        """The running composition, which starts with the DP statistics (if any)."""
+        if self._composition is None:
+            self._composition = accounting.Composition(self.section.accountant)
+            statistics = self.plan.statistics_spend()
+            if statistics is not None:
+                self._composition.add(statistics)
+        return self._composition
+
+    def statistics_done(self) -> float:
+        """The DP statistics were released (or loaded from the run's earlier attempt):
+        their ε counts from now on, even if no round runs. Returns ε so far."""
+        self.statistics_released = True
+        self.epsilon_so_far = self._composition_so_far().epsilon(self.section.delta)
         return self.epsilon_so_far
 
     def restore(self, round_participants: Sequence[Sequence[str]]) -> None:
@@ -138,7 +158,8 @@ class RunPrivacy:
 
     def statement(self) -> dict[str, Any]:
         statement = privacy_statement(
-            self.plan, self.rounds_run, self._participation(), self.lifetime_spent(), secure=self.secure
+            self.plan, self.rounds_run, self._participation(), self.lifetime_spent(), secure=self.secure,
+            statistics_spec=self.statistics_spec,
         )
         if self.mechanism_details:
             statement["secure_aggregation"].update(self.mechanism_details)
@@ -146,6 +167,8 @@ class RunPrivacy:
         if self.ledger is not None:
             statement["ledger"] = str(self.ledger.path)
         statement["data_fingerprint"] = self.fingerprint
+        if self.releases is not None:
+            statement = releases_lib.add_to_statement(statement, self.releases, self.section)
         return statement
 
     def finish(self) -> None:
@@ -156,10 +179,20 @@ class RunPrivacy:
         self.finished = True
         if self.ledger is None or self.reservation is None:
             return
-        if self.rounds_run == 0:
+        if self.rounds_run == 0 and not self.statistics_released:
             self.ledger.release(self.reservation)
         else:
             self.ledger.commit(self.reservation, self.spend())
+
+
+def statistics_spec(app, cfg, prepared) -> dp_statistics.StatisticsSpec:
+    """The public column ranges of the app's data (UserError before the run folder if any
+    column has none)."""
+    spec_of = getattr(app, "statistics_spec", None)
+    if spec_of is None:
+        names = ", ".join(dp_statistics.releases(cfg.privacy))
+        raise UserError(f"privacy: app {app.name!r} has no DP statistics; set privacy.{names} back to its default")
+    return spec_of(cfg, prepared)
 
 
 # Above this per-coordinate noise std on the mean update (relative to the clip: z / m for m
@@ -193,6 +226,7 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
     run id continues an interrupted run, whose ledger row is reopened, not added to.
     """
     section: dp_config.PrivacySection = cfg.privacy
+    dp_statistics.check_section(section)
     if section.level == "none" and section.secure_aggregation == "none":
         return None
     client_rows = getattr(app, "client_rows", None)
@@ -216,6 +250,8 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
             plan.rounds, cfg.train.rounds, section.target_epsilon,
         )
     result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure, warning=client_noise_warning(plan))
+    if plan.statistics:
+        result.statistics_spec = statistics_spec(app, cfg, prepared)
     if result.warning:
         log.warning(result.warning)  # before training, on stderr; the run's log gets it too
     if section.lifetime_epsilon > 0:

@@ -2,8 +2,9 @@
 
 Limits of the guarantee (put in the privacy statement)
 ------------------------------------------------------
-* Amplification by sampling assumes the adversary does not know who was sampled: the job
-  seed and the per-round client list in metrics.jsonl must not be released with the model.
+* Amplification by sampling assumes the adversary does not know who was sampled: the
+  sampling follows a secret seed from the OS (not the job seed), and the seed and the
+  per-round client lists stay in operator-only files (`releases.OPERATOR_ONLY`).
 * ε covers the model updates. Training metrics that client works report (loss, accuracy,
   example counts) are aggregated without noise; `dp_sgd` reports none.
 * Client-level DP implies uniform client weighting: the DP mean divides the noised sum by
@@ -29,6 +30,7 @@ def privacy_statement(
     lifetime_spent: float | None = None,
     secure: SecureAggregation | None = None,
     section: PrivacySection | None = None,
+    statistics_spec=None,
 ) -> dict[str, Any]:
     """What the model card says about privacy; ε computed here from the mechanism that ran.
 
@@ -56,10 +58,13 @@ def privacy_statement(
         "rounds": rounds,
         "sampling": plan_.sampling.describe(),
         "assumptions": [
-            "the sampling is secret: the job seed and the per-round client list are not released",
+            "the sampling is secret: it follows a seed drawn from the OS, which like the per-round client "
+            "lists stays in the operator-only files",
             "training metrics (loss, accuracy, counts) are not covered by ε",
         ],
     }
+    if plan_.statistics:
+        statement.update(statistics_statement(plan_, rounds, participation, statistics_spec))
     statement["secure_aggregation"] = secure_aggregation_statement(s, secure)
     if s.level == "client" and s.secure_aggregation == "simulated":
         statement["mechanism"] = (
@@ -100,3 +105,32 @@ def privacy_statement(
         statement["lifetime_epsilon_spent"] = lifetime_spent
         statement["lifetime_epsilon_budget"] = s.lifetime_epsilon or None
     return statement
+
+
+def statistics_statement(plan_: PrivacyPlan, rounds: int, participation, spec) -> dict[str, Any]:
+    """ε split into the DP data statistics and training (each alone; together they compose
+    to the statement's ε), and what the statistics were."""
+    s = plan_.section
+    z = plan_.statistics_noise_multiplier
+    released = {
+        "preprocessing": "each feature column's count, sum and sum of squares, and each category's count, "
+        "summed over the sites",
+        "profiles": "each site's rows, positives, and per column count, sum and sum of squares",
+    }
+    details: dict[str, Any] = {
+        "mechanism": "Gaussian mechanism on each site's statistics of values clipped to preprocess.bounds "
+        "(dp_statistics), before training",
+        "releases": {name: released[name] for name in plan_.statistics},
+        "noise_multiplier": z,
+    }
+    if spec is not None:
+        details["sensitivity"] = {
+            name: spec.sensitivity(with_labels=name == "profiles") for name in plan_.statistics
+        }
+        details["bounds"] = {**{k: list(v) for k, v in spec.numeric.items()},
+                             **{k: list(v) for k, v in spec.categorical.items()}}
+    return {
+        "epsilon_statistics": epsilon(plan_.statistics_spend(), s.delta, s.accountant),
+        "epsilon_training": epsilon(plan_.training_spend(rounds, participation), s.delta, s.accountant),
+        "statistics": details,
+    }

@@ -27,6 +27,7 @@ class Resumed:
     state: Any
     rng_state: dict[str, Any]
     round_participants: list[list[str]]
+    sampling_seed: int | None = None  # None: a checkpoint from before the seed was stored
 
 
 class Checkpoints:
@@ -54,11 +55,15 @@ class Checkpoints:
     def due(self, round_number: int, last_round: int) -> bool:
         return self.every > 0 and (round_number % self.every == 0 or round_number == last_round)
 
-    def save(self, round_number: int, state, rng: np.random.Generator, round_participants) -> None:
+    def save(self, round_number: int, state, rng: np.random.Generator, round_participants, sampling_seed: int) -> None:
+        """`sampling_seed`: the seed of the client sampling and round inputs (with DP a secret
+        drawn from the OS; `round_loop.sampling_seed`), so a resume replays the same draws."""
         program_state = {
             "state": state,
             "round": np.int64(round_number),
-            "rng": json.dumps(rng.bit_generator.state),
+            # the sampler's state and its seed in one text field (an older checkpoint holds
+            # the bare bit-generator state: `_sampler`)
+            "rng": json.dumps({"sampler": rng.bit_generator.state, "sampling_seed": str(sampling_seed)}),
             "participants": json.dumps(round_participants),
         }
         asyncio.run(self.manager.save(program_state, round_number))
@@ -75,11 +80,9 @@ class Checkpoints:
         round_number = int(loaded["round"])
         if round_number != version:
             raise RuntimeError(f"checkpoint {self.root}/{CHECKPOINT_PREFIX}{version} holds round {round_number}")
+        rng_state, sampling_seed = _sampler(json.loads(_text(loaded["rng"])))
         return Resumed(
-            round_number,
-            loaded["state"],
-            json.loads(_text(loaded["rng"])),
-            json.loads(_text(loaded["participants"])),
+            round_number, loaded["state"], rng_state, json.loads(_text(loaded["participants"])), sampling_seed
         )
 
 
@@ -91,6 +94,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if suffix.isdigit():
             versions.append((int(suffix), path))
     return max(versions)[1] if versions else None
+
+
+def _sampler(stored: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    if "sampler" in stored:
+        return stored["sampler"], int(stored["sampling_seed"])
+    return stored, None
 
 
 def _text(value: Any) -> str:

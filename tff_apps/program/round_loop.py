@@ -11,6 +11,13 @@ has checkpoints (a resumed run) continues after the latest one, with the same sa
 the same round inputs (`round_seed` depends on seed, round and client only), so it ends
 where an uninterrupted run would.
 
+Secret sampling under DP: ε is amplified by sampling only if nobody can tell who was
+sampled. With `privacy` on, the client sampling and the round inputs (the Poisson batches
+of DP-SGD) follow a 128-bit seed drawn from the OS (`sampling_seed`), not `job.seed`, which
+the model card carries; the checkpoint stores it, so a resume replays the same draws. The
+per-round client lists then go to the operator-only `operator/rounds.jsonl`, not to
+metrics.jsonl (`MetricsLog`).
+
 Unreliable clients ([clients], `tff_apps.participation`): of the sampled clients some drop
 out, some miss the round's deadline and, with over-selection, some finish after the first m
 and are not used; only the clients that report get a round dataset. A round with fewer than
@@ -22,6 +29,7 @@ generator and the round inputs are the same as without [clients].
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +66,12 @@ def sample_clients(rng: np.random.Generator, n_clients: int, per_round: int) -> 
     if per_round <= 0 or per_round >= n_clients:
         return list(range(n_clients))
     return sorted(rng.choice(n_clients, size=per_round, replace=False).tolist())
+
+
+def sampling_seed(seed: int, privacy) -> int:
+    """The seed of the client sampling and round inputs: `job.seed`, or with DP a secret
+    from the OS's random source (module docstring)."""
+    return seed if privacy is None else secrets.randbits(128)
 
 
 def warm_start(process, state, init_from, run_dir: Path):
@@ -133,7 +147,7 @@ def run_rounds(
     `simulated_seconds`; `clients` names the clients that reported. ε is accounted with
     the clients that reported.
     """
-    rng = np.random.default_rng(seed)
+    sampling = sampling_seed(seed, privacy)
     rounds = train.rounds
     make_dataset = client_dataset
     if privacy is not None:
@@ -156,6 +170,9 @@ def run_rounds(
     resumed = checkpoints.load_latest(state)
     first_round = 1
     round_participants: list[list[str]] = []
+    if resumed is not None and resumed.sampling_seed is not None:
+        sampling = resumed.sampling_seed
+    rng = np.random.default_rng(sampling)
     if resumed is not None:
         state, first_round = resumed.state, resumed.round + 1
         rng.bit_generator.state = resumed.rng_state
@@ -165,7 +182,7 @@ def run_rounds(
         logging.getLogger(__name__).info(
             "resuming after round %d from %s", resumed.round, checkpoints.root
         )
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir, operator_only=("clients",) if privacy is not None else ())
     result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage)
     result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
@@ -185,7 +202,7 @@ def run_rounds(
             output = None  # a skipped round (quorum missed) leaves the state as it was
             if not came.skipped:
                 datasets = [
-                    make_dataset(clients[i], train, round_seed(seed, round_number, i)) for i in came.reported
+                    make_dataset(clients[i], train, round_seed(sampling, round_number, i)) for i in came.reported
                 ]
                 output = next_round(process, state, datasets, names)
                 state = output.state
@@ -207,7 +224,7 @@ def run_rounds(
             if not came.skipped:  # the privacy accountant's rounds (restored on resume)
                 round_participants.append(names)
             if checkpoints.due(round_number, rounds):
-                checkpoints.save(round_number, state, rng, round_participants)
+                checkpoints.save(round_number, state, rng, round_participants, sampling)
             progress.update(1)
             progress.set_postfix(_postfix(record, headline), refresh=False)
     finally:

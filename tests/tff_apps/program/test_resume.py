@@ -196,7 +196,11 @@ def test_dp_run_killed_and_resumed_spends_the_uninterrupted_epsilon_once(ops):
     assert [r["epsilon"] for r in rounds] == pytest.approx(uninterrupted, rel=1e-9)
     # TensorBoard shows each round once: the killed attempt's rounds after the checkpoint are gone
     assert event_steps(run_dir / "tensorboard")["epsilon"] == [1, 2, 3, 4, 5, 6]
-    assert [r["clients"] for r in rounds] == [r["clients"] for r in rounds_of(ops.runs / "healthcare" / "full")]
+    # the clients stay in the operator-only file, drawn from the secret seed (not job.seed's)
+    assert not any("clients" in r for r in rounds)
+    operator = [json.loads(line) for line in (run_dir / "operator" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in operator] == [1, 2, 3, 4, 5, 6] and all(len(r["clients"]) == 3 for r in operator)
+    assert [r["clients"] for r in operator] != [r["clients"] for r in rounds_of(ops.runs / "healthcare" / "full")]
     statement = summary["privacy"]
     assert statement["rounds"] == 6 and statement["epsilon"] == pytest.approx(uninterrupted[-1], rel=1e-9)
     assert statement["lifetime_epsilon_spent"] == pytest.approx(uninterrupted[-1], rel=1e-9)
