@@ -32,8 +32,13 @@ class HealthcareApp:
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
     horizontal = True
+    supports_sites = True  # job.sites: healthcare/sites.py
 
     def prepare(self, cfg: JobConfig) -> Prepared:
+        if cfg.job.sites:  # the data stays at the sites: only their manifests come here
+            from healthcare import sites
+
+            return sites.prepare(cfg)
         data = load(cfg.data, cfg.job.seed)
         trains, tests = [], []
         for index, client in enumerate(data.clients):
@@ -44,8 +49,16 @@ class HealthcareApp:
             tests.append(client.subset(test_idx))
         return Prepared(data, trains, tests)
 
+    def site_tables(self, cfg: JobConfig, site: str = "") -> dict[str, Any]:
+        """`tff-apps site prepare healthcare`: this hospital's rows, split as a simulation splits them."""
+        from healthcare import sites
+
+        return sites.site_tables(cfg, load(cfg.data, cfg.job.seed), site)
+
     def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
         """Training rows per hospital, as the program holds them (for [privacy])."""
+        if cfg.job.sites:
+            return prepared.site_rows
         return {t.name: len(t) for t in prepared.trains}
 
     def statistics_spec(self, cfg: JobConfig, prepared: Prepared):
@@ -53,9 +66,15 @@ class HealthcareApp:
         return statistics.statistics_spec(cfg, prepared)
 
     def fingerprint(self, prepared: Prepared) -> str:
+        if hasattr(prepared, "manifests"):
+            from healthcare import sites
+
+            return sites.fingerprint(prepared)
         return data_fingerprint([c.fingerprint() for c in prepared.data.clients])
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
+        if cfg.job.sites:
+            return self._train_across_sites(cfg, prepared, run)
         # TensorFlow and TFF load here, once config and data are known to be valid.
         from healthcare import evaluate
         from healthcare.model import build_keras_model, tff_model_fn
@@ -64,7 +83,6 @@ class HealthcareApp:
         from tff_apps.program import round_summary
         from tff_apps.program import round_loop
         from tff_apps.learning import client_data
-        from tff_apps.program.export import export_model, servable_dir
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
         settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
@@ -114,29 +132,66 @@ class HealthcareApp:
         }
         if result.lineage is not None:
             summary["lineage"] = result.lineage
-        if cfg.export.enabled and cfg.preprocess.normalization == "federated":
-            preprocessor = preprocessor_of(trains[0].name)
+        if cfg.personalization.epochs > 0:
+            summary["personalization"] = personalize_sites(cfg, prepared, preprocessor_of, result.weights, n_inputs)
+        shared = preprocessor_of(trains[0].name) if cfg.preprocess.normalization == "federated" else None
+        return self._export_and_report(cfg, run, summary, reports, global_model, shared, result.weights)
+
+    def _export_and_report(self, cfg, run: Run, summary, reports, global_model, preprocessor, weights) -> dict:
+        """The export (with the federation's preprocessing; none with per-site statistics) and the reports."""
+        from healthcare import evaluate
+        from tff_apps.program.export import export_model, servable_dir
+
+        if cfg.export.enabled and preprocessor is not None:
             card = model_card(cfg, summary)
             card["serving_check"] = serving_check(global_model, preprocessor)
             model_dir = servable_dir(run.export_dir, self.name)
-            export_model(model_dir, global_model, preprocessor, card, weights=result.weights)
+            export_model(model_dir, global_model, preprocessor, card, weights=weights)
             summary["export"] = str(model_dir)
         elif cfg.export.enabled:
             summary["export"] = "skipped: per-site normalization has no single serving preprocessing"
-        table = reporting.results_table(reports, reporting.BINARY_COLUMNS)
-        if cfg.personalization.epochs > 0:
-            summary["personalization"] = personalize_sites(cfg, prepared, preprocessor_of, result.weights, n_inputs)
+        table = reporting.results_table(
+            {k: v for k, v in reports.items() if isinstance(v, dict)}, reporting.BINARY_COLUMNS
+        )
         sections = reporting.client_sections(summary, "sites", "AUC")
         write_text_atomic(run.dir / "report.md", reporting.markdown_report(run, summary, table, extra=sections))
         summary["report"] = str(run.dir / "report.md")
         summary["report_html"] = str(reporting.html_report(
             run, summary, table, round_metric=evaluate.HEADLINE, final_metric=lambda r: r["pooled"]["auc"],
             metric_label="pooled test AUC", client_metric_label="test AUC",
-            roc={method: (report.labels, report.probabilities) for method, report in reports.items()},
+            roc={method: (r.labels, r.probabilities) for method, r in reports.items() if hasattr(r, "labels")},
             extra=sections,
         ))
         summary["table"] = table
         return summary
+
+    def _train_across_sites(self, cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
+        from healthcare import evaluate, sites
+
+        outcome = sites.train(cfg, prepared, run)
+        result, reports = outcome["result"], outcome["reports"]
+        keys = ["normalization", "site_counts", "evaluation", "training_metrics", "participation"]
+        if run.privacy is None:
+            from tff_apps.privacy import releases
+            from tff_apps.privacy.statement import privacy_statement
+
+            privacy = releases.add_to_statement(privacy_statement(None, section=cfg.privacy), keys)
+        else:
+            privacy = result.privacy
+        summary = {
+            "data": {"source": f"{len(prepared.sites)} sites", "features": prepared.feature_names,
+                     "categorical": prepared.categorical, "fingerprint": sites.fingerprint(prepared),
+                     "sites": outcome["sites"]},
+            "across_sites": list(outcome["sites"]),
+            "rounds": len(result.history), "training_seconds": round(result.seconds, 3),
+            **outcome["rounds_summary"], "headline": evaluate.HEADLINE,
+            "results": reports, "baselines_not_run": outcome["baselines"], "privacy": privacy,
+        }
+        if result.lineage is not None:
+            summary["lineage"] = result.lineage
+        return self._export_and_report(
+            cfg, run, summary, reports, outcome["model"], outcome["preprocessor"], result.weights
+        )
 
 
 def flip_diagnosis(labels: np.ndarray) -> np.ndarray:

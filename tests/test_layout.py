@@ -38,15 +38,17 @@ def test_engine_never_imports_an_app_by_name(file, names):
     assert not names & APPS, file
 
 
-# Inside the engine: cli -> program -> learning -> privacy, and runtime below them all.
+# Inside the engine: cli -> program -> sites -> learning -> privacy, and runtime below them all;
+# sites (site data, computations at the sites, gateway, certificates, policy) sit below program.
 # Each package may import the engine packages listed for it (and shared/), nothing above.
 ENGINE_LAYERS = {
     "tff_apps/runtime": {"tff_apps.runtime"},
     "tff_apps/privacy": {"tff_apps.privacy"},
+    "tff_apps/sites": {"tff_apps.sites", "tff_apps.learning", "tff_apps.runtime", "tff_apps.privacy", "tff_apps.config"},
     "tff_apps/learning": {"tff_apps.learning", "tff_apps.privacy", "tff_apps.config"},
     "tff_apps/program": {
         "tff_apps.program", "tff_apps.learning", "tff_apps.privacy", "tff_apps.runtime",
-        "tff_apps.config", "tff_apps.registry",
+        "tff_apps.sites", "tff_apps.config", "tff_apps.registry",
     },
 }
 

@@ -9,9 +9,11 @@ error, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from shared.errors import UserError
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", metavar="HOST:PORT,...",
         help="running TFF workers (tff-apps worker) to spread each round's clients over, "
         "e.g. --workers 127.0.0.1:8001,127.0.0.1:8002 (default: one local worker)",
+    )
+    run.add_argument(
+        "--sites", metavar="SITES.toml",
+        help="train across sites (each holds its own data; docs/sites.md): sets job.sites",
     )
 
     worker = commands.add_parser(
@@ -111,6 +117,8 @@ def command_run(args) -> None:
     overrides = list(args.overrides)
     if args.run_id:
         overrides.append(f'job.run_id="{args.run_id}"')
+    if args.sites:
+        overrides.append(f"job.sites={json.dumps(str(Path(args.sites).resolve()))}")
     workers = parse_workers(args.workers) if args.workers is not None else ()
     app, cfg = resolve_job(args.app, args.config, overrides)
     _run_and_print(app, cfg, resume=args.resume, workers=workers)

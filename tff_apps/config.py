@@ -47,6 +47,10 @@ class JobSection:
         "Warm start: empty = off; `latest` = the export of the latest succeeded run of this app in `runs_dir`; or an "
         "export path (a run's `export/` folder, a servable folder or a version folder). Finance refuses it."
     )})
+    sites: str = field(default="", metadata={"doc": (
+        "Train across sites: a sites.toml listing each site's name, address, data folder and certificates "
+        "(`--sites`, docs/sites.md); the coordinator then never reads a row. Empty = simulation."
+    )})
 
 
 @dataclass(frozen=True)

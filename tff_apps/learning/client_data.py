@@ -21,6 +21,10 @@ class ClientTrainData:
     x: np.ndarray
     y: np.ndarray
 
+    @property
+    def rows(self) -> int:
+        return len(self.x)
+
 
 def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
     """One client's round input: `local_epochs` seeded shuffles of its rows, batched; or, with
@@ -29,17 +33,23 @@ def client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> t
     The rows are chosen here, at the client, so only this round's rows are handed to the
     TFF runtime, not the client's whole table.
     """
-    rng = np.random.default_rng(seed)
-    if train.local_steps > 0:
-        wanted = train.local_steps * train.batch_size
-        passes = -(-wanted // len(client.x))  # ceil: a small client cycles through its rows
-        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(passes)])[:wanted]
-    else:
-        order = np.concatenate([rng.permutation(len(client.x)) for _ in range(train.local_epochs)])
+    order = round_order(len(client.x), train, seed)
     data = collections.OrderedDict(
         x=client.x[order].astype(np.float32), y=client.y[order].astype(np.float32)
     )
     return tf.data.Dataset.from_tensor_slices(data).batch(train.batch_size)
+
+
+def round_order(rows: int, train: TrainSection, seed: int) -> np.ndarray:
+    """The row order of a client's round input: `local_epochs` seeded shuffles, or with
+    `local_steps` that many batches of rows drawn without replacement (seeded). It depends
+    on the row count only, so a site can be sent it without anything of its data."""
+    rng = np.random.default_rng(seed)
+    if train.local_steps > 0:
+        wanted = train.local_steps * train.batch_size
+        passes = -(-wanted // rows)  # ceil: a small client cycles through its rows
+        return np.concatenate([rng.permutation(rows) for _ in range(passes)])[:wanted]
+    return np.concatenate([rng.permutation(rows) for _ in range(train.local_epochs)])
 
 
 def round_seed(seed: int, round_number: int, client_index: int) -> int:

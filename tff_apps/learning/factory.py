@@ -25,7 +25,7 @@ from tff_apps.privacy import secure_settings
 def secure_aggregation(cfg, clients) -> secure_settings.SecureAggregation | None:
     """The job's `privacy.secure_aggregation` resolved for the program's clients (None for
     "none"); `private_run.start` already checked it (UserError) before the run folder."""
-    return secure_settings.secure_aggregation(cfg.privacy, cfg.train, {c.name: len(c.x) for c in clients})
+    return secure_settings.secure_aggregation(cfg.privacy, cfg.train, {c.name: c.rows for c in clients})
 
 
 def build_learning_process(

@@ -168,18 +168,26 @@ def federated_categories(
     highs = federated_max_of([_site_extreme(raw[:, indices], +1) for raw in client_raw])
     lows = -federated_max_of([_site_extreme(raw[:, indices], -1) for raw in client_raw])
     spans = [(int(lo), int(hi)) for lo, hi in zip(lows, highs)]
+    check_code_spans(categorical, spans)
+    counts = secure_sum_of([_site_category_counts(raw[:, indices], spans) for raw in client_raw])
+    return vocabularies_from(categorical, spans, counts)
+
+
+def check_code_spans(categorical: list[str], spans: list[tuple[int, int]]) -> None:
     for name, (lo, hi) in zip(categorical, spans):
         if hi - lo + 1 > MAX_CATEGORIES:
             raise UserError(
                 f"data: categorical column '{name}' spans codes {lo}..{hi}; "
                 f"at most {MAX_CATEGORIES} codes are supported, recode it or treat it as numeric"
             )
-    counts = secure_sum_of([_site_category_counts(raw[:, indices], spans) for raw in client_raw])
+
+
+def vocabularies_from(categorical: list[str], spans: list[tuple[int, int]], counts: np.ndarray) -> dict[str, list[float]]:
+    """Each column's vocabulary: the codes of its span with a count above 0 at some site."""
     vocabularies, offset = {}, 0
     for name, (lo, hi) in zip(categorical, spans):
         width = max(hi - lo + 1, 0)
-        seen = [float(lo + k) for k in range(width) if counts[offset + k] > 0]
-        vocabularies[name] = seen
+        vocabularies[name] = [float(lo + k) for k in range(width) if counts[offset + k] > 0]
         offset += width
     return vocabularies
 
@@ -230,7 +238,7 @@ def federated_moments(client_matrices: list[np.ndarray]) -> Moments:
     sums = secure_sum_of(
         [_site_fixed_point_sums(x, exponents, fraction_bits) for x in client_matrices]
     )
-    return _decode_moments(sums, counts, exponents, fraction_bits)
+    return decode_moments(sums, counts, exponents, fraction_bits)
 
 
 def _site_counts(x: np.ndarray) -> np.ndarray:
@@ -255,7 +263,7 @@ def _site_fixed_point_sums(x: np.ndarray, exponents: np.ndarray, fraction_bits: 
     ).astype(np.int64)
 
 
-def _decode_moments(sums, counts, exponents, fraction_bits) -> Moments:
+def decode_moments(sums, counts, exponents, fraction_bits) -> Moments:
     d = len(counts)
     scale = float(2**fraction_bits)
     safe_counts = np.maximum(counts, 1.0)

@@ -241,6 +241,7 @@ def run_job(
     if previous is not None and previous.get("status") == "succeeded":
         run.already_finished = True  # checked again under the lock below
         return run, previous
+    workers = site_workers(app, run.config, workers)
     prepared = app.prepare(run.config)
     horizontal = getattr(app, "horizontal", False)
     federation.check(run.config, app.client_rows(run.config, prepared) if horizontal else None)
@@ -266,6 +267,19 @@ def run_job(
         finally:
             if run.privacy is not None:
                 run.privacy.finish()  # releases a reservation if no round ran (idempotent)
+
+
+def site_workers(app: App, cfg: config_lib.JobConfig, workers: Sequence[str]) -> Sequence[str]:
+    """With `job.sites`: the sites' addresses, one TFF worker per site, in the file's order."""
+    if not cfg.job.sites:
+        return workers
+    if workers:
+        raise UserError("--workers and job.sites (--sites) both place the clients; give one of them")
+    if not getattr(app, "supports_sites", False):
+        raise UserError(f"job.sites: app {app.name!r} does not run across sites yet; run it as a simulation")
+    from tff_apps.sites.sites_config import load_sites
+
+    return tuple(site.address for site in load_sites(cfg.job.sites))
 
 
 @contextlib.contextmanager

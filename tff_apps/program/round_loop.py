@@ -128,6 +128,7 @@ def run_rounds(
     privacy=None,
     init_from=None,
     federation=None,
+    round_input=None,
 ) -> TrainingResult:
     """Runs `train.rounds` rounds; evaluates every `eval_every` rounds and after the last;
     checkpoints every `checkpoint_every` rounds and after the last. A run folder with a
@@ -146,12 +147,16 @@ def run_rounds(
     record has `sampled`, `dropped`, `stragglers`, `unused`, `reported`, `skipped` and
     `simulated_seconds`; `clients` names the clients that reported. ε is accounted with
     the clients that reported.
+
+    `round_input(client, train, seed)`: a client's round input, by default its dataset
+    (`client_data.client_dataset`); across sites, the reference its site opens
+    (`sites.site_training.round_reference`).
     """
     sampling = sampling_seed(seed, privacy)
     rounds = train.rounds
-    make_dataset = client_dataset
+    make_dataset = round_input or client_dataset
     if privacy is not None:
-        privacy.check_clients({c.name: len(c.x) for c in clients})
+        privacy.check_clients({c.name: c.rows for c in clients})
         rounds = privacy.rounds
         if rounds < train.rounds:
             logging.getLogger(__name__).info(
@@ -190,7 +195,7 @@ def run_rounds(
     unreliable = federation.clients if federation is not None else ClientsSection()
     wanted = participation.participants(len(clients), train.clients_per_round)
     sample_size = participation.sample_size(len(clients), train.clients_per_round, unreliable.over_selection)
-    examples = [examples_per_round(train, len(c.x)) for c in clients]
+    examples = [examples_per_round(train, c.rows) for c in clients]
     progress = tqdm(total=rounds, initial=first_round - 1, desc=label, unit="round", dynamic_ncols=True)
     try:
         for round_number in range(first_round, rounds + 1):

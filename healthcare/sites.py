@@ -1,0 +1,177 @@
+"""Healthcare across sites (`job.sites`): each hospital runs a site next to its data folder
+(`tff-apps site prepare healthcare`), and this coordinator trains through TFF computations
+that run at the sites. It never reads a row: it sees manifests (row counts, schema), the
+secure-summed preprocessing statistics, model updates and test-score histograms.
+
+What differs from a simulation of the same partitions: evaluation metrics come from score
+histograms (exact to 1/4096 of the score), and the baselines cannot be computed here (the
+centralized one would pool the rows; the local-only one is not yet trained at the sites).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import UserError
+from shared.tabular import ClientTable
+from tff_apps.config import JobConfig
+
+NOT_ACROSS_SITES = "n/a across sites"
+
+
+@dataclass
+class SitesPrepared:
+    sites: list  # tff_apps.sites.sites_config.SiteRef, in the file's order
+    manifests: list[dict[str, Any]]
+    feature_names: list[str]
+    categorical: list[str]
+    zero_means_missing: list[str]
+
+    @property
+    def site_rows(self) -> dict[str, int]:
+        return {site.name: int(m["rows"]["train"]) for site, m in zip(self.sites, self.manifests)}
+
+
+def prepare(cfg: JobConfig) -> SitesPrepared:
+    """Reads each site's manifest at the site and checks that the sites can train together."""
+    from tff_apps.runtime.context import Runtime
+    from tff_apps.sites.site_computations import read_manifests
+    from tff_apps.sites.sites_config import load_sites
+
+    check_supported(cfg)
+    sites = load_sites(cfg.job.sites)
+    with Runtime(workers=[site.address for site in sites]):
+        manifests = read_manifests([site.data for site in sites])
+    schema = _common_schema(sites, manifests)
+    return SitesPrepared(
+        sites, manifests, list(schema["feature_names"]), list(schema["categorical"]), list(schema["zero_means_missing"])
+    )
+
+
+def check_supported(cfg: JobConfig) -> None:
+    """What does not run across sites yet, refused before anything starts."""
+    refusals = {
+        "privacy.level = 'record' (DP-SGD's Poisson batches are not drawn at the sites yet)": cfg.privacy.level == "record",
+        "privacy.secure_aggregation = 'masked' (its protocol runs in the simulator only)":
+            cfg.privacy.secure_aggregation == "masked",
+        "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
+        "personalization.epochs (not yet fine-tuned at the sites)": cfg.personalization.epochs > 0,
+        "train.engine = 'grouped' (it stacks the clients' rows in one process)": cfg.train.engine == "grouped",
+        "preprocess.normalization = 'per_site' (no single serving preprocessing)":
+            cfg.preprocess.normalization != "federated",
+    }
+    for what, refused in refusals.items():
+        if refused:
+            raise UserError(f"job.sites: {what} is not available across sites; remove it or run a simulation")
+
+
+def _common_schema(sites, manifests) -> dict[str, Any]:
+    first = manifests[0]
+    for site, manifest in zip(sites, manifests):
+        if manifest.get("schema", {}).get("app") != "healthcare":
+            raise UserError(f"site {site.name}: its data folder {site.data} holds {manifest['schema'].get('app')!r} data")
+        if manifest["schema_fingerprint"] != first["schema_fingerprint"]:
+            raise UserError(
+                f"site {site.name}: its schema (columns {manifest['schema']['feature_names']}) differs from site "
+                f"{sites[0].name}'s; every site must prepare the same columns"
+            )
+    return first["schema"]
+
+
+def site_tables(cfg: JobConfig, data, site: str) -> dict[str, Any]:
+    """One hospital of the loaded data (the only one, or `site`) with its train/test split:
+    `stratified_split` seeded with job.seed + its index, as the simulation does."""
+    from shared.partition import stratified_split
+    from tff_apps.sites.site_data import Schema
+
+    names = [client.name for client in data.clients]
+    if not site and len(names) > 1:
+        raise UserError(f"site prepare: the data holds {len(names)} hospitals ({', '.join(names)}); name yours with --site")
+    if site and site not in names:
+        raise UserError(f"site prepare: --site {site!r} is not in the data; it holds {', '.join(names)}")
+    index = names.index(site) if site else 0
+    client = data.clients[index]
+    train_idx, test_idx = stratified_split(client.labels, cfg.evaluate.test_fraction, cfg.job.seed + index)
+    splits = {
+        name: (client.features.to_numpy(dtype=np.float64)[rows], client.labels[rows])
+        for name, rows in (("train", train_idx), ("test", test_idx))
+    }
+    schema = Schema("healthcare", tuple(data.feature_names), tuple(data.categorical_columns),
+                    tuple(data.zero_means_missing), "binary")
+    return {
+        "site": client.name, "schema": schema, "splits": splits,
+        "split": {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.job.seed + index},
+        "dropped_rows": data.dropped_rows.get(client.name, 0),
+    }
+
+
+def fingerprint(prepared: SitesPrepared) -> str:
+    """The federation's data, as the manifests describe it (the rows themselves stay at the sites)."""
+    described = [[site.name, m["schema_fingerprint"], m["rows"], m["created"]] for site, m in zip(prepared.sites, prepared.manifests)]
+    return hashlib.sha256(json.dumps(described).encode("utf-8")).hexdigest()
+
+
+def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
+    """The healthcare job with every data-touching step at the sites."""
+    from healthcare import evaluate
+    from healthcare.model import build_keras_model, tff_model_fn
+    from tff_apps.learning import factory, federation
+    from tff_apps.program import round_loop, round_summary
+    from tff_apps.sites import site_computations, site_training
+
+    folders = [site.data for site in prepared.sites]
+    names, rows = prepared.feature_names, prepared.site_rows
+    preprocessor = site_computations.federated_preprocessor(
+        folders, names, prepared.categorical, sum(rows.values()), prepared.zero_means_missing
+    )
+    n_inputs = len(preprocessor.expanded_names)
+    clients = [site_training.SiteClient(site.name, rows[site.name], site.data) for site in prepared.sites]
+    settings = federation.of(cfg)
+    model_fn = tff_model_fn(cfg.model, n_inputs, cfg.job.seed)
+    process = factory.build_learning_process(
+        cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
+        federation=settings, client_names=[c.name for c in clients],
+    )
+    site_process = site_training.SiteProcess(process, site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size))
+    evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
+
+    def evaluate_weights(weights) -> dict:
+        scores = evaluation.scores(weights)
+        tables = [_score_table(site.name, labels) for site, (labels, _) in zip(prepared.sites, scores)]
+        by_site = {site.name: s for site, (_, s) in zip(prepared.sites, scores)}
+        return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
+
+    result = round_loop.run_rounds(
+        site_process, clients, cfg.train, cfg.job.seed, run.dir,
+        lambda weights: evaluate.headline_metrics(evaluate_weights(weights)), evaluate.HEADLINE,
+        privacy=run.privacy, init_from=run.init_from, federation=settings, round_input=site_training.round_reference,
+    )
+    global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
+    result.weights.assign_weights_to(global_model)
+    return {
+        "result": result, "model": global_model, "preprocessor": preprocessor,
+        "reports": {"federated": evaluate_weights(result.weights)},
+        "baselines": baselines_not_across_sites(cfg),
+        "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
+        "rounds_summary": round_summary.rounds_summary(result.history, settings),
+    }
+
+
+def _score_table(name: str, labels: np.ndarray) -> ClientTable:
+    return ClientTable(name=name, features=pd.DataFrame(index=range(len(labels))), labels=labels)
+
+
+def baselines_not_across_sites(cfg: JobConfig) -> dict[str, str]:
+    """The baselines a simulation would add, and why they are missing here."""
+    missing = {}
+    if cfg.evaluate.centralized_baseline:
+        missing["centralized"] = f"{NOT_ACROSS_SITES}: it would pool every site's rows"
+    if cfg.evaluate.local_baseline:
+        missing["local_only"] = f"{NOT_ACROSS_SITES}: not yet trained at the sites"
+    return missing

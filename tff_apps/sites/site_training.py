@@ -1,0 +1,86 @@
+"""Training and evaluation across sites: the learning process's round runs at the sites on
+data they open themselves, and evaluation returns score histograms, never rows.
+
+`SiteProcess` wraps a learning process built as for a simulation (`factory.
+build_learning_process`): its `next` takes, per site, the site's data folder and the round's
+row order (`round_reference`), and a computation at the site turns them into the very
+dataset a simulation would have built (`site_computations.round_dataset_fn`). The row order
+depends on (seed, round, site, row count) only, so the coordinator sends no data and the
+sites' round inputs equal the simulation's, batch for batch.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow_federated as tff
+
+from tff_apps.learning.client_data import round_order
+from tff_apps.sites import site_computations
+
+
+@dataclass(frozen=True)
+class SiteClient:
+    """A client of the round loop that is a site: its name, training rows and data folder."""
+
+    name: str
+    rows: int
+    folder: str
+
+
+def round_reference(client: SiteClient, train, seed: int) -> collections.OrderedDict:
+    """What the coordinator sends a site for a round: its folder and the row order."""
+    order = round_order(client.rows, train, seed).astype(np.int32)
+    return collections.OrderedDict(folder=client.folder, order=order)
+
+
+class SiteProcess:
+    """A learning process whose round inputs are opened at the sites."""
+
+    def __init__(self, process, open_round):
+        self._process = process
+        state_type = process.next.type_signature.parameter[0]
+        references = tff.FederatedType(site_computations.round_input_type(), tff.CLIENTS)
+
+        @tff.federated_computation(state_type, references)
+        def next_at_sites(state, refs):
+            return process.next(state, tff.federated_map(open_round, refs))
+
+        self._next = next_at_sites
+
+    def initialize(self):
+        return self._process.initialize()
+
+    def next(self, state, references):
+        return self._next(state, references)
+
+    def get_model_weights(self, state):
+        return self._process.get_model_weights(state)
+
+    def set_model_weights(self, state, weights):
+        return self._process.set_model_weights(state, weights)
+
+
+class SiteEvaluation:
+    """Per round: each site's test-score histogram (`site_computations.score_histograms`)."""
+
+    def __init__(self, process, model_fn, preprocessor, n_features: int, folders: list[str]):
+        weights_type = process.get_model_weights.type_signature.result
+        self._histograms = site_computations.score_histograms(model_fn, preprocessor, n_features, weights_type)
+        self._folders = list(folders)
+
+    def scores(self, weights) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(labels, scores) per site, in the sites' order, exact to the bin width."""
+        histograms = self._histograms(weights, self._folders)
+        return [site_computations.scores_from_histogram(h) for h in histograms]
+
+
+def describe_sites(sites, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """For the summary and model card: where the run trained."""
+    return {
+        site.name: {"address": site.address, "train_rows": m["rows"]["train"], "test_rows": m["rows"]["test"]}
+        for site, m in zip(sites, manifests)
+    }
