@@ -46,7 +46,7 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 
     check_supported(cfg)
     sites = load_sites(cfg.job.sites)
-    with Runtime(workers=[site.address for site in sites]):
+    with Runtime(workers=[site.address for site in sites], pinned=True):
         manifests = read_manifests([site.data for site in sites])
     schema = _common_schema(sites, manifests)
     return SitesPrepared(
@@ -138,7 +138,8 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
         federation=settings, client_names=[c.name for c in clients],
     )
-    site_process = site_training.SiteProcess(process, site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size))
+    open_round = site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size)
+    site_process = site_training.SiteProcess(process, open_round, folders)
     evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
 
     def evaluate_weights(weights) -> dict:

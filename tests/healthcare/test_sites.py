@@ -52,6 +52,12 @@ def federation(tmp_path_factory) -> SimpleNamespace:
                 "--set", "evaluate.centralized_baseline=true",  # n/a across sites, with the reason
             ),
         }
+        # a round that samples 2 of the 3 sites: each sampled site on its own worker
+        two = ["--set", "train.clients_per_round=2", "--set", "export.enabled=true"]
+        results["simulated_two"] = tff_apps_in_process("run", "healthcare", *common, *two, "--run-id", "simulated_two")
+        results["sites_two"] = tff_apps_in_process(
+            "run", "healthcare", *common, *two, "--sites", str(sites), "--run-id", "sites_two"
+        )
         mixed = write_sites(base / "mixed.toml", [*entries[:2], (names[2], workers[2].address, base / "other_columns")])
         results["mixed"] = tff_apps_in_process("run", "healthcare", *common, "--sites", str(mixed), "--run-id", "mixed")
         results["record_dp"] = tff_apps_in_process(
@@ -81,6 +87,18 @@ def test_sites_give_the_simulations_model_and_site_metrics(federation):
     # pooled metrics from secure-summed histograms: exact to the bin width
     assert sites["pooled"]["auc"] == pytest.approx(sim["pooled"]["auc"], abs=2.0 / HISTOGRAM_BINS)
     assert federation.stop_codes == [0, 0, 0]
+
+
+def test_sampled_sites_train_on_their_own_workers(federation):
+    for name in ("simulated_two", "sites_two"):
+        assert federation.results[name].returncode == 0, federation.results[name].stderr[-3000:]
+    simulated, across = (
+        np.load(federation.runs / run / "export" / "healthcare" / "1" / "weights.npz")
+        for run in ("simulated_two", "sites_two")
+    )
+    assert max(float(np.max(np.abs(simulated[k] - across[k]))) for k in simulated.files) <= 1e-5
+    rounds = [json.loads(line) for line in (federation.runs / "sites_two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["clients"]) == 2 for r in rounds) and len({tuple(r["clients"]) for r in rounds}) > 1
 
 
 def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federation):

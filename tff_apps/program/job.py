@@ -334,7 +334,8 @@ def _run_prepared(
         registry.started(app.name, run.run_id, run.dir)
         if workers:
             summary["workers"] = list(workers)
-        with Runtime(log_path=run.dir / "worker.log", workers=workers) as runtime:
+        pinned = bool(run.config.job.sites)  # each site's worker reads only its own data
+        with Runtime(log_path=run.dir / "worker.log", workers=workers, pinned=pinned) as runtime:
             summary.update(app.train(run.config, prepared, run))
             summary["secure_sum"] = secure_settings.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
         summary["status"] = "succeeded"

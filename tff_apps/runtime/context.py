@@ -91,8 +91,10 @@ class Runtime:
         max_concurrent_computation_calls: int = -1,
         log_path: Path | None = None,
         workers: Sequence[str] = (),
+        pinned: bool = False,
     ) -> None:
         self._max_calls = max_concurrent_computation_calls
+        self._pinned = pinned  # across sites: `mergeable.spreading_context(pinned=True)`
         self._log_path = Path(log_path) if log_path is not None else None
         self._workers = tuple(workers)
         self._process: subprocess.Popen[bytes] | None = None
@@ -325,7 +327,7 @@ class Runtime:
             for stub, address in zip(stubs, self._workers)
         ]
         first = self._sync_context(stubs[0], alive_check(self._workers[0]))
-        self._set_context(spreading_context(self._compile_mergeable, async_contexts, first))
+        self._set_context(spreading_context(self._compile_mergeable, async_contexts, first, pinned=self._pinned))
 
     def _set_context(self, context: Any) -> None:
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl

@@ -6,11 +6,31 @@ slice per worker, partial aggregates merged in worker order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any) -> Any:
+@contextlib.contextmanager
+def placed_on(workers: Sequence[int]):
+    """Across sites: the CLIENTS of the computations invoked inside are, in order, on these
+    workers (one client each), e.g. the sites sampled for a round. Without it every worker
+    gets a contiguous slice of the clients."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    context = context_stack_impl.context_stack.current
+    if not hasattr(context, "placement"):
+        raise RuntimeError("placed_on needs the Runtime's context over several workers")
+    previous, context.placement = context.placement, list(workers)
+    try:
+        yield
+    finally:
+        context.placement = previous
+
+
+def spreading_context(
+    compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any, pinned: bool = False
+) -> Any:
     """TFF sync context: mergeable computations over all workers, the rest on the first.
 
     Each computation is compiled once to TFF's ``MergeableCompForm`` (``up_to_merge``
@@ -21,6 +41,10 @@ def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: S
     worker swaps the clients) and merges in completion order (sums vary run to
     run). Here slice i always goes to worker i, partials merge in worker order and
     results keep the clients' order: the same run gives the same numbers.
+
+    `pinned` (across sites, where each worker reads only its own site's data): a computation
+    without a mergeable form is an error instead of running whole on the first worker, and
+    `placed_on` puts each client on its own worker.
     """
     from tensorflow_federated.python.common_libs import async_utils, structure
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
@@ -31,8 +55,7 @@ def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: S
     def only_server_or_all_equal(type_spec: Any) -> bool:
         return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal
 
-    async def run_form(form: Any, arg_list: list[Any]) -> Any:
-        contexts = list(async_contexts)
+    async def run_form(form: Any, arg_list: list[Any], contexts: list[Any]) -> Any:
         partials = await asyncio.gather(
             *(context.invoke(form.up_to_merge, a) for a, context in zip(arg_list, contexts))
         )
@@ -55,20 +78,24 @@ def spreading_context(compile_mergeable: Callable[[Any], Any], async_contexts: S
         def __init__(self) -> None:
             self._forms: dict[Any, Any] = {}
             self._runner = async_utils.AsyncThreadRunner()
+            self.placement: list[int] | None = None  # `placed_on`
 
         def invoke(self, comp: Any, arg: Any = None) -> Any:
             if comp not in self._forms:
                 self._forms[comp] = compile_mergeable(comp)
             form = self._forms[comp]
+            if form is None and pinned:
+                raise RuntimeError("across sites every computation must split by site; this one has no mergeable form")
             if form is None:
                 return first.invoke(comp, arg)
+            contexts = list(async_contexts) if self.placement is None else [async_contexts[i] for i in self.placement]
             if arg is None:
-                arg_list = [None] * len(async_contexts)
+                arg_list = [None] * len(contexts)
             else:
                 arg_list = mcec.MergeableCompExecutionContextValue(
-                    arg, form.up_to_merge.type_signature.parameter, len(async_contexts)
+                    arg, form.up_to_merge.type_signature.parameter, len(contexts)
                 ).value()
-            result = self._runner.run_coro_and_return_result(run_form(form, arg_list))
+            result = self._runner.run_coro_and_return_result(run_form(form, arg_list, contexts))
             result = type_conversions.type_to_py_container(result, form.after_merge.type_signature.result)
             return tensorflow_computation.transform_result(result)
 

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_federated as tff
 
 from tff_apps.learning.client_data import round_order
+from tff_apps.runtime.mergeable import placed_on
 from tff_apps.sites import site_computations
 
 
@@ -40,8 +41,9 @@ def round_reference(client: SiteClient, train, seed: int) -> collections.Ordered
 class SiteProcess:
     """A learning process whose round inputs are opened at the sites."""
 
-    def __init__(self, process, open_round):
+    def __init__(self, process, open_round, folders: list[str]):
         self._process = process
+        self._worker_of = {folder: index for index, folder in enumerate(folders)}  # site i = worker i
         state_type = process.next.type_signature.parameter[0]
         references = tff.FederatedType(site_computations.round_input_type(), tff.CLIENTS)
 
@@ -55,7 +57,10 @@ class SiteProcess:
         return self._process.initialize()
 
     def next(self, state, references):
-        return self._next(state, references)
+        """One round with the sites of `references` (a round may sample some of them), each
+        on its own worker."""
+        with placed_on([self._worker_of[reference["folder"]] for reference in references]):
+            return self._next(state, references)
 
     def get_model_weights(self, state):
         return self._process.get_model_weights(state)
