@@ -40,13 +40,15 @@ class SitesPrepared:
 
 def prepare(cfg: JobConfig) -> SitesPrepared:
     """Reads each site's manifest at the site and checks that the sites can train together."""
-    from tff_apps.runtime.context import Runtime
+    from tff_apps.sites.connect import site_runtime
     from tff_apps.sites.site_computations import read_manifests
     from tff_apps.sites.sites_config import load_sites
 
     check_supported(cfg)
     sites = load_sites(cfg.job.sites)
-    with Runtime(workers=[site.address for site in sites], pinned=True):
+    # before the privacy plan (it needs the manifests' row counts): the job states its target ε
+    target = cfg.privacy.target_epsilon if cfg.privacy.level != "none" and cfg.privacy.target_epsilon > 0 else None
+    with site_runtime(cfg, sites, target):
         manifests = read_manifests([site.data for site in sites])
     schema = _common_schema(sites, manifests)
     return SitesPrepared(

@@ -18,6 +18,7 @@ from typing import Sequence
 
 from shared.errors import UserError
 from tff_apps.privacy.ledger import BudgetExhausted
+from tff_apps.sites.commands import SITE_COMMANDS, add_site_commands, command_site
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BUDGET = 3
@@ -101,7 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--docs", action="store_true", required=True,
         help="print every job key as markdown, generated from the config dataclasses",
     )
+    add_site_prepare(add_site_commands(commands))
     return parser
+
+
+def add_site_prepare(site_commands) -> None:
+    prepare = site_commands.add_parser(
+        "prepare", help="at a site: encode the site's own files into its data folder for `site serve`"
+    )
+    prepare.add_argument("app", help="the app whose loaders read the files (healthcare)")
+    prepare.add_argument("--config", metavar="SITE.toml", help="a job file whose [data] names the site's files")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                         help="override one config key (repeatable)")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="the data folder to create (must not exist)")
+    prepare.add_argument("--site", default="", help="the site's name when the data holds several (e.g. a generator)")
+
+
+def command_site_prepare(args) -> None:
+    from tff_apps.program.job import resolve_job
+    from tff_apps.sites.prepare import prepare_site
+
+    app, cfg = resolve_job(args.app, args.config, args.overrides)
+    manifest = prepare_site(app, cfg, args.out, args.site)
+    rows = manifest["rows"]
+    print(f"[{app.name}] site {manifest['site']}: {rows['train']} training and {rows['test']} test rows in {args.out}")
+    print(f"[{app.name}] schema fingerprint {manifest['schema_fingerprint']}")
 
 
 def command_apps(_args) -> None:
@@ -250,8 +275,9 @@ def command_audit(args) -> None:
 COMMANDS = {
     "apps": command_apps, "run": command_run, "runs": command_runs, "predict": command_predict,
     "score": command_score, "audit": command_audit,
-    "demo": command_demo, "worker": command_worker, "config": command_config,
+    "demo": command_demo, "worker": command_worker, "config": command_config, "site": command_site,
 }
+SITE_COMMANDS["prepare"] = command_site_prepare
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,11 @@ of the same partitions gives; what cannot train together is refused before round
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +17,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from tests.cli import tff_apps_in_process
+from tests.cli import tff_apps_in_process, user_environment
 from tests.tff_apps.runtime.test_workers import Worker
 from tff_apps.program.job import resolve_job
 from tff_apps.sites.prepare import prepare_site
@@ -119,3 +124,110 @@ def test_what_cannot_train_together_is_refused_before_a_run_folder(federation, r
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (federation.runs / run).exists()
+
+
+class IsolatedWorker(Worker):
+    """A `tff-apps worker` in its own mount namespace, where its data folder is a private
+    tmpfs holding the site's files: no other process (the coordinator included) sees them."""
+
+    def __init__(self, logs: Path, port: int, folder: Path):
+        archive = logs / f"{folder.name}.tar"
+        subprocess.run(["tar", "-cf", str(archive), "-C", str(folder), "."], check=True)
+        shutil.rmtree(folder)
+        folder.mkdir()  # in every other namespace: an empty folder
+        self.port, self.out = port, logs / f"worker-{port}.out"
+        script = (
+            f'mount -t tmpfs none "{folder}" && tar -xf "{archive}" -C "{folder}" && rm "{archive}" && '
+            f'exec "{sys.executable}" -m tff_apps.cli worker --port {port}'
+        )
+        with self.out.open("w") as out:
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=user_environment(),
+            )
+        self.binary_pid = self._wait_ready()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for mount namespaces")
+def test_each_site_reads_data_that_the_coordinator_cannot_see(tmp_path):
+    app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
+    names = [client.name for client in app.prepare(cfg).data.clients]
+    for name in names:
+        prepare_site(app, cfg, tmp_path / name, name)
+    workers = [IsolatedWorker(tmp_path, portpicker.pick_unused_port(), tmp_path / name) for name in names]
+    try:
+        # the coordinator's view: empty folders where the sites keep their data
+        assert all(not any((tmp_path / name).iterdir()) for name in names)
+        sites = write_sites(tmp_path / "sites.toml", [(n, w.address, tmp_path / n) for n, w in zip(names, workers)])
+        result = tff_apps_in_process(
+            "run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
+            "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+            "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites), "--run-id", "isolated",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert summary(tmp_path / "runs" / "healthcare" / "isolated")["results"]["federated"]["pooled"]["auc"] > 0.9
+    finally:
+        assert [w.stop() for w in workers] == [0, 0]
+
+
+class ServedSite:
+    """`tff-apps site serve` as a hospital runs it: its worker in a private network namespace
+    behind the mutual-TLS gateway, with a policy and an audit log."""
+
+    def __init__(self, base: Path, name: str, data: Path, policy: str):
+        self.name, self.port = name, portpicker.pick_unused_port()
+        self.audit = base / f"{name}-audit.jsonl"
+        (base / f"{name}.toml").write_text(policy)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tff_apps.cli", "site", "serve", "--data", str(data), "--port", str(self.port),
+             "--certs", str(base / "pki"), "--name", name, "--policy", str(base / f"{name}.toml"),
+             "--audit", str(self.audit), "--host", "127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=user_environment(),
+        )
+        line = self.proc.stdout.readline()
+        assert f"site {name} listening on 127.0.0.1:{self.port}" in line, line
+
+    def calls(self, run_id: str) -> list[dict]:
+        return [r for r in map(json.loads, self.audit.read_text().splitlines()) if r["run_id"] == run_id]
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site serve keeps its worker in a network namespace (root)")
+def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
+    from tff_apps.sites.certs import make_test_pki
+
+    app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
+    names = [client.name for client in app.prepare(cfg).data.clients]
+    for name in names:
+        prepare_site(app, cfg, tmp_path / name, name)
+    make_test_pki(tmp_path / "pki", names)
+    strict = '[policy]\napps = ["healthcare"]\nrequire_privacy = "client"\n'
+    served = [ServedSite(tmp_path, names[0], tmp_path / names[0], '[policy]\napps = ["healthcare"]\n'),
+              ServedSite(tmp_path, names[1], tmp_path / names[1], strict)]
+    try:
+        sites = tmp_path / "sites.toml"
+        sites.write_text("".join(
+            f'[[site]]\nname = "{s.name}"\naddress = "127.0.0.1:{s.port}"\ndata = "{tmp_path / s.name}"\n'
+            'ca = "pki/ca.pem"\ncert = "pki/coordinator.pem"\nkey = "pki/coordinator.key"\n\n' for s in served
+        ))
+        job = ["run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
+               "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+               "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites)]
+        refused = tff_apps_in_process(*job, "--run-id", "no_dp")
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert f"site {names[1]}" in refused.stderr and "require_privacy" in refused.stderr, refused.stderr
+        assert not (tmp_path / "runs" / "healthcare" / "no_dp").exists()
+        admitted = tff_apps_in_process(*job, "--run-id", "dp", "--set", "privacy.level=client",
+                                       "--set", "privacy.noise_multiplier=0.5", "--set", "privacy.clipping=fixed")
+        assert admitted.returncode == 0, admitted.stderr[-3000:]
+        calls = [site.calls("dp") for site in served]
+        # both sites ran the same computations: the partial aggregates merge at the coordinator
+        assert len(calls[0]) == len(calls[1]) > 10
+        assert {c["caller"] for site in calls for c in site} == {"CN=coordinator,O=tff-apps test federation"}
+        assert {c["method"] for c in calls[0]} >= {"CreateValue", "CreateCall", "Compute"}
+        assert all(c["status"] == "ok" for c in calls[0])
+    finally:
+        assert [site.stop() for site in served] == [0, 0]

@@ -269,6 +269,19 @@ def run_job(
                 run.privacy.finish()  # releases a reservation if no round ran (idempotent)
 
 
+def _runtime(run: Run, workers: Sequence[str]):
+    """The job's TFF runtime: a local worker, `--workers`, or the sites (`job.sites`)."""
+    from tff_apps.runtime.context import Runtime
+
+    if not run.config.job.sites:
+        return Runtime(log_path=run.dir / "worker.log", workers=workers)
+    from tff_apps.sites.connect import site_runtime
+    from tff_apps.sites.sites_config import load_sites
+
+    epsilon = run.privacy.plan.epsilon() if run.privacy is not None else None
+    return site_runtime(run.config, load_sites(run.config.job.sites), epsilon, log_path=run.dir / "worker.log")
+
+
 def site_workers(app: App, cfg: config_lib.JobConfig, workers: Sequence[str]) -> Sequence[str]:
     """With `job.sites`: the sites' addresses, one TFF worker per site, in the file's order."""
     if not cfg.job.sites:
@@ -309,7 +322,6 @@ def _create_run_folder(run: Run) -> None:
 def _run_prepared(
     app: App, prepared: Any, run: Run, registry: runs.Registry, lock: runs.RunLock, workers: Sequence[str] = ()
 ) -> tuple[Run, dict[str, Any]]:
-    from tff_apps.runtime.context import Runtime  # TF and TFF load only once the inputs are valid
 
     if not run.resumed:
         _create_run_folder(run)
@@ -334,8 +346,7 @@ def _run_prepared(
         registry.started(app.name, run.run_id, run.dir)
         if workers:
             summary["workers"] = list(workers)
-        pinned = bool(run.config.job.sites)  # each site's worker reads only its own data
-        with Runtime(log_path=run.dir / "worker.log", workers=workers, pinned=pinned) as runtime:
+        with _runtime(run, workers) as runtime:
             summary.update(app.train(run.config, prepared, run))
             summary["secure_sum"] = secure_settings.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
         summary["status"] = "succeeded"

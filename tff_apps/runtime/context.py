@@ -92,9 +92,14 @@ class Runtime:
         log_path: Path | None = None,
         workers: Sequence[str] = (),
         pinned: bool = False,
+        channel_factory: Callable[[str], grpc.Channel] | None = None,
+        worker_labels: dict[str, str] | None = None,
     ) -> None:
         self._max_calls = max_concurrent_computation_calls
         self._pinned = pinned  # across sites: `mergeable.spreading_context(pinned=True)`
+        # across sites: the gateway's mutual-TLS channel to each site, and how errors name it
+        self._channel_factory = channel_factory
+        self._worker_labels = dict(worker_labels or {})
         self._log_path = Path(log_path) if log_path is not None else None
         self._workers = tuple(workers)
         self._process: subprocess.Popen[bytes] | None = None
@@ -144,19 +149,25 @@ class Runtime:
             if self._workers:
                 self._install_sigterm_handler()
                 stubs = [self._connect(address) for address in self._workers]
-                self._install_distributed_context(stubs)
+                # across sites the coordinator merges on a worker of its own (`spreading_context`)
+                server = self._local_stub(remote_executor_grpc_stub) if self._pinned else None
+                self._install_distributed_context(stubs, server)
             else:
-                port = self._start_worker()
                 self._install_sigterm_handler()
-                self._wait_for(lambda: port_accepts(port), f"to listen on port {port}")
-                self._channel = grpc.insecure_channel(f"localhost:{port}", GRPC_CHANNEL_OPTIONS)
-                stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
-                self._wait_for(lambda: stub.is_ready, "to accept gRPC")
-                self._install_context(stub)
+                self._install_context(self._local_stub(remote_executor_grpc_stub))
         except BaseException:
             self._shutdown()
             raise
         return self
+
+    def _local_stub(self, stub_module: Any) -> Any:
+        """Starts this process's own worker and returns a stub for it."""
+        port = self._start_worker()
+        self._wait_for(lambda: port_accepts(port), f"to listen on port {port}")
+        self._channel = grpc.insecure_channel(f"localhost:{port}", GRPC_CHANNEL_OPTIONS)
+        stub = stub_module.RemoteExecutorGrpcStub(self._channel)
+        self._wait_for(lambda: stub.is_ready, "to accept gRPC")
+        return stub
 
     def __exit__(
         self,
@@ -184,15 +195,19 @@ class Runtime:
         from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 
         host, _, port = address.rpartition(":")
+        label = self._worker_labels.get(address, f"--workers {address}")
         if not port_accepts(int(port), host=host.strip("[]")):
             raise UserError(
-                f"--workers {address}: no TFF worker accepts connections there "
-                f"(start one with `tff-apps worker --port {port}`)"
+                f"{label}: nothing accepts connections at {address} "
+                f"(start a worker with `tff-apps worker --port {port}`, or a site with `tff-apps site serve`)"
             )
-        channel = grpc.insecure_channel(address, GRPC_CHANNEL_OPTIONS)
+        if self._channel_factory is not None:
+            channel = self._channel_factory(address)
+        else:
+            channel = grpc.insecure_channel(address, GRPC_CHANNEL_OPTIONS)
         self._channels.append(channel)
         if not grpc_ready(channel, timeout=STARTUP_TIMEOUT_S):
-            raise UserError(f"--workers {address}: the port is open but no TFF worker answers gRPC there")
+            raise UserError(f"{label}: the port {address} is open but no TFF worker answers gRPC there")
         return remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
 
     def _open_log(self) -> IO[bytes] | None:
@@ -308,7 +323,7 @@ class Runtime:
     def _install_context(self, stub: Any) -> None:
         self._set_context(self._sync_context(stub, self._raise_if_worker_exited))
 
-    def _install_distributed_context(self, stubs: list[Any]) -> None:
+    def _install_distributed_context(self, stubs: list[Any], server_stub: Any = None) -> None:
         from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
         from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 
@@ -327,7 +342,17 @@ class Runtime:
             for stub, address in zip(stubs, self._workers)
         ]
         first = self._sync_context(stubs[0], alive_check(self._workers[0]))
-        self._set_context(spreading_context(self._compile_mergeable, async_contexts, first, pinned=self._pinned))
+        server = None
+        if server_stub is not None:
+            server = async_execution_context.AsyncExecutionContext(
+                executor_fn=self._executor_factory(server_stub, self._raise_if_worker_exited),
+                compiler_fn=self._compile,
+                transform_args=tensorflow_computation.transform_args,
+                transform_result=tensorflow_computation.transform_result,
+            )
+        self._set_context(
+            spreading_context(self._compile_mergeable, async_contexts, first, pinned=self._pinned, server=server)
+        )
 
     def _set_context(self, context: Any) -> None:
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl

@@ -29,7 +29,8 @@ def placed_on(workers: Sequence[int]):
 
 
 def spreading_context(
-    compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any, pinned: bool = False
+    compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any, pinned: bool = False,
+    server: Any = None,
 ) -> Any:
     """TFF sync context: mergeable computations over all workers, the rest on the first.
 
@@ -44,7 +45,9 @@ def spreading_context(
 
     `pinned` (across sites, where each worker reads only its own site's data): a computation
     without a mergeable form is an error instead of running whole on the first worker, and
-    `placed_on` puts each client on its own worker.
+    `placed_on` puts each client on its own worker. `server` (across sites: the
+    coordinator's own worker) merges the partial aggregates and runs the server-side rest,
+    so no site ever receives another site's partial aggregate; without it the first worker does.
     """
     from tensorflow_federated.python.common_libs import async_utils, structure
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
@@ -59,9 +62,10 @@ def spreading_context(
         partials = await asyncio.gather(
             *(context.invoke(form.up_to_merge, a) for a, context in zip(arg_list, contexts))
         )
+        merger = server if server is not None else contexts[0]
         merged = partials[0]
         for partial in partials[1:]:
-            merged = await contexts[0].invoke(form.merge, structure.Struct.unnamed(merged, partial))
+            merged = await merger.invoke(form.merge, structure.Struct.unnamed(merged, partial))
 
         def after_merge(a: Any, context: Any) -> Any:
             return context.invoke(
@@ -70,7 +74,7 @@ def spreading_context(
 
         result_type = form.after_merge.type_signature.result
         if type_analysis.contains_only(result_type, only_server_or_all_equal):
-            return await after_merge(arg_list[0], contexts[0])
+            return await after_merge(arg_list[0], merger)
         results = await asyncio.gather(*(after_merge(a, c) for a, c in zip(arg_list, contexts)))
         return mcec._repackage_partitioned_values(list(results), result_type)
 

@@ -1,0 +1,54 @@
+"""The coordinator's connection to its sites: one TFF worker per site, reached through the
+site's gateway over mutual TLS when the sites.toml gives certificates, each call carrying
+the job's descriptor, which the site's policy admits or refuses before any computation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.errors import UserError
+from tff_apps.runtime.context import Runtime
+from tff_apps.sites.sites_config import SiteRef
+
+# The largest value a site is asked to send back: model updates, statistics and score
+# histograms of the apps here are far below it; a site's own policy may set less.
+MAX_VALUE_BYTES = 64 * 2**20
+
+
+def job_descriptor(cfg, epsilon: float | None = None):
+    from tff_apps.sites.policy import Job
+
+    return Job(
+        app=cfg.job.app, run_id=cfg.job.run_id or "unnamed", rounds=int(cfg.train.rounds),
+        privacy_level=cfg.privacy.level, epsilon=epsilon, max_value_bytes=MAX_VALUE_BYTES,
+    )
+
+
+def site_runtime(cfg, sites: Sequence[SiteRef], epsilon: float | None = None, log_path=None) -> Runtime:
+    """A Runtime over the sites, each client pinned to its site's worker."""
+    tls = [site.tls for site in sites]
+    if any(tls) and not all(tls):
+        plain = [site.name for site in sites if not site.tls]
+        raise UserError(f"job.sites: sites {', '.join(plain)} have no certificates; give ca, cert and key for every site or none")
+    labels = {site.address: f"site {site.name}" for site in sites}
+    factory = _tls_channels(sites, job_descriptor(cfg, epsilon)) if all(tls) else None
+    return Runtime(
+        workers=[site.address for site in sites], pinned=True, channel_factory=factory, worker_labels=labels,
+        log_path=log_path,
+    )
+
+
+def _tls_channels(sites: Sequence[SiteRef], job):
+    from tff_apps.sites.certs import load_credentials
+    from tff_apps.sites.channel import admission_check, site_channel
+
+    by_address = {site.address: site for site in sites}
+
+    def channel(address: str):
+        site = by_address[address]
+        credentials = load_credentials(site.ca, site.cert, site.key, what=f"job.sites site {site.name}")
+        made = site_channel(address, credentials, job, server_name=site.name)
+        admission_check(made, site=site.name)  # the site's policy, before any computation
+        return made
+
+    return channel
