@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run every app on its embedded default data")
     demo.add_argument("--runs-dir", default="runs", help="where the demo runs go (default: runs)")
+    demo.add_argument("--sites", action="store_true",
+                      help="start three loopback sites with test certificates and train across them")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config key in every app's job (repeatable)")
 
     config = commands.add_parser("config", help="print the configuration reference (docs/configuration.md)")
     config.add_argument(
@@ -193,11 +197,16 @@ def command_demo(args) -> None:
     from tff_apps.program.job import resolve_job
     from tff_apps.registry import app_names
 
-    reports = []
-    for name in app_names():
-        app, cfg = resolve_job(name, None, [f'job.runs_dir="{args.runs_dir}"'])
-        summary = _run_and_print(app, cfg)
-        reports.append((name, summary.get("report_html") or summary.get("report", "")))
+    if args.sites:
+        from tff_apps.sites.demo import site_demo
+
+        reports = site_demo(app_names(), args.runs_dir, args.overrides, _run_and_print)
+    else:
+        reports = []
+        for name in app_names():
+            app, cfg = resolve_job(name, None, [f'job.runs_dir="{args.runs_dir}"', *args.overrides])
+            summary = _run_and_print(app, cfg)
+            reports.append((name, summary.get("report_html") or summary.get("report", "")))
     print("\nDemo reports:")
     for name, report in reports:
         print(f"  {name:12s} {report}")
@@ -284,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # TF logs a screen of CUDA-plugin messages at import on CPU machines; TF errors still
     # surface as Python exceptions. Set TF_CPP_MIN_LOG_LEVEL=0 to see everything.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's info lines (e.g. on fork) are noise here
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
