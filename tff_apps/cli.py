@@ -198,7 +198,7 @@ def command_demo(args) -> None:
     from tff_apps.registry import app_names
 
     if args.sites:
-        from tff_apps.sites.demo import site_demo
+        from tff_apps.program.site_demo import site_demo
 
         reports = site_demo(app_names(), args.runs_dir, args.overrides, _run_and_print)
     else:

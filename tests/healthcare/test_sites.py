@@ -231,3 +231,44 @@ def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
         assert all(c["status"] == "ok" for c in calls[0])
     finally:
         assert [site.stop() for site in served] == [0, 0]
+
+
+def test_a_site_lost_mid_run_fails_it_in_one_line_and_the_run_id_resumes(tmp_path):
+    import time
+
+    app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
+    names = [client.name for client in app.prepare(cfg).data.clients]
+    for name in names:
+        prepare_site(app, cfg, tmp_path / name, name)
+    ports = [portpicker.pick_unused_port() for _ in names]
+    workers = [Worker(tmp_path, port) for port in ports]
+    sites = write_sites(tmp_path / "sites.toml", [(n, w.address, tmp_path / n) for n, w in zip(names, workers)])
+    job = [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", "--set", "data.n_clients=2",
+           "--set", "train.rounds=16", "--set", "train.checkpoint_every=2", "--set", "train.local_epochs=4",
+           "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+           "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites), "--run-id", "lost"]
+    metrics = tmp_path / "runs" / "healthcare" / "lost" / "metrics.jsonl"
+    try:
+        first = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True, env=user_environment())
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        os.killpg(workers[1].proc.pid, signal.SIGKILL)  # the site and its worker, mid-run
+        workers[1].proc.wait()
+        _, stderr = first.communicate(timeout=120)
+        assert first.returncode != 0
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors == stderr.strip().splitlines()[-1:], stderr[-3000:]
+        assert errors[0].startswith(f"error: site {names[1]} 127.0.0.1:{ports[1]} stopped answering")
+        workers[1] = Worker(tmp_path, ports[1])  # the site comes back
+        again = subprocess.run(job, capture_output=True, text=True, env=user_environment(), timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        done = summary(tmp_path / "runs" / "healthcare" / "lost")
+        assert done["status"] == "succeeded" and done["resumed"] is True and done["rounds"] == 16
+        assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == list(range(1, 17))
+    finally:
+        for worker in workers:
+            if worker.proc.poll() is None:
+                worker.stop()

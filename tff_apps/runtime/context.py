@@ -244,8 +244,9 @@ class Runtime:
             raise RuntimeError("tff_apps Runtime is not active (used outside its `with` block)")
         host, _, port = address.rpartition(":")
         if not port_accepts(int(port), host=host.strip("[]")):
+            what = self._worker_labels.get(address, "TFF worker")  # across sites: "site NAME"
             raise WorkerLost(
-                f"TFF worker {address} stopped answering (connection refused) during the run; "
+                f"{what} {address} stopped answering (connection refused) during the run; "
                 "restart it and re-run the same command with the same run id to resume from the last checkpoint"
             )
 

@@ -125,6 +125,9 @@ def _port_is_free(port: int) -> bool:
     for family, address in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # as gRPC binds: connections of a stopped worker in TIME_WAIT do not hold the port,
+                # a live listener does
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
             return True
         except OSError as err:
