@@ -170,7 +170,8 @@ class HealthcareApp:
 
         outcome = sites.train(cfg, prepared, run)
         result, reports = outcome["result"], outcome["reports"]
-        keys = ["normalization", "site_counts", "evaluation", "training_metrics", "participation"]
+        keys = ["normalization", "site_counts", *(["profiles"] if outcome["profiles"] else []),
+                "evaluation", "training_metrics", "participation"]
         if run.privacy is None:
             from tff_apps.privacy import releases
             from tff_apps.privacy.statement import privacy_statement
@@ -186,6 +187,7 @@ class HealthcareApp:
             "rounds": len(result.history), "training_seconds": round(result.seconds, 3),
             **outcome["rounds_summary"], "headline": evaluate.HEADLINE,
             "results": reports, "baselines_not_run": outcome["baselines"], "privacy": privacy,
+            **outcome["profiles"],
         }
         if result.lineage is not None:
             summary["lineage"] = result.lineage

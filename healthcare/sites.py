@@ -6,6 +6,7 @@ secure-summed preprocessing statistics, model updates and test-score histograms.
 What differs from a simulation of the same partitions: evaluation metrics come from score
 histograms (exact to 1/4096 of the score), and the baselines cannot be computed here (the
 centralized one would pool the rows; the local-only one is not yet trained at the sites).
+Data profiles are computed at each site (aggregates of its training rows) as in a simulation.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def check_supported(cfg: JobConfig) -> None:
         "train.engine = 'grouped' (it stacks the clients' rows in one process)": cfg.train.engine == "grouped",
         "preprocess.normalization = 'per_site' (no single serving preprocessing)":
             cfg.preprocess.normalization != "federated",
+        "privacy.preprocessing / privacy.profiles = 'dp' (DP statistics are not released at the sites yet)":
+            "dp" in (cfg.privacy.preprocessing, cfg.privacy.profiles),
     }
     for what, refused in refusals.items():
         if refused:
@@ -132,6 +135,13 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     preprocessor = site_computations.federated_preprocessor(
         folders, names, prepared.categorical, sum(rows.values()), prepared.zero_means_missing
     )
+    profiled = {}
+    if cfg.privacy.level == "none" and cfg.privacy.profiles == "auto":  # exact profiles: outside ε
+        from shared import profile
+
+        profiled = profile.summary_entry(dict(zip(
+            rows, site_computations.site_profiles(folders, names, prepared.categorical)
+        )))
     n_inputs = len(preprocessor.expanded_names)
     clients = [site_training.SiteClient(site.name, rows[site.name], site.data) for site in prepared.sites]
     settings = federation.of(cfg)
@@ -163,6 +173,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         "baselines": baselines_not_across_sites(cfg),
         "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
         "rounds_summary": round_summary.rounds_summary(result.history, settings),
+        "profiles": profiled,
     }
 
 

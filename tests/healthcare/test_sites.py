@@ -113,6 +113,14 @@ def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federa
     assert data["baselines_not_run"]["centralized"].startswith("n/a across sites")
     card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["data_source"] == "3 sites"
+    # the data profiles, computed at the sites, are the simulation's
+    simulated = summary(federation.runs / "simulated")
+    assert data["profiles"].keys() == simulated["profiles"].keys()
+    for name in federation.names:
+        assert data["profiles"][name]["rows"] == simulated["profiles"][name]["rows"]
+        for column, stats in simulated["profiles"][name]["columns"].items():
+            assert data["profiles"][name]["columns"][column] == pytest.approx(stats, rel=1e-9)
+    assert data["profile_warnings"] == simulated["profile_warnings"]
 
 
 @pytest.mark.parametrize(("run", "message"), [

@@ -162,6 +162,68 @@ def _federated_categories(folders, feature_names, categorical) -> dict[str, list
     return preprocessing.vocabularies_from(categorical, spans, counts)
 
 
+# ------------------------------------------------------------------ data profiles
+
+
+def site_profiles(folders: list[str], feature_names: list[str], categorical: list[str]) -> list[dict[str, Any]]:
+    """Each site's data profile (`shared.profile.profile` of its training rows), computed at
+    the site: per column the missing count, min, max, sum and sum of squares (or the number of
+    distinct codes), the rows and the positives. Only these aggregates leave the site."""
+    d = len(feature_names)
+
+    @tff.tensorflow.computation(np.str_)
+    def profile_vector(folder):
+        raw, labels = parse_table(_file(folder, "train.tfrecord"), d)
+        present = _present(raw)
+        filled = tf.where(present, raw, tf.zeros_like(raw))
+        columns = [
+            tf.cast(tf.reduce_sum(tf.cast(tf.logical_not(present), tf.int64), axis=0), tf.float64),
+            tf.reduce_min(tf.where(present, raw, tf.constant(np.inf, tf.float64)), axis=0),
+            tf.reduce_max(tf.where(present, raw, tf.constant(-np.inf, tf.float64)), axis=0),
+            tf.reduce_sum(filled, axis=0), tf.reduce_sum(filled**2, axis=0),
+            tf.stack([_distinct(raw[:, j]) for j in range(d)]),
+        ]
+        head = tf.stack([tf.cast(tf.shape(raw)[0], tf.float64), tf.reduce_sum(tf.cast(labels, tf.float64))])
+        return tf.reshape(tf.concat([head, tf.reshape(tf.stack(columns, axis=1), [-1])], axis=0), [2 + 6 * d])
+
+    @tff.federated_computation(_clients(np.str_))
+    def profiles(paths):
+        return tff.federated_map(profile_vector, paths)
+
+    return [_profile_from(np.asarray(v, np.float64), feature_names, categorical) for v in profiles(folders)]
+
+
+def _distinct(column):
+    present = tf.boolean_mask(column, _present(column))
+    return tf.cast(tf.size(tf.unique(present).y), tf.float64)
+
+
+def _profile_from(vector: np.ndarray, feature_names: list[str], categorical: list[str]) -> dict[str, Any]:
+    """The same dictionary `shared.profile.profile` makes, from a site's profile vector."""
+    rows, positives = int(vector[0]), float(vector[1])
+    stats = vector[2:].reshape(len(feature_names), 6)
+    columns: dict[str, dict[str, Any]] = {}
+    for name, (missing, low, high, total, squares, distinct) in zip(feature_names, stats):
+        observed = rows - missing
+        column: dict[str, Any] = {"missing_share": missing / rows if rows else 0.0}
+        if name in categorical:
+            column["categories"] = int(distinct)
+        elif observed:
+            mean = total / observed
+            column.update(min=float(low), max=float(high), mean=float(mean),
+                          std=float(math.sqrt(max(squares / observed - mean**2, 0.0))))
+        columns[name] = column
+    shares = {name: c["missing_share"] for name, c in columns.items()}
+    worst = max(shares, key=shares.__getitem__)
+    return {
+        "rows": rows,
+        "missing_share": float(stats[:, 0].sum() / (rows * len(feature_names))) if rows else 0.0,
+        "columns": columns,
+        "column_missing": {"median": float(np.median(list(shares.values()))), "max": shares[worst], "max_column": worst},
+        "label": {"kind": "binary", "positive_share": positives / rows if rows else math.nan},
+    }
+
+
 # ------------------------------------------------------------------ rounds and evaluation
 
 

@@ -78,3 +78,19 @@ def test_histograms_give_metrics_to_the_bin_width():
     labels, scores = site_computations.scores_from_histogram(histogram)
     assert labels.tolist() == [0, 0, 0, 1, 1]
     assert scores[:3] == pytest.approx([10.5 / 4096] * 3) and scores[3:] == pytest.approx([4000.5 / 4096] * 2)
+
+
+def test_profiles_computed_at_the_sites_equal_the_simulations(runtime, sites):
+    import pandas as pd
+
+    from shared.profile import profile
+
+    tables, folders = sites
+    at_sites = site_computations.site_profiles(folders, NAMES, CATEGORICAL)
+    for (train, _), remote in zip(tables, at_sites):
+        local = profile(pd.DataFrame(train[0], columns=NAMES), train[1], "binary", CATEGORICAL)
+        assert remote["rows"] == local["rows"] and remote["label"] == pytest.approx(local["label"])
+        assert remote["missing_share"] == pytest.approx(local["missing_share"])
+        assert remote["column_missing"] == pytest.approx(local["column_missing"])
+        for name in NAMES:
+            assert remote["columns"][name] == pytest.approx(local["columns"][name], rel=1e-9)
