@@ -4,8 +4,9 @@ that run at the sites. It never reads a row: it sees manifests (row counts, sche
 secure-summed preprocessing statistics, model updates and test-score histograms.
 
 What differs from a simulation of the same partitions: evaluation metrics come from score
-histograms (exact to 1/4096 of the score), and the baselines cannot be computed here (the
-centralized one would pool the rows; the local-only one is not yet trained at the sites).
+histograms (exact to 1/4096 of the score); the centralized baseline cannot exist (it would
+pool the rows); the local-only baseline is trained at each site with TFF's client work and
+the federation's normalization, not with Keras and the site's own statistics.
 Data profiles are computed at each site (aggregates of its training rows) as in a simulation.
 """
 
@@ -167,14 +168,52 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     )
     global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
     result.weights.assign_weights_to(global_model)
+    reports = {"federated": evaluate_weights(result.weights)}
+    if cfg.evaluate.local_baseline:
+        reports["local_only"] = local_only(cfg, prepared, preprocessor, clients, evaluation, n_inputs)
     return {
         "result": result, "model": global_model, "preprocessor": preprocessor,
-        "reports": {"federated": evaluate_weights(result.weights)},
+        "reports": reports,
         "baselines": baselines_not_across_sites(cfg),
         "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
         "rounds_summary": round_summary.rounds_summary(result.history, settings),
         "profiles": profiled,
     }
+
+
+def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, evaluation, n_inputs: int) -> dict:
+    """Each hospital alone, trained and scored at its site: SGD for the simulation's baseline
+    epochs from the initial weights the simulation's local model would have (seed + index).
+    Unlike the simulation's, it uses the federation's normalization (a site's own statistics
+    would have to leave it to build the model)."""
+    import dataclasses
+
+    import tensorflow_federated as tff
+
+    from healthcare import evaluate
+    from healthcare.model import build_keras_model, tff_model_fn
+    from tff_apps.learning import factory
+    from tff_apps.sites import site_computations, site_training
+
+    epochs = cfg.evaluate.baseline_epochs or cfg.train.rounds * cfg.train.local_epochs
+    train = dataclasses.replace(
+        cfg.train, algorithm="fedavg", local_epochs=epochs, local_steps=0, clients_per_round=0,
+        server_optimizer="sgd", server_learning_rate=1.0, server_momentum=0.0, engine="tff",
+    )
+    process = factory.build_learning_process(train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed))
+    open_round = site_computations.round_dataset_fn(preprocessor, len(prepared.feature_names), train.batch_size)
+    site_process = site_training.SiteProcess(process, open_round, [c.folder for c in clients])
+    initial = []
+    for index in range(len(clients)):
+        model = build_keras_model(cfg.model, n_inputs, cfg.job.seed + index)
+        initial.append(tff.learning.models.ModelWeights(
+            trainable=[v.numpy() for v in model.trainable_weights],
+            non_trainable=[v.numpy() for v in model.non_trainable_weights],
+        ))
+    scores = site_training.local_only_scores(site_process, initial, evaluation, clients, train, cfg.job.seed)
+    tables = [_score_table(c.name, labels) for c, (labels, _) in zip(clients, scores)]
+    by_site = {c.name: s for c, (_, s) in zip(clients, scores)}
+    return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
 
 
 def _score_table(name: str, labels: np.ndarray) -> ClientTable:
@@ -186,6 +225,4 @@ def baselines_not_across_sites(cfg: JobConfig) -> dict[str, str]:
     missing = {}
     if cfg.evaluate.centralized_baseline:
         missing["centralized"] = f"{NOT_ACROSS_SITES}: it would pool every site's rows"
-    if cfg.evaluate.local_baseline:
-        missing["local_only"] = f"{NOT_ACROSS_SITES}: not yet trained at the sites"
     return missing

@@ -55,6 +55,7 @@ def federation(tmp_path_factory) -> SimpleNamespace:
             "sites": tff_apps_in_process(
                 "run", "healthcare", *common, "--sites", str(sites), "--run-id", "sites",
                 "--set", "evaluate.centralized_baseline=true",  # n/a across sites, with the reason
+                "--set", "evaluate.local_baseline=true", "--set", "evaluate.baseline_epochs=3",
             ),
         }
         # a round that samples 2 of the 3 sites: each sampled site on its own worker
@@ -110,7 +111,12 @@ def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federa
     run_dir = federation.runs / "sites"
     data = summary(run_dir)
     assert data["across_sites"] == federation.names
+    assert list(data["baselines_not_run"]) == ["centralized"]
     assert data["baselines_not_run"]["centralized"].startswith("n/a across sites")
+    # the local-only baseline: each site's own model, trained and scored at the site
+    local = data["results"]["local_only"]
+    assert set(local["sites"]) == set(federation.names) and local["pooled"]["auc"] > 0.9
+    assert local["pooled"]["auc"] != data["results"]["federated"]["pooled"]["auc"]
     card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
     assert card["data_source"] == "3 sites"
     # the data profiles, computed at the sites, are the simulation's

@@ -82,6 +82,28 @@ class SiteEvaluation:
         histograms = self._histograms(weights, self._folders)
         return [site_computations.scores_from_histogram(h) for h in histograms]
 
+    def site_scores(self, weights, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, scores) of one site's test rows under `weights`, computed at that site."""
+        with placed_on([index]):
+            (histogram,) = self._histograms(weights, [self._folders[index]])
+        return site_computations.scores_from_histogram(histogram)
+
+
+def local_only_scores(process, initial_weights, evaluation: SiteEvaluation, clients, train, seed: int) -> list:
+    """The local-only baseline at the sites: each site trains a model of its own from
+    `initial_weights[i]` on its own rows (one round of `process`, a FedAvg whose only client is
+    that site, `train.local_epochs` epochs, so the result is the site's own model), scored on its
+    own test rows. (labels, scores) per site; no model leaves a site but through its scores."""
+    from tff_apps.learning.client_data import round_seed
+
+    results = []
+    for index, client in enumerate(clients):
+        state = process.set_model_weights(process.initialize(), initial_weights[index])
+        with placed_on([index]):
+            state = process.next(state, [round_reference(client, train, round_seed(seed, 1, index))]).state
+        results.append(evaluation.site_scores(process.get_model_weights(state), index))
+    return results
+
 
 def describe_sites(sites, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """For the summary and model card: where the run trained."""
