@@ -191,6 +191,8 @@ class HealthcareApp:
         }
         if result.lineage is not None:
             summary["lineage"] = result.lineage
+        if outcome["personalization"] is not None:
+            summary["personalization"] = outcome["personalization"]
         return self._export_and_report(
             cfg, run, summary, reports, outcome["model"], outcome["preprocessor"], result.weights
         )

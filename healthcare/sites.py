@@ -65,7 +65,6 @@ def check_supported(cfg: JobConfig) -> None:
         "privacy.secure_aggregation = 'masked' (its protocol runs in the simulator only)":
             cfg.privacy.secure_aggregation == "masked",
         "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
-        "personalization.epochs (not yet fine-tuned at the sites)": cfg.personalization.epochs > 0,
         "train.engine = 'grouped' (it stacks the clients' rows in one process)": cfg.train.engine == "grouped",
         "preprocess.normalization = 'per_site' (no single serving preprocessing)":
             cfg.preprocess.normalization != "federated",
@@ -169,6 +168,15 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
     result.weights.assign_weights_to(global_model)
     reports = {"federated": evaluate_weights(result.weights)}
+    personalized = None
+    if cfg.personalization.epochs > 0:  # fine-tuned and evaluated at each site
+        from tff_apps.learning import personalization
+
+        personalize = site_training.personalize_at_sites(
+            model_fn, personalization.binary_metrics, cfg.personalization, cfg.train, cfg.job.seed,
+            preprocessor, len(names), clients,
+        )
+        personalized = personalization.summary(personalize(result.weights), "auc", also=("accuracy",))
     if cfg.evaluate.local_baseline:
         reports["local_only"] = local_only(cfg, prepared, preprocessor, clients, evaluation, n_inputs)
     return {
@@ -178,6 +186,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
         "rounds_summary": round_summary.rounds_summary(result.history, settings),
         "profiles": profiled,
+        "personalization": personalized,
     }
 
 

@@ -52,8 +52,12 @@ def federation(tmp_path_factory) -> SimpleNamespace:
         common = [*JOB, "--set", f'job.runs_dir="{runs}"']
         results = {
             "simulated": tff_apps_in_process("run", "healthcare", *common, "--run-id", "simulated"),
+            "simulated_personal": tff_apps_in_process(
+                "run", "healthcare", *common, "--set", "personalization.epochs=1", "--run-id", "simulated_personal",
+            ),
             "sites": tff_apps_in_process(
                 "run", "healthcare", *common, "--sites", str(sites), "--run-id", "sites",
+                "--set", "personalization.epochs=1",
                 "--set", "evaluate.centralized_baseline=true",  # n/a across sites, with the reason
                 "--set", "evaluate.local_baseline=true", "--set", "evaluate.baseline_epochs=3",
             ),
@@ -105,6 +109,16 @@ def test_sampled_sites_train_on_their_own_workers(federation):
     assert max(float(np.max(np.abs(simulated[k] - across[k]))) for k in simulated.files) <= 1e-5
     rounds = [json.loads(line) for line in (federation.runs / "sites_two" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["clients"]) == 2 for r in rounds) and len({tuple(r["clients"]) for r in rounds}) > 1
+
+
+def test_personalization_at_the_sites_gives_the_simulations(federation):
+    assert federation.results["simulated_personal"].returncode == 0
+    simulated = summary(federation.runs / "simulated_personal")["personalization"]
+    across = summary(federation.runs / "sites")["personalization"]
+    assert across.keys() == simulated.keys() == set(federation.names)
+    for site, metrics in simulated.items():  # AUC and accuracy before and after fine-tuning, at each site
+        assert across[site] == pytest.approx(metrics, rel=1e-6, abs=1e-9)
+    assert any(m["accuracy_after"] != m["accuracy_before"] for m in across.values())
 
 
 def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federation):

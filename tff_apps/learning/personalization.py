@@ -67,23 +67,10 @@ def personalize(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """client -> {"before": metrics of the global model, "after": of the fine-tuned one}."""
     started = time.monotonic()
-    shuffle_buffer = max(len(c.train_x) for c in clients)
-    finetune = _finetune_builder(
-        section.epochs, learning_rate(section, train), train.batch_size, shuffle_buffer, seed, metrics_fn
+    computation = evaluation_computation(
+        model_fn, metrics_fn, section, train, seed, shuffle_buffer=max(len(c.train_x) for c in clients)
     )
-    computation = tff.learning.algorithms.build_personalization_eval_computation(
-        model_fn,
-        collections.OrderedDict(finetuned=finetune),
-        baseline_evaluate_fn=tf.function(metrics_fn),
-        max_num_clients=1,
-    )
-    results = {}
-    for client in clients:
-        output = computation(weights, [_client_input(client)])
-        results[client.name] = {
-            "before": _numbers(output["baseline_metrics"]),
-            "after": _numbers(output["finetuned"]),
-        }
+    results = {client.name: before_after(computation(weights, [_client_input(client)])) for client in clients}
     # Keras picks a layer's v1 or v2 class when the layer is made and swaps the classes'
     # bases globally: TFF made the model's layers in graph mode, which leaves the caller's
     # eager Keras models unusable ("invalid state"). One eager model swaps them back.
@@ -93,6 +80,24 @@ def personalize(
         len(clients), section.epochs, time.monotonic() - started,
     )
     return results
+
+
+def evaluation_computation(model_fn, metrics_fn: MetricsFn, section, train: TrainSection, seed: int, shuffle_buffer: int):
+    """TFF's personalization evaluation: (global weights, one client's {train_data, test_data})
+    -> the global model's metrics and the fine-tuned one's, computed at the client."""
+    finetune = _finetune_builder(
+        section.epochs, learning_rate(section, train), train.batch_size, shuffle_buffer, seed, metrics_fn
+    )
+    return tff.learning.algorithms.build_personalization_eval_computation(
+        model_fn,
+        collections.OrderedDict(finetuned=finetune),
+        baseline_evaluate_fn=tf.function(metrics_fn),
+        max_num_clients=1,
+    )
+
+
+def before_after(output) -> dict[str, dict[str, float]]:
+    return {"before": _numbers(output["baseline_metrics"]), "after": _numbers(output["finetuned"])}
 
 
 def _client_input(client: ClientSplit) -> collections.OrderedDict:
@@ -182,8 +187,8 @@ def masked_mae_at(column: int) -> MetricsFn:
 
     def metrics(model, data: tf.data.Dataset) -> collections.OrderedDict:
         def add(state, batch):
-            predicted = tf.cast(model.predict_on_batch(batch["x"], training=False)[:, column], tf.float64)
-            actual = tf.cast(batch["y"][:, column], tf.float64)
+            predicted = tf.cast(model.predict_on_batch(batch["x"], training=False)[..., column], tf.float64)
+            actual = tf.cast(batch["y"][..., column], tf.float64)
             observed = tf.logical_not(tf.math.is_nan(actual))
             errors = tf.where(observed, tf.abs(predicted - tf.where(observed, actual, 0.0)), 0.0)
             return state[0] + tf.reduce_sum(errors), state[1] + tf.reduce_sum(tf.cast(observed, tf.float64))

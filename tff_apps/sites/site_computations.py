@@ -245,6 +245,21 @@ def round_dataset_fn(preprocessor: Preprocessor, n_features: int, batch_size: in
     return open_round
 
 
+def split_datasets_fn(preprocessor: Preprocessor, n_features: int):
+    """At the site: its training and test rows as `personalization`'s client input."""
+
+    @tff.tensorflow.computation(np.str_)
+    def open_splits(folder):
+        def dataset(name: str):
+            raw, labels = parse_table(_file(folder, name), n_features)
+            x = preprocessor.tf_transform(tf.cast(raw, tf.float32))
+            return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=labels))
+
+        return collections.OrderedDict(train_data=dataset("train.tfrecord"), test_data=dataset("test.tfrecord"))
+
+    return open_splits
+
+
 def score_histograms(model_fn, preprocessor: Preprocessor, n_features: int, weights_type):
     """A computation: (model weights at the server, site folders) -> each site's histogram of
     test scores, [negatives per bin, positives per bin] over HISTOGRAM_BINS bins of [0, 1]."""

@@ -111,3 +111,29 @@ def describe_sites(sites, manifests: list[dict[str, Any]]) -> dict[str, Any]:
         site.name: {"address": site.address, "train_rows": m["rows"]["train"], "test_rows": m["rows"]["test"]}
         for site, m in zip(sites, manifests)
     }
+
+
+def personalize_at_sites(model_fn, metrics_fn, section, train, seed: int, preprocessor, n_features: int, clients) -> dict:
+    """[personalization] at the sites: each site fine-tunes the global model on its training
+    rows and evaluates both models on its test rows, all at the site
+    (`personalization.evaluation_computation`); site -> {"before": ..., "after": ...}."""
+    from tff_apps.learning import personalization
+
+    computation = personalization.evaluation_computation(
+        model_fn, metrics_fn, section, train, seed, shuffle_buffer=max(c.rows for c in clients)
+    )
+    open_splits = site_computations.split_datasets_fn(preprocessor, n_features)
+
+    @tff.federated_computation(computation.type_signature.parameter[0], tff.FederatedType(np.str_, tff.CLIENTS))
+    def at_sites(weights, folders):
+        return computation(weights, tff.federated_map(open_splits, folders))
+
+    def personalize(weights) -> dict:
+        results = {}
+        for index, client in enumerate(clients):
+            with placed_on([index]):
+                results[client.name] = personalization.before_after(at_sites(weights, [client.folder]))
+        model_fn()  # Keras' layer classes back to eager (see `personalization.personalize`)
+        return results
+
+    return personalize
