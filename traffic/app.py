@@ -17,7 +17,7 @@ from tff_apps.program import reporting
 from tff_apps.config import JobConfig
 from tff_apps.program.job import Run, data_fingerprint
 from traffic.data import DataConfig, TrafficData, load
-from traffic.model import ModelConfig
+from traffic.model import GRAPH_KINDS, ModelConfig
 from traffic.windows import split_bounds
 
 HISTORY = HORIZON = 12  # one hour in, one hour out, at 5-minute steps
@@ -49,6 +49,12 @@ class TrafficApp:
                 "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
                 "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
             )
+        if cfg.model.kind in GRAPH_KINDS and not any(d.graph is not None and d.graph.any() for d in data.districts):
+            raise UserError(
+                f"model.kind = '{cfg.model.kind}' needs the sensor graph but the data has no edge; set "
+                "data.graph_path (a from,to,cost distance list or an adjacency matrix), give the metadata "
+                "latitude/longitude columns, or use model.kind = 'mlp'"
+            )
         if cfg.privacy.level == "record":
             raise UserError(
                 "privacy.level = 'record' is not offered for traffic: a training example is a "
@@ -58,10 +64,12 @@ class TrafficApp:
         return Prepared(data)
 
     def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
-        """Training windows per district, as `district_splits` makes them (for [privacy])."""
+        """Training examples per district, as `district_splits` makes them (for [privacy]): sensor
+        windows, or for the graph models time windows (each holds the whole district)."""
         start, end = split_bounds(len(prepared.data.timestamps))["train"]
         per_sensor = max(0, end - HORIZON + 1 - (start + HISTORY))
-        return {d.name: per_sensor * len(d.sensor_ids) for d in prepared.data.districts}
+        graph = cfg.model.kind in GRAPH_KINDS
+        return {d.name: per_sensor * (1 if graph else len(d.sensor_ids)) for d in prepared.data.districts}
 
     def fingerprint(self, prepared: Prepared) -> str:
         return describe_data(prepared.data)["fingerprint"]
@@ -173,15 +181,16 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
 
     bounds = split_bounds(len(data.timestamps))
     splits = district_splits(cfg, data, bounds)
-    clients = [client_data.ClientTrainData(s.name, s.train.x, s.train.y) for s in splits]
+    clients = [client_data.ClientTrainData(s.name, *s.examples("train")) for s in splits]
     settings = federation.of(cfg)  # [communication], [clients], [robustness], [personalization]
     clients = federation.flip_bad_labels(settings, clients, mirror_speeds)  # [robustness]
-    model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
+    n_nodes = splits[0].n_nodes
+    model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed, n_nodes)
     process = factory.build_learning_process(
         cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
         federation=settings, client_names=[c.name for c in clients],
     )
-    global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed)
+    global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed, n_nodes)
     validation = district_splits(cfg, data, bounds, evaluate_on="validation")
 
     def evaluate_round(weights) -> dict[str, float]:
@@ -199,7 +208,8 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
     reports.update(run_baselines(cfg, data, splits, bounds))
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
-    if cfg.export.enabled and cfg.preprocess.normalization == "federated":
+    # the serving signature takes one sensor's hour; a graph model needs its district's (not offered yet)
+    if cfg.export.enabled and cfg.preprocess.normalization == "federated" and not n_nodes:
         export_forecaster(
             run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], privacy,
             weights=result.weights, lineage=result.lineage,
@@ -228,7 +238,7 @@ def personalize_districts(cfg: JobConfig, splits, model_fn, weights) -> dict[str
     from tff_apps.learning import personalization
     from traffic.evaluate import HORIZONS
 
-    clients = [personalization.ClientSplit(s.name, s.train.x, s.train.y, s.test.x, s.test.y) for s in splits]
+    clients = [personalization.ClientSplit(s.name, *s.examples("train"), *s.examples("test")) for s in splits]
     results = personalization.personalize(
         model_fn, weights, clients, personalization.masked_mae_at(HORIZONS["60min"] - 1),
         cfg.personalization, cfg.train, cfg.job.seed,
@@ -268,20 +278,25 @@ def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str 
 
     stats = stats or normalization(cfg, data, bounds["train"][1])
     seconds = epoch_seconds(data.timestamps)
+    # graph models: every district padded to the largest one's sensors (TFF needs one input shape)
+    n_nodes = max(len(d.sensor_ids) for d in data.districts) if cfg.model.kind in GRAPH_KINDS else 0
     splits = []
     for district in data.districts:
         mean, std = stats[district.name]
         normalized = (district.speeds - mean) / std
         train = make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
         held_out = make_windows(normalized, seconds, bounds[evaluate_on], HISTORY, HORIZON)
-        splits.append(DistrictSplit(district.name, train, held_out, mean, std))
+        graph = district.graph if district.graph is not None else np.zeros((len(district.sensor_ids),) * 2)
+        splits.append(DistrictSplit(district.name, train, held_out, mean, std, graph, n_nodes))
     return splits
 
 
 def keras_forecaster(model):
     def predict(split) -> np.ndarray:
-        outputs = [model(split.test.x[i : i + 8192], training=False).numpy() for i in range(0, len(split.test), 8192)]
-        return split.to_mph(np.concatenate(outputs))
+        x = split.examples("test")[0]
+        chunk = 8192 // max(1, split.n_nodes)  # graph examples hold a district each
+        outputs = [model(x[i : i + chunk], training=False).numpy() for i in range(0, len(x), chunk)]
+        return split.to_mph(split.rows(np.concatenate(outputs)))
 
     return predict
 
@@ -312,7 +327,7 @@ def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str
 
 def steps_of(cfg: JobConfig, split) -> int:
     """The SGD steps a district makes over the whole federated run (baselines get the same)."""
-    per_round = cfg.train.local_steps or cfg.train.local_epochs * -(-len(split.train) // cfg.train.batch_size)
+    per_round = cfg.train.local_steps or cfg.train.local_epochs * -(-split.n_examples() // cfg.train.batch_size)
     return cfg.train.rounds * per_round
 
 
@@ -327,13 +342,14 @@ def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
     from traffic.model import build_keras_model, masked_mae
     from traffic.windows import N_FEATURES
 
-    x = np.concatenate([s.train.x for s in splits])
-    y = np.concatenate([s.train.y for s in splits])
+    pairs = [s.examples("train") for s in splits]
+    x = np.concatenate([p[0] for p in pairs])
+    y = np.concatenate([p[1] for p in pairs])
     rng = np.random.default_rng(seed)
     wanted = steps * cfg.train.batch_size
     order = np.concatenate([rng.permutation(len(x)) for _ in range(-(-wanted // len(x)))])[:wanted]
     tf.keras.utils.set_random_seed(seed)
-    model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed)
+    model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed, splits[0].n_nodes)
     optimizer = (
         tf.keras.optimizers.Adam(cfg.train.client_learning_rate)
         if cfg.train.client_optimizer == "adam"

@@ -1,7 +1,7 @@
-"""Traffic csv source: reading the speeds file (wide or long) and the sensor metadata file.
+"""Traffic csv source: reading the speeds file (wide or long CSV, or pandas HDF) and the sensor metadata.
 
 ``traffic.data`` (which documents the csv source) puts the pieces read here together:
-``read_wide`` / ``read_long`` give timestamps, sensor ids and readings,
+``read_wide`` / ``read_long`` / ``read_h5`` give timestamps, sensor ids and readings,
 ``on_regular_grid`` puts them on the regular time grid, ``read_metadata`` maps sensors
 to districts (a column, or KMeans on coordinates) and ``nearest_neighbours`` builds the
 graph from coordinates. A mistake in a file is a one-line ``UserError`` naming the file,
@@ -22,7 +22,7 @@ from shared.errors import UserError
 from shared.tabular import MISSING_TOKENS, numeric_columns, read_csv, require_columns
 
 __all__ = [
-    "read_wide", "read_long", "on_regular_grid", "read_metadata", "nearest_neighbours", "natural_key", "shorten",
+    "read_wide", "read_long", "read_h5", "H5_SUFFIXES", "on_regular_grid", "read_metadata", "nearest_neighbours", "natural_key", "shorten",
 ]
 
 
@@ -59,6 +59,45 @@ def read_wide(cfg, path: Path):
                 f"{rows[1] + 1}) in column '{shorten(time_column)}'; give one row per timestamp"
             )
     return stamps, sensor_ids, values
+
+
+H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+
+
+def read_h5(cfg, path: Path):
+    """(timestamps, sensor ids, values) of a pandas HDF file as METR-LA / PEMS-BAY ship them: one
+    DataFrame (key `data.h5_key`, or the file's only key) with a DatetimeIndex and one column per sensor."""
+    source = str(path)
+    if not path.is_file():
+        raise UserError(f"{source}: file not found")
+    try:
+        with pd.HDFStore(path, mode="r") as store:
+            keys = [k.lstrip("/") for k in store.keys()]
+            key = cfg.h5_key.strip() or (keys[0] if len(keys) == 1 else "")
+            if key not in keys:
+                wanted = f"data.h5_key = {key!r} is not one of its keys" if key else "holds several frames"
+                raise UserError(f"{source}: {wanted} ({', '.join(keys) or 'none'}); set data.h5_key to one of them")
+            df = store[key]
+    except UserError:
+        raise
+    except Exception as error:  # PyTables raises its own HDF5ExtError, OSError, ...
+        raise UserError(f"{source}: cannot be read as a pandas HDF file ({' '.join(str(error).split())[:120]})") from None
+    if not isinstance(df, pd.DataFrame) or not isinstance(df.index, pd.DatetimeIndex):
+        raise UserError(
+            f"{source}: key '{key}' is not a frame indexed by time; METR-LA / PEMS-BAY files hold one row per "
+            "timestamp (a DatetimeIndex) and one column per sensor"
+        )
+    values = df.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.argwhere(~np.isfinite(values) & ~np.isnan(values))
+    if len(bad):
+        raise UserError(f"{source}: sensor '{shorten(df.columns[bad[0][1]])}' has an infinite reading at row {bad[0][0] + 1}")
+    if _zero_is_missing(cfg):
+        values[values == 0.0] = np.nan
+    stamps = df.index.tz_localize(None) if df.index.tz is not None else df.index
+    if stamps.hasnans or stamps.duplicated().any():
+        row = int(np.flatnonzero(stamps.isna() | stamps.duplicated())[0])
+        raise UserError(f"{source}: row {row + 1} of the time index is empty or repeats a timestamp; give one row per timestamp")
+    return pd.DatetimeIndex(stamps), [str(c).strip() for c in df.columns], values
 
 
 def read_long(cfg, path: Path):
@@ -179,7 +218,8 @@ def on_regular_grid(stamps: pd.DatetimeIndex, values: np.ndarray, interval_minut
 
 
 def read_metadata(cfg, meta_path: Path, sensor_ids: list[str], speeds_source: str, seed: int):
-    """({sensor: district}, {sensor: (x, y)} or {}, "column" | "clusters") for the speeds file's sensors."""
+    """({sensor: district}, {sensor: (latitude, longitude)} or {}, "column" | "clusters") for the speeds
+    file's sensors."""
     df = read_csv(meta_path)
     source = str(meta_path)
     sensor_column = cfg.sensor_column.strip()
@@ -216,11 +256,7 @@ def read_metadata(cfg, meta_path: Path, sensor_ids: list[str], speeds_source: st
                 f"{lat_column}/{lon_column}; give every sensor coordinates or a '{cfg.district_column}' column"
             )
         if not len(missing):
-            # a local plane: degrees of longitude shrink with the cosine of the latitude
-            scale = math.cos(math.radians(float(np.mean(coords[:, 0]))))
-            coordinates = {
-                sensor: (float(lon) * scale, float(lat)) for sensor, (lat, lon) in zip(sensor_ids, coords)
-            }
+            coordinates = {sensor: (float(lat), float(lon)) for sensor, (lat, lon) in zip(sensor_ids, coords)}
 
     district_column = cfg.district_column.strip()
     if district_column in df.columns:
@@ -245,7 +281,7 @@ def read_metadata(cfg, meta_path: Path, sensor_ids: list[str], speeds_source: st
         )
     from sklearn.cluster import KMeans
 
-    points = np.array([coordinates[sensor] for sensor in sensor_ids])
+    points = _plane(coordinates, sensor_ids)
     labels = KMeans(n_clusters=cfg.n_clusters, n_init=10, random_state=seed % 2**32).fit_predict(points)
     order: dict[int, str] = {}
     for label in labels:  # clusters named in the order of their first sensor
@@ -262,10 +298,12 @@ def nearest_neighbours(districts: list[list[str]], coordinates: dict[str, tuple[
     """
     pairs: list[tuple[str, str]] = []
     seen: set[frozenset] = set()
+    everyone = [s for ids in districts for s in ids]
+    plane = dict(zip(everyone, _plane(coordinates, everyone)))
     for ids in districts:
         if len(ids) < 2:
             continue
-        points = np.array([coordinates[s] for s in ids])
+        points = np.array([plane[s] for s in ids])
         distance = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(axis=-1))
         np.fill_diagonal(distance, np.inf)
         for a in range(len(ids)):
@@ -280,6 +318,13 @@ def nearest_neighbours(districts: list[list[str]], coordinates: dict[str, tuple[
                     seen.add(key)
                     pairs.append((ids[min(a, b)], ids[max(a, b)]))
     return pairs
+
+
+def _plane(coordinates: dict[str, tuple[float, float]], sensor_ids: list[str]) -> np.ndarray:
+    """[n, 2] points on a local plane: degrees of longitude shrink with the cosine of the latitude."""
+    latlon = np.array([coordinates[sensor] for sensor in sensor_ids])
+    scale = math.cos(math.radians(float(np.mean(latlon[:, 0]))))
+    return np.stack([latlon[:, 1] * scale, latlon[:, 0]], axis=1)
 
 
 def natural_key(name: str):

@@ -53,8 +53,10 @@ import numpy as np
 import pandas as pd
 
 from shared.errors import UserError
+from traffic import graph
 from traffic.csv_readers import (
-    natural_key, nearest_neighbours, on_regular_grid, read_long, read_metadata, read_wide, shorten,
+    H5_SUFFIXES, natural_key, nearest_neighbours, on_regular_grid, read_h5, read_long, read_metadata, read_wide,
+    shorten,
 )
 from traffic.generator import GeneratorParams, simulate
 
@@ -114,6 +116,23 @@ class DataConfig:
     min_sensors_per_district: int = field(default=1, metadata={"min": 1, "doc": (
         "Fewest sensors with readings a district may keep."
     )})
+    h5_key: str = field(default="", metadata={"doc": (
+        "csv source with a `.h5` speeds file (METR-LA `df`, PEMS-BAY `speed`): the frame's key; empty = the only one."
+    )})
+    # the sensor graph (traffic/graph.py), used by the graph models
+    graph_path: str = field(default="", metadata={"doc": (
+        "csv: the sensor graph file, `graph_format` says which; empty = from the metadata's coordinates, if any."
+    )})
+    graph_format: str = field(default="distances", metadata={"choices": ("distances", "adjacency"), "doc": (
+        "`distances`: `from,to,cost` rows (DCRNN's distances_la_2012.csv), a thresholded Gaussian kernel; "
+        "`adjacency`: a dense square CSV in the speeds file's sensor order (T-GCN's los_adj.csv)."
+    )})
+    graph_threshold: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0, "doc": (
+        "Gaussian-kernel weights below this are no edge (DCRNN: 0.1); for `distances` and coordinates."
+    )})
+    graph_neighbours: int = field(default=8, metadata={"min": 1, "max": 100, "doc": (
+        "Graph from coordinates only: each sensor's nearest sensors by great-circle distance."
+    )})
 
 
 @dataclass
@@ -121,6 +140,7 @@ class District:
     name: str
     sensor_ids: list[str]
     speeds: np.ndarray  # float64 [T, S], NaN = missing reading
+    graph: np.ndarray | None = None  # [S, S] edge weights within the district (traffic/graph.py); None = no graph
 
 
 @dataclass
@@ -130,6 +150,7 @@ class TrafficData:
     interval_minutes: int
     description: str  # one line
     neighbours: list[tuple[str, str]]  # pairs of sensor ids that are graph neighbours
+    cut_edges: int = 0  # sensor pairs whose graph edge joined two districts and was cut
 
 
 def load(cfg: DataConfig, seed: int) -> TrafficData:
@@ -156,6 +177,7 @@ class _Simulation:
     bottlenecks: list[list[tuple[str, float]]]  # per district: (sensor id at the queue front, capacity)
     incidents: list[list[dict]]  # per district: start, end (steps), capacity, corridor, position (miles), sensor just upstream
     corridors: list[list[list[str]]]  # per district: corridors, each a list of sensor ids upstream -> downstream
+    distances: list[tuple[str, str, float]]  # the road graph: (from, to, metres along the road), DCRNN's format
 
 
 def _generate(cfg: DataConfig, seed: int, params: GeneratorParams = GeneratorParams()) -> _Simulation:
@@ -167,9 +189,17 @@ def _generate(cfg: DataConfig, seed: int, params: GeneratorParams = GeneratorPar
     start = _parse_start_time(cfg.start_time)
     timestamps, generated = simulate(start, cfg.days, cfg.n_districts, cfg.sensors_per_district, seed, params)
     districts = [
-        District(name=f"district_{d + 1}", sensor_ids=out["ids"], speeds=out["speeds"])
-        for d, out in enumerate(generated)
+        District(name=f"district_{d + 1}", sensor_ids=out["ids"], speeds=out["speeds"]) for d, out in enumerate(generated)
     ]
+    # the graph as from the distance list the generator writes (one kernel over the whole list, as for csv data)
+    distances = [row for out in generated for row in out["distances"]]
+    ids = [s for d in districts for s in d.sensor_ids]
+    weights = graph.gaussian_kernel(graph.from_distances(*zip(*distances), ids, "generator"), cfg.graph_threshold)
+    start = 0
+    for district in districts:
+        size = len(district.sensor_ids)
+        district.graph = weights[start : start + size, start : start + size]
+        start += size
     neighbours = [pair for out in generated for pair in out["neighbours"]]
     missing = sum(int(np.isnan(x.speeds).sum()) for x in districts) / sum(x.speeds.size for x in districts)
     description = (
@@ -189,6 +219,7 @@ def _generate(cfg: DataConfig, seed: int, params: GeneratorParams = GeneratorPar
         [out["bottlenecks"] for out in generated],
         [out["incidents"] for out in generated],
         [out["corridors"] for out in generated],
+        distances,
     )
 
 
@@ -221,7 +252,9 @@ def _load_csv(cfg: DataConfig, seed: int) -> TrafficData:
     path = Path(cfg.path.strip()).expanduser()
     meta_path = Path(cfg.metadata_path.strip()).expanduser()
     source = str(path)
-    if cfg.layout == "wide":
+    if path.suffix.lower() in H5_SUFFIXES:
+        stamps, sensor_ids, values = read_h5(cfg, path)
+    elif cfg.layout == "wide":
         stamps, sensor_ids, values = read_wide(cfg, path)
     elif cfg.layout == "long":
         stamps, sensor_ids, values = read_long(cfg, path)
@@ -267,15 +300,30 @@ def _load_csv(cfg: DataConfig, seed: int) -> TrafficData:
         for name in names
     ]
     neighbours = nearest_neighbours([d.sensor_ids for d in districts], coordinates) if coordinates else []
+    weights, graph_how = _sensor_graph(cfg, sensor_ids, coordinates)
+    cut = 0
+    if weights is not None:
+        kept = [c for name in names for c in members[name]]
+        within, cut = graph.cut_at_districts(weights[np.ix_(kept, kept)], [districts_of[sensor_ids[c]] for c in kept])
+        start = 0
+        for district in districts:
+            size = len(district.sensor_ids)
+            district.graph = within[start : start + size, start : start + size]
+            start += size
+        if cfg.graph_path.strip():  # the file's edges are the neighbours the report's statistics use
+            neighbours = [pair for d in districts for pair in graph.edge_pairs(d.graph, d.sensor_ids)]
 
     n_sensors = sum(len(d.sensor_ids) for d in districts)
     missing = sum(int(np.isnan(d.speeds).sum()) for d in districts) / max(1, n_sensors * len(timestamps))
     grouping = {"column": f"column '{cfg.district_column}'", "clusters": "KMeans on coordinates"}[how]
     description = (
-        f"csv: {path.name} ({cfg.layout}), {n_sensors} sensors in {len(districts)} districts ({grouping}), "
+        f"csv: {path.name} ({'h5' if path.suffix.lower() in H5_SUFFIXES else cfg.layout}), {n_sensors} sensors in {len(districts)} districts ({grouping}), "
         f"{len(timestamps)} steps of {cfg.interval_minutes} min from {timestamps[0]} to {timestamps[-1]}, "
         f"{missing:.1%} missing"
     )
+    if weights is not None:
+        edges = sum(len(graph.edge_pairs(d.graph, d.sensor_ids)) for d in districts)
+        description += f"; graph from {graph_how}: {edges} edges within districts, {cut} cut between districts"
     if dropped:
         shown = ", ".join(shorten(x) for x in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
         description += f"; {len(dropped)} sensor(s) without any reading dropped ({shown})"
@@ -285,4 +333,40 @@ def _load_csv(cfg: DataConfig, seed: int) -> TrafficData:
         interval_minutes=cfg.interval_minutes,
         description=description,
         neighbours=neighbours,
+        cut_edges=cut,
     )
+
+
+def _sensor_graph(cfg: DataConfig, sensor_ids: list[str], coordinates: dict) -> tuple[np.ndarray | None, str]:
+    """([n, n] weights over the speeds file's sensors, how it was made), or (None, "") without a graph."""
+    if cfg.graph_path.strip():
+        path = Path(cfg.graph_path.strip()).expanduser()
+        if cfg.graph_format == "adjacency":
+            return graph.read_adjacency(path, sensor_ids), f"{path.name} (adjacency)"
+        return graph.gaussian_kernel(graph.read_distances(path, sensor_ids), cfg.graph_threshold), f"{path.name} (distances)"
+    if coordinates:
+        latlon = np.array([coordinates[s] for s in sensor_ids])
+        weights = graph.from_coordinates(latlon[:, 0], latlon[:, 1], cfg.graph_neighbours, cfg.graph_threshold)
+        return weights, f"coordinates ({cfg.graph_neighbours} nearest)"
+    return None, ""
+
+
+def write_generated(cfg: DataConfig, seed: int, folder: Path) -> dict[str, Path]:
+    """The generator's data in the formats public data sets ship in, to try the csv source on:
+    ``speeds.h5`` (METR-LA's layout: key ``df``, a DatetimeIndex, one column per sensor, 0 =
+    missing), ``distances.csv`` (DCRNN's ``from,to,cost`` list, metres along the road) and
+    ``sensors.csv`` (``sensor_id,district``). Loading them with ``source = "csv"`` gives the
+    generator's readings and graph."""
+    simulation = _generate(cfg, seed)
+    generated = simulation.data
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [s for d in generated.districts for s in d.sensor_ids]
+    speeds = np.concatenate([d.speeds for d in generated.districts], axis=1)
+    frame = pd.DataFrame(np.nan_to_num(speeds, nan=0.0), index=generated.timestamps, columns=ids)
+    paths = {"speeds": folder / "speeds.h5", "distances": folder / "distances.csv", "sensors": folder / "sensors.csv"}
+    frame.to_hdf(paths["speeds"], key="df", mode="w")
+    graph.write_distances(paths["distances"], simulation.distances)
+    districts = [d.name for d in generated.districts for _ in d.sensor_ids]
+    pd.DataFrame({"sensor_id": ids, "district": districts}).to_csv(paths["sensors"], index=False)
+    return paths

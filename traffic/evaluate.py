@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from shared.metrics import mae, mape, rmse
-from traffic.windows import Windows
+from traffic.windows import Windows, graph_examples, sensor_rows
 
 HORIZONS = {"15min": 3, "30min": 6, "60min": 12}  # minutes -> step (1-based)
 HEADLINE = "test_mae_60min"
@@ -29,9 +29,26 @@ class DistrictSplit:
     test: Windows
     mean: float
     std: float
+    graph: np.ndarray | None = None  # graph models: the district's [S, S] edge weights
+    n_nodes: int = 0  # graph models: sensors every example is padded to (the largest district's)
 
     def to_mph(self, normalized: np.ndarray) -> np.ndarray:
         return normalized * self.std + self.mean
+
+    def examples(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) the model trains on or is evaluated on: one per sensor window, or, for the
+        graph models, one per time window holding the whole district."""
+        windows = getattr(self, which)
+        if not self.n_nodes:
+            return windows.x, windows.y
+        return graph_examples(windows, self.graph, self.n_nodes)
+
+    def n_examples(self) -> int:
+        return len(self.train) // self.graph.shape[0] if self.n_nodes else len(self.train)
+
+    def rows(self, outputs: np.ndarray) -> np.ndarray:
+        """The model's outputs on `examples("test")` as rows of `test` ([N, horizon])."""
+        return sensor_rows(outputs, self.graph.shape[0]) if self.n_nodes else outputs
 
 
 PredictFn = Callable[[DistrictSplit], np.ndarray]  # -> [N, horizon] forecasts in mph

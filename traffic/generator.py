@@ -32,7 +32,15 @@ out upstream at the queue's density (times a storage factor: drivers leave long
 queues for parallel streets), so the tail reaches upstream sensors with a lag;
 inside a queue, changes of the discharge rate travel upstream at the wave speed, and
 after an incident is cleared the recovery wave travels upstream from the incident
-site.
+site. Moving jams (stop-and-go waves, ``queues.add_moving_jams``) are born in queues and
+travel upstream at 9-12 mph for a few miles while the traffic they meet is dense, so a
+sensor's readings tell what its upstream neighbours will read minutes later. They draw
+from their own random stream: with ``jam_rate_per_hour = 0`` the readings are exactly
+those of the generator before they were added.
+
+The road graph is written as DCRNN's distance list (``distances``: from each sensor to
+every sensor downstream on its corridor, metres along the road); ``traffic.data`` builds
+the districts' graphs from it with the recipe used for users' files (``traffic/graph.py``).
 
 Measurement: per-sensor gain (bias, sd 3 %) x true speed + AR(1) noise of
 1.5-2 mph (phi 0.7; up to twice that at night, when a 5-minute average covers few
@@ -58,11 +66,13 @@ import numpy as np
 import pandas as pd
 
 from traffic.queues import (
-    CAPACITY, STEPS_PER_DAY, STEPS_PER_HOUR, WAVE_SPEED, add_incidents, coverage, lindley, queue_density_gap,
-    queue_speed,
+    CAPACITY, STEPS_PER_DAY, STEPS_PER_HOUR, WAVE_SPEED, add_incidents, add_moving_jams, coverage, lindley,
+    queue_density_gap, queue_speed,
 )
 
 __all__ = ["GeneratorParams", "simulate"]
+
+METRES_PER_MILE = 1609.344
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,12 @@ class GeneratorParams:
     missing_district_median_steps: float = 18.0
     missing_single_p: float = 0.01
     incidents: bool = True
+    # moving jams (stop-and-go waves) born in queues, travelling upstream (queues.add_moving_jams)
+    jam_onset: float = 0.7  # a sensor below this share of its free-flow speed is in a queue
+    jam_rate_per_hour: float = 1.0  # jams born per congested sensor-hour
+    jam_speed_mph: tuple[float, float] = (9.0, 12.0)  # upstream travel speed (about the backward wave speed)
+    jam_reach_miles: float = 3.0  # mean distance a jam travels before it dissolves
+    jam_drop_mph: tuple[float, float] = (8.0, 20.0)  # speed lost while a jam passes a sensor
 
 
 def simulate(
@@ -132,7 +148,8 @@ def simulate(
     Each district's dict holds its sensor ids (``ids``), the measured ``speeds`` [T, S]
     (NaN = missing) and the ground truth behind them: ``clean`` true speeds [T, S],
     ``bottlenecks`` (sensor id at the queue front, capacity), ``incidents``,
-    ``corridors`` (sensor ids upstream -> downstream) and graph ``neighbours``.
+    ``corridors`` (sensor ids upstream -> downstream), graph ``neighbours`` and the road graph as
+    ``distances`` rows (from, to, metres along the road), DCRNN's distance-list format.
     """
     n_steps = days * STEPS_PER_DAY
     timestamps = pd.date_range(start, periods=n_steps, freq="5min")
@@ -235,6 +252,12 @@ def _generate_district(rng, d, quantiles, n_sensors, params, hours, weekend, day
         (ids[j], ids[j + 1]) for j in range(n_sensors - 1) if corridor_of[j] == corridor_of[j + 1]
     ]
     corridors = [[ids[j] for j in range(first[c], first[c] + sizes[c])] for c in range(n_corridors)]
+    # the road graph as DCRNN's distance list: from each sensor to every sensor downstream on its
+    # corridor, in metres along the road (traffic can drive from `from` to `to`)
+    distances = [
+        (ids[a], ids[b], round(float(position[b] - position[a]) * METRES_PER_MILE, 1))
+        for a in range(n_sensors) for b in range(a + 1, n_sensors) if corridor_of[a] == corridor_of[b]
+    ]
 
     # ---- district character
     def within(bounds, q):
@@ -315,6 +338,12 @@ def _generate_district(rng, d, quantiles, n_sensors, params, hours, weekend, day
             rng, speed, demand, corridor_of, position, sizes, first, ids, incident_rate, params
         )
 
+    # ---- moving jams: born in the queues above, travelling upstream (their own random stream,
+    # so the draws below are those of a generator without them)
+    jam_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if params.jam_rate_per_hour else None
+    if jam_rng is not None:
+        add_moving_jams(jam_rng, speed, local_demand, corridor_of, position, free_flow, params)
+
     # ---- measurement: gain (bias) x speed + heteroscedastic AR(1) noise, then missing blocks
     clean = speed
     gain = 1.0 + rng.normal(0.0, params.gain_sd, n_sensors)
@@ -339,6 +368,7 @@ def _generate_district(rng, d, quantiles, n_sensors, params, hours, weekend, day
         "incidents": incidents,
         "corridors": corridors,
         "neighbours": neighbours,
+        "distances": distances,
     }
 
 

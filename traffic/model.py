@@ -1,4 +1,5 @@
-"""Keras forecasters: a GRU sequence model and a fast feed-forward model, and their TFF wrapping.
+"""Keras forecasters: a GRU sequence model and a fast feed-forward model, and their TFF wrapping;
+the graph forecasters (``gcn_gru``, ``dcrnn``) are in ``traffic/graph_model.py``.
 
 Input: [batch, history, features] (normalized speed, observed flag, time of day and
 day of week as sin/cos); output: the normalized speed at each of the next `horizon`
@@ -18,12 +19,16 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 
+GRAPH_KINDS = ("gcn_gru", "dcrnn")  # traffic/graph_model.py: one example is a whole district
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The [model] section of a traffic job."""
 
-    kind: str = field(default="mlp", metadata={"choices": ("mlp", "gru"), "doc": (
-        "`mlp` (fast feed-forward) or `gru` (a sequence model over the hour of history)."
+    kind: str = field(default="mlp", metadata={"choices": ("mlp", "gru", *GRAPH_KINDS), "doc": (
+        "`mlp` (fast feed-forward) or `gru` (a sequence model over the hour of history), one sensor at a time; "
+        "`gcn_gru` (T-GCN) or `dcrnn` (diffusion-convolution GRU): a district's sensors as one graph."
     )})
     hidden_units: int = field(default=64, metadata={"min": 1, "max": 4096, "doc": "Width of the hidden layers."})
 
@@ -49,9 +54,17 @@ def masked_mae_loss():
     return MaskedMAE(name="masked_mae")
 
 
-def build_keras_model(cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0) -> "tf.keras.Model":
-    """Uncompiled; initializers carry op-level seeds (TFF traces model_fn into fresh graphs)."""
+def build_keras_model(
+    cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0, n_nodes: int = 0
+) -> "tf.keras.Model":
+    """Uncompiled; initializers carry op-level seeds (TFF traces model_fn into fresh graphs).
+    Graph kinds take districts padded to `n_nodes` sensors (traffic/graph_model.py)."""
     import tensorflow as tf
+
+    if cfg.kind in GRAPH_KINDS:
+        from traffic import graph_model
+
+        return graph_model.build(cfg.kind, cfg.hidden_units, history, n_features, n_nodes, horizon, seed)
 
     glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=seed + k)  # noqa: E731
     inputs = tf.keras.Input(shape=(history, n_features), name="x")
@@ -69,24 +82,30 @@ def build_keras_model(cfg: ModelConfig, history: int, n_features: int, horizon: 
     return tf.keras.Model(inputs, outputs)
 
 
-def input_spec(history: int, n_features: int, horizon: int) -> collections.OrderedDict:
+def input_spec(history: int, n_features: int, horizon: int, n_nodes: int = 0) -> collections.OrderedDict:
+    """One sensor's window (n_nodes = 0), or a district's padded to n_nodes sensors with its graph rows."""
     import tensorflow as tf
 
+    if n_nodes:
+        return collections.OrderedDict(
+            x=tf.TensorSpec([None, n_nodes, history * n_features + n_nodes], tf.float32),
+            y=tf.TensorSpec([None, n_nodes, horizon], tf.float32),
+        )
     return collections.OrderedDict(
         x=tf.TensorSpec([None, history, n_features], tf.float32),
         y=tf.TensorSpec([None, horizon], tf.float32),
     )
 
 
-def tff_model_fn(cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0):
+def tff_model_fn(cfg: ModelConfig, history: int, n_features: int, horizon: int, seed: int = 0, n_nodes: int = 0):
     """A no-argument constructor, as TFF requires: a fresh Keras model on every call."""
     import tensorflow_federated as tff
 
     def model_fn():
         return tff.learning.models.from_keras_model(
-            build_keras_model(cfg, history, n_features, horizon, seed),
+            build_keras_model(cfg, history, n_features, horizon, seed, n_nodes),
             loss=masked_mae_loss(),
-            input_spec=input_spec(history, n_features, horizon),
+            input_spec=input_spec(history, n_features, horizon, n_nodes),
         )
 
     return model_fn

@@ -118,3 +118,43 @@ def add_incidents(rng, speed, demand, corridor_of, position, sizes, first, ids, 
                 }
             )
     return incidents
+
+
+def add_moving_jams(rng, speed, local_demand, corridor_of, position, free_flow, params):
+    """Slow `speed` [T, S] in place by moving jams (stop-and-go waves); returns how many were born.
+
+    Congested traffic is unstable: jams are born in a queue (a sensor slower than
+    `jam_onset` x its free-flow speed; `jam_rate_per_hour` each congested hour) and travel
+    upstream against the traffic at a speed drawn from `jam_speed_mph` (observed 9-12 mph,
+    about the backward wave speed) for an exponential distance (mean `jam_reach_miles`),
+    beyond the queue's tail while the traffic they meet is dense: a jam fades where the
+    demand is light. A sensor it passes loses `jam_drop_mph` over about one 5-minute
+    interval. So what a sensor reads now tells what its upstream neighbours read minutes
+    later, at the distance over the jam's speed.
+    """
+    n_steps, n_sensors = speed.shape
+    born = (speed < params.jam_onset * free_flow[None, :]) & (
+        rng.random((n_steps, n_sensors)) < params.jam_rate_per_hour / STEPS_PER_HOUR
+    )
+    t0, origin = np.nonzero(born)
+    n_jams = len(t0)
+    if n_jams == 0:
+        return 0
+    drop = rng.uniform(*params.jam_drop_mph, n_jams)
+    velocity = rng.uniform(*params.jam_speed_mph, n_jams)
+    reach = rng.exponential(params.jam_reach_miles, n_jams)
+    offset = rng.random(n_jams)  # when in its birth interval the jam starts
+    dip = np.zeros_like(speed)
+    for sensor in range(n_sensors):  # the sensors each jam meets on its way upstream
+        distance = position[origin] - position[sensor]
+        meets = (corridor_of[origin] == corridor_of[sensor]) & (distance >= 0) & (distance <= reach)
+        arrival = t0[meets] + offset[meets] + distance[meets] / velocity[meets] * STEPS_PER_HOUR
+        first = np.floor(arrival).astype(np.int64)
+        share = 1.0 - (arrival - first)  # the jam's pass split over two 5-minute intervals
+        for step, weight in ((first, share), (first + 1, 1.0 - share)):
+            ok = step < n_steps
+            np.add.at(dip[:, sensor], step[ok], (drop[meets] * weight)[ok])
+    # a jam needs dense traffic to live: it fades where the demand is below 60 % of capacity
+    density = np.clip((local_demand - 0.6) / 0.3, 0.0, 1.0)
+    np.subtract(speed, np.minimum(dip * density, np.maximum(speed - 5.0, 0.0)), out=speed)
+    return n_jams

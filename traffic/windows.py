@@ -100,3 +100,24 @@ def _empty_windows(history: int, horizon: int) -> Windows:
         np.zeros((0, history, N_FEATURES), np.float32), np.zeros((0, horizon), np.float32),
         np.zeros(0, int), np.zeros(0, int),
     )
+
+
+def graph_examples(windows: Windows, graph: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A district's windows as graph examples, one per time window (traffic/graph_model.py):
+    x [W, n_nodes, history * N_FEATURES + n_nodes] (each sensor's flattened window, then its
+    graph row), y [W, n_nodes, horizon]; sensors past the district's own are padding (zero
+    inputs, no edges, NaN targets). `windows` rows are time-major (`make_windows`)."""
+    n_sensors = graph.shape[0]
+    n_windows = len(windows) // n_sensors
+    history, horizon = windows.x.shape[1], windows.y.shape[1]
+    x = np.zeros((n_windows, n_nodes, history * N_FEATURES + n_nodes), np.float32)
+    x[:, :n_sensors, : history * N_FEATURES] = windows.x.reshape(n_windows, n_sensors, -1)
+    x[:, :n_sensors, history * N_FEATURES : history * N_FEATURES + n_sensors] = graph[None]
+    y = np.full((n_windows, n_nodes, horizon), np.nan, np.float32)
+    y[:, :n_sensors] = windows.y.reshape(n_windows, n_sensors, horizon)
+    return x, y
+
+
+def sensor_rows(outputs: np.ndarray, n_sensors: int) -> np.ndarray:
+    """Graph outputs [W, n_nodes, horizon] back to `make_windows`' rows [W * n_sensors, horizon]."""
+    return outputs[:, :n_sensors].reshape(-1, outputs.shape[-1])

@@ -146,3 +146,29 @@ def test_queue_spreads_upstream_with_a_lag(default_sim):
     profile = total / pairs
     assert lags[np.argmax(profile)] > 0
     assert profile[lags == 1][0] > profile[lags == 0][0] + 0.03
+
+
+def test_moving_jams_travel_upstream_at_about_ten_mph():
+    """Jams born in queues pass a sensor and then, after the distance over the jam's speed
+    (9-12 mph: about 5-7 minutes a mile), the sensor upstream: the extra speed loss they cause
+    at a sensor best matches its downstream neighbour's a step or more earlier."""
+    cfg = DataConfig(n_districts=2, sensors_per_district=12, days=14)
+    with_jams = _generate(cfg, seed=2)
+    without = _generate(cfg, seed=2, params=GeneratorParams(jam_rate_per_hour=0.0))
+    lags = np.arange(0, 5)
+    scores, pairs = np.zeros(len(lags)), 0
+    for d, district in enumerate(with_jams.data.districts):
+        dip = without.clean[d] - with_jams.clean[d]  # what the jams took, mph [T, S]
+        assert (dip >= -1e-9).all()  # jams only slow traffic
+        column = {s: i for i, s in enumerate(district.sensor_ids)}
+        for corridor in with_jams.corridors[d]:
+            for up, down in zip(corridor, corridor[1:]):
+                a, b = dip[:, column[down]], dip[:, column[up]]
+                if a.std() == 0 or b.std() == 0:
+                    continue
+                scores += [np.corrcoef(a[: len(a) - k], b[k:])[0, 1] for k in lags]
+                pairs += 1
+    assert pairs >= 8
+    profile = scores / pairs
+    assert lags[np.argmax(profile)] >= 1 and profile[lags >= 1].max() > profile[0] + 0.1, profile
+    assert ((without.clean[0] - with_jams.clean[0]) > 1.0).mean() > 0.002  # they happen (0.5 % of readings)
