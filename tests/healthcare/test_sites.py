@@ -300,3 +300,46 @@ def test_a_site_lost_mid_run_fails_it_in_one_line_and_the_run_id_resumes(tmp_pat
         for worker in workers:
             if worker.proc.poll() is None:
                 worker.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site serve keeps its worker in a network namespace (root)")
+def test_a_site_keeps_its_own_budget_and_refuses_a_job_past_it(tmp_path):
+    from tff_apps.privacy.accounting import epsilon_for_rounds
+    from tff_apps.privacy.dp_config import ClientSampling
+    from tff_apps.privacy.ledger import Ledger
+    from tff_apps.sites.certs import make_test_pki
+
+    one, two = (epsilon_for_rounds(1.0, 1e-5, rounds, ClientSampling(2), "rdp", "fixed") for rounds in (2, 4))
+    budget = (one + two) / 2  # room for one job of 2 rounds, not for a second one
+    app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
+    names = [client.name for client in app.prepare(cfg).data.clients]
+    for name in names:
+        prepare_site(app, cfg, tmp_path / name, name)
+    make_test_pki(tmp_path / "pki", names)
+    served = [ServedSite(tmp_path, names[0], tmp_path / names[0], f"[policy]\nlifetime_epsilon = {budget}\n"),
+              ServedSite(tmp_path, names[1], tmp_path / names[1], "[policy]\nlifetime_epsilon = 100.0\n")]
+    try:
+        sites = tmp_path / "sites.toml"
+        sites.write_text("".join(
+            f'[[site]]\nname = "{s.name}"\naddress = "127.0.0.1:{s.port}"\ndata = "{tmp_path / s.name}"\n'
+            'ca = "pki/ca.pem"\ncert = "pki/coordinator.pem"\nkey = "pki/coordinator.key"\n\n' for s in served
+        ))
+        job = ["run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
+               "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+               "--set", "privacy.level=client", "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.clipping=fixed",
+               "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites)]
+        first = tff_apps_in_process(*job, "--run-id", "first")
+        assert first.returncode == 0, first.stderr[-3000:]
+        budgets = summary(tmp_path / "runs" / "healthcare" / "first")["site_budgets"]
+        assert budgets[names[0]]["remaining_after_this_job"] == pytest.approx(budget - one, rel=0.01)
+        second = tff_apps_in_process(*job, "--run-id", "second")
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = second.stderr.strip()
+        assert len(line.splitlines()) == 1 and f"site {names[0]}: its privacy budget lifetime_epsilon" in line
+        assert f"spent ε = {one:.4g}" in line and f"bring it to {two:.4g}" in line
+        ledgers = [Ledger(tmp_path / f"{name}-privacy-ledger.sqlite").history(f"site:{name}") for name in names]
+        # the refused job spent nothing anywhere: site A refused it, site B never ran a computation of it
+        assert [[e.run_id for e in ledger] for ledger in ledgers] == [["first"], ["first"]]
+        assert ledgers[0][0].epsilon == pytest.approx(one, rel=0.01)
+    finally:
+        assert [site.stop() for site in served] == [0, 0]

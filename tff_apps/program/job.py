@@ -275,11 +275,14 @@ def _runtime(run: Run, workers: Sequence[str]):
 
     if not run.config.job.sites:
         return Runtime(log_path=run.dir / "worker.log", workers=workers)
-    from tff_apps.sites.connect import site_runtime
+    from tff_apps.sites.connect import site_runtime, site_spends
     from tff_apps.sites.sites_config import load_sites
 
-    epsilon = run.privacy.plan.epsilon() if run.privacy is not None else None
-    return site_runtime(run.config, load_sites(run.config.job.sites), epsilon, log_path=run.dir / "worker.log")
+    sites = load_sites(run.config.job.sites)
+    plan = run.privacy.plan if run.privacy is not None else None
+    return site_runtime(
+        run.config, sites, plan.epsilon() if plan else None, log_path=run.dir / "worker.log", spends=site_spends(plan, sites)
+    )
 
 
 def site_workers(app: App, cfg: config_lib.JobConfig, workers: Sequence[str]) -> Sequence[str]:
@@ -349,6 +352,8 @@ def _run_prepared(
         with _runtime(run, workers) as runtime:
             summary.update(app.train(run.config, prepared, run))
             summary["secure_sum"] = secure_settings.secure_sum_summary(run.config.privacy, runtime.simulated_secure_sum)
+            if getattr(runtime, "site_budgets", None):  # what each site's own ledger has left
+                summary["site_budgets"] = dict(runtime.site_budgets)
         summary["status"] = "succeeded"
         return run, summary
     except BaseException as err:

@@ -11,6 +11,8 @@ Does not import TensorFlow.
 
 from __future__ import annotations
 
+import json
+
 import collections
 from collections.abc import Mapping
 from typing import Any
@@ -82,21 +84,24 @@ def _unary(channel: grpc.Channel, method: str, response_type: Any):
     )
 
 
-def admission_check(channel: grpc.Channel, *, site: str, timeout: float = 30.0) -> None:
+def admission_check(channel: grpc.Channel, *, site: str, timeout: float = 30.0) -> dict | None:
     """Asks the site for an executor and gives it back: the cheapest call the worker accepts.
 
-    A refusal (policy, descriptor, certificate, nothing listening) is a one-line UserError
-    naming the site, raised before any computation is sent.
+    A refusal (policy, descriptor, certificate, nothing listening, the site's own privacy
+    budget) is a one-line UserError naming the site, raised before any computation is sent.
+    Returns the site's budget after this job when it keeps one (`site_budget`), else None.
     """
     try:
-        executor = _unary(channel, "GetExecutor", pb.GetExecutorResponse)(
+        response, call = _unary(channel, "GetExecutor", pb.GetExecutorResponse).with_call(
             cardinality_request(), timeout=timeout, wait_for_ready=False
-        ).executor
+        )
         _unary(channel, "DisposeExecutor", pb.DisposeExecutorResponse)(
-            pb.DisposeExecutorRequest(executor=executor), timeout=timeout
+            pb.DisposeExecutorRequest(executor=response.executor), timeout=timeout
         )
     except grpc.RpcError as err:
         raise UserError(_admission_message(site, err, timeout)) from None
+    budget = dict(call.trailing_metadata() or ()).get("tff-apps-site-budget")
+    return json.loads(budget) if budget else None
 
 
 def _admission_message(site: str, err: grpc.RpcError, timeout: float) -> str:

@@ -15,30 +15,47 @@ from tff_apps.sites.sites_config import SiteRef
 MAX_VALUE_BYTES = 64 * 2**20
 
 
-def job_descriptor(cfg, epsilon: float | None = None):
+def job_descriptor(cfg, epsilon: float | None = None, spend=None):
+    """What each call tells the site; `spend` is this site's planned DP spend (for its ledger)."""
+    from tff_apps.privacy.dp_events import spend_to_json
     from tff_apps.sites.policy import Job
 
     return Job(
         app=cfg.job.app, run_id=cfg.job.run_id or "unnamed", rounds=int(cfg.train.rounds),
         privacy_level=cfg.privacy.level, epsilon=epsilon, max_value_bytes=MAX_VALUE_BYTES,
+        spend=spend_to_json(spend) if spend is not None else None,
+        delta=cfg.privacy.delta if spend is not None else None, accountant=cfg.privacy.accountant,
     )
 
 
-def site_runtime(cfg, sites: Sequence[SiteRef], epsilon: float | None = None, log_path=None) -> Runtime:
-    """A Runtime over the sites, each client pinned to its site's worker."""
+def site_spends(plan, sites: Sequence[SiteRef]) -> dict:
+    """Each site's planned spend: its own clients' events at record level, the run's at client level."""
+    if plan is None:
+        return {}
+    spend = plan.spend()
+    return {site.name: spend[site.name] if isinstance(spend, dict) else spend for site in sites}
+
+
+def site_runtime(cfg, sites: Sequence[SiteRef], epsilon: float | None = None, log_path=None, spends=None) -> Runtime:
+    """A Runtime over the sites, each client pinned to its site's worker. Its `site_budgets`
+    fill in as the sites admit the job (the sites that keep their own budget)."""
     tls = [site.tls for site in sites]
     if any(tls) and not all(tls):
         plain = [site.name for site in sites if not site.tls]
         raise UserError(f"job.sites: sites {', '.join(plain)} have no certificates; give ca, cert and key for every site or none")
     labels = {site.address: f"site {site.name}" for site in sites}
-    factory = _tls_channels(sites, job_descriptor(cfg, epsilon)) if all(tls) else None
-    return Runtime(
+    budgets: dict[str, dict] = {}
+    jobs = {site.name: job_descriptor(cfg, epsilon, (spends or {}).get(site.name)) for site in sites}
+    factory = _tls_channels(sites, jobs, budgets) if all(tls) else None
+    runtime = Runtime(
         workers=[site.address for site in sites], pinned=True, channel_factory=factory, worker_labels=labels,
         log_path=log_path,
     )
+    runtime.site_budgets = budgets
+    return runtime
 
 
-def _tls_channels(sites: Sequence[SiteRef], job):
+def _tls_channels(sites: Sequence[SiteRef], jobs: dict, budgets: dict):
     from tff_apps.sites.certs import load_credentials
     from tff_apps.sites.channel import admission_check, site_channel
 
@@ -47,8 +64,10 @@ def _tls_channels(sites: Sequence[SiteRef], job):
     def channel(address: str):
         site = by_address[address]
         credentials = load_credentials(site.ca, site.cert, site.key, what=f"job.sites site {site.name}")
-        made = site_channel(address, credentials, job, server_name=site.name)
-        admission_check(made, site=site.name)  # the site's policy, before any computation
+        made = site_channel(address, credentials, jobs[site.name], server_name=site.name)
+        budget = admission_check(made, site=site.name)  # the site's policy and budget, before any computation
+        if budget is not None:
+            budgets[site.name] = budget
         return made
 
     return channel

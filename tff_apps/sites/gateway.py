@@ -116,8 +116,10 @@ class Gateway:
         port: int,
         host: str = "[::]",
         max_workers: int = 16,
+        budget=None,
     ) -> None:
         self.policy = policy
+        self._budget = budget  # site_budget.SiteBudget with `[policy] lifetime_epsilon`
         self._credentials = credentials
         self._upstream_target = upstream
         self._audit_path = Path(audit_path)
@@ -203,6 +205,8 @@ class Gateway:
 
     def _forward(self, method: str, request: bytes, call: _Call, context: grpc.ServicerContext) -> bytes:
         job = self._admit(call)
+        if self._budget is not None:
+            self._spend_budget(method, job, context)
         if method == "CreateValue":
             hashes = computation_hashes(request)
             if hashes:
@@ -216,6 +220,16 @@ class Gateway:
                 call.record["bytes_out"] = 0  # refused: nothing left the site
                 raise Refused(f"site {self.policy.site}: {reason}")
         return response
+
+    def _spend_budget(self, method: str, job: Job, context: grpc.ServicerContext) -> None:
+        """Admission checks the site's own budget and tells the coordinator what remains; the
+        first computation books the job's spend."""
+        from tff_apps.sites.site_budget import BUDGET_METADATA, budget_json
+
+        if method == "GetExecutor":
+            context.set_trailing_metadata(((BUDGET_METADATA, budget_json(self._budget.check(job))),))
+        elif method in ("CreateValue", "CreateCall", "Compute"):
+            self._budget.reserve(job)
 
     def _admit(self, call: _Call) -> Job:
         """The call's job if the policy admits it; decisions are cached per descriptor and caller."""

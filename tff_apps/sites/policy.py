@@ -38,6 +38,10 @@ class Job:
     privacy_level: str = "none"
     epsilon: float | None = None  # the planned total ε of the run; None without DP
     max_value_bytes: int = 0  # the largest result a site should send back; 0 = no limit
+    # this site's planned DP spend (`dp_events.spend_to_json`), for the site's own ledger
+    spend: dict | None = None
+    delta: float | None = None
+    accountant: str = "rdp"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -77,6 +81,21 @@ def _check_job_fields(job: Job) -> None:
         raise BadJob(f"job descriptor: epsilon = {eps!r}, expected a number > 0 or null")
     if not _is_int(job.max_value_bytes) or job.max_value_bytes < 0:
         raise BadJob(f"job descriptor: max_value_bytes = {job.max_value_bytes!r}, expected an integer >= 0")
+    if job.spend is not None:
+        _check_spend(job)
+
+
+def _check_spend(job: Job) -> None:
+    from tff_apps.privacy import dp_events
+
+    if not isinstance(job.spend, Mapping) or not _is_number(job.delta) or not 0 < job.delta < 1:
+        raise BadJob("job descriptor: spend needs a JSON object and delta in (0, 1)")
+    if job.accountant not in ("rdp", "pld"):
+        raise BadJob(f"job descriptor: accountant = {job.accountant!r}, expected 'rdp' or 'pld'")
+    try:
+        dp_events.spend_from_json(job.spend)
+    except (ValueError, TypeError, KeyError) as err:
+        raise BadJob(f"job descriptor: spend is not a DP event this suite writes ({err})") from None
 
 
 def _is_int(value: Any) -> bool:
@@ -98,6 +117,7 @@ class SitePolicy:
     max_epsilon: float = 0.0  # 0 = no limit; else the job must plan an ε at most this
     max_value_bytes: int = 0  # 0 = no limit; else the job's limit must be set and at most this
     callers: tuple[str, ...] = ()  # certificate common names allowed to call; empty = any the CA signed
+    lifetime_epsilon: float = 0.0  # 0 = none; else the site's own ledger refuses a job past it
 
     def check(self, job: Mapping[str, Any] | Job) -> None:
         """Raises Refused (one line naming the rule) unless the policy admits the job."""
@@ -132,6 +152,7 @@ _KINDS = {
     "max_epsilon": "a number >= 0 (0 = no limit)",
     "max_value_bytes": "an integer >= 0 (0 = no limit)",
     "callers": "a list of certificate common names (empty = any the CA signed)",
+    "lifetime_epsilon": "a number >= 0 (0 = no budget)",
 }
 
 
@@ -168,6 +189,6 @@ def _valid(key: str, value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
     if key == "require_privacy":
         return value in LEVELS
-    if key == "max_epsilon":
+    if key in ("max_epsilon", "lifetime_epsilon"):
         return _is_number(value) and math.isfinite(value) and value >= 0
     return _is_int(value) and value >= 0

@@ -24,6 +24,15 @@ _WHERE = {"netns": "in a private network namespace, reachable only through the g
           "none": "in the host's network namespace, listening on every interface without TLS"}
 
 
+def site_budget(policy: SitePolicy, audit_path: Path | str):
+    """With `[policy] lifetime_epsilon`: the site's own ledger, beside its audit log."""
+    if not policy.lifetime_epsilon:
+        return None
+    from tff_apps.sites.site_budget import SiteBudget
+
+    return SiteBudget(Path(audit_path).with_name(f"{policy.site}-privacy-ledger.sqlite"), policy.site, policy.lifetime_epsilon)
+
+
 def serve_site(
     data_dir: Path | str,
     port: int,
@@ -58,7 +67,7 @@ def serve_site(
         except StartInterrupted:
             return 0
         gateway = Gateway(policy=policy, credentials=credentials, upstream=worker.target,
-                          audit_path=audit_path, port=port, host=host)
+                          audit_path=audit_path, port=port, host=host, budget=site_budget(policy, audit_path))
         bound = gateway.start()
         _check_upstream(worker)
         print(f"site {policy.site} listening on {host}:{bound} (worker pid {worker.pid}, "
