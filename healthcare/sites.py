@@ -61,7 +61,6 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 def check_supported(cfg: JobConfig) -> None:
     """What does not run across sites yet, refused before anything starts."""
     refusals = {
-        "privacy.level = 'record' (DP-SGD's Poisson batches are not drawn at the sites yet)": cfg.privacy.level == "record",
         "privacy.secure_aggregation = 'masked' (its protocol runs in the simulator only)":
             cfg.privacy.secure_aggregation == "masked",
         "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
@@ -150,7 +149,12 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
         federation=settings, client_names=[c.name for c in clients],
     )
-    open_round = site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size)
+    if cfg.privacy.level == "record":  # DP-SGD: each site draws its Poisson batches itself
+        open_round = site_computations.poisson_round_fn(preprocessor, len(names))
+        round_input = site_training.poisson_reference
+    else:
+        open_round = site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size)
+        round_input = site_training.round_reference
     site_process = site_training.SiteProcess(process, open_round, folders)
     evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
 
@@ -163,7 +167,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     result = round_loop.run_rounds(
         site_process, clients, cfg.train, cfg.job.seed, run.dir,
         lambda weights: evaluate.headline_metrics(evaluate_weights(weights)), evaluate.HEADLINE,
-        privacy=run.privacy, init_from=run.init_from, federation=settings, round_input=site_training.round_reference,
+        privacy=run.privacy, init_from=run.init_from, federation=settings, round_input=round_input,
     )
     global_model = build_keras_model(cfg.model, n_inputs, cfg.job.seed)
     result.weights.assign_weights_to(global_model)

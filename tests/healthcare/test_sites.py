@@ -70,9 +70,17 @@ def federation(tmp_path_factory) -> SimpleNamespace:
         )
         mixed = write_sites(base / "mixed.toml", [*entries[:2], (names[2], workers[2].address, base / "other_columns")])
         results["mixed"] = tff_apps_in_process("run", "healthcare", *common, "--sites", str(mixed), "--run-id", "mixed")
+        record = ["--set", "privacy.level=record", "--set", "privacy.noise_multiplier=1",
+                  "--set", "train.algorithm=fedavg_unweighted"]
         results["record_dp"] = tff_apps_in_process(
-            "run", "healthcare", *common, "--sites", str(sites), "--run-id", "record_dp",
-            "--set", "privacy.level=record", "--set", "privacy.noise_multiplier=1",
+            "run", "healthcare", *common, *record, "--sites", str(sites), "--run-id", "record_dp",
+        )
+        results["simulated_record_dp"] = tff_apps_in_process(
+            "run", "healthcare", *common, *record, "--run-id", "simulated_record_dp",
+        )
+        results["masked"] = tff_apps_in_process(
+            "run", "healthcare", *common, "--sites", str(sites), "--run-id", "masked",
+            "--set", "privacy.secure_aggregation=masked",
         )
     finally:
         codes = [w.stop() for w in workers]
@@ -97,6 +105,17 @@ def test_sites_give_the_simulations_model_and_site_metrics(federation):
     # pooled metrics from secure-summed histograms: exact to the bin width
     assert sites["pooled"]["auc"] == pytest.approx(sim["pooled"]["auc"], abs=2.0 / HISTOGRAM_BINS)
     assert federation.stop_codes == [0, 0, 0]
+
+
+def test_record_level_dp_sgd_runs_at_the_sites_with_the_simulations_epsilon(federation):
+    for name in ("record_dp", "simulated_record_dp"):
+        assert federation.results[name].returncode == 0, federation.results[name].stderr[-3000:]
+    across, simulated = (summary(federation.runs / r)["privacy"] for r in ("record_dp", "simulated_record_dp"))
+    assert across["level"] == "record" and across["epsilon"] == pytest.approx(simulated["epsilon"], rel=1e-9)
+    assert across["epsilon_by_client"] == pytest.approx(simulated["epsilon_by_client"], rel=1e-9)
+    # the batches were drawn at the sites: the model trained (3 rounds of noisy DP-SGD)
+    pooled = summary(federation.runs / "record_dp")["results"]["federated"]["pooled"]["auc"]
+    assert pooled > 0.8
 
 
 def test_sampled_sites_train_on_their_own_workers(federation):
@@ -145,7 +164,7 @@ def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federa
 
 @pytest.mark.parametrize(("run", "message"), [
     ("mixed", "its schema (columns"),
-    ("record_dp", "privacy.level = 'record' (DP-SGD's Poisson batches are not drawn at the sites yet)"),
+    ("masked", "privacy.secure_aggregation = 'masked' (its protocol runs in the simulator only)"),
 ])
 def test_what_cannot_train_together_is_refused_before_a_run_folder(federation, run, message):
     result = federation.results[run]

@@ -163,7 +163,7 @@ def run_rounds(
                 "privacy: stopping after %d of %d rounds (target ε %g)",
                 rounds, train.rounds, privacy.section.target_epsilon,
             )
-        if privacy.level == "record":
+        if privacy.level == "record" and round_input is None:  # across sites: drawn at the site
             from tff_apps.learning import dp_sgd
 
             make_dataset = dp_sgd.poisson_client_dataset

@@ -260,6 +260,36 @@ def split_datasets_fn(preprocessor: Preprocessor, n_features: int):
     return open_splits
 
 
+def poisson_input_type() -> tff.StructType:
+    return tff.StructType([("folder", np.str_), ("q", np.float32), ("steps", np.int32)])
+
+
+def poisson_round_fn(preprocessor: Preprocessor, n_features: int):
+    """At the site, record-level DP: `steps` DP-SGD batches, each row in each batch with
+    probability q, drawn with TF's unseeded random op (the site's OS entropy, never sent or
+    stored): the input `dp_sgd.poisson_client_dataset` gives in a simulation, one element
+    per step, each batch as wide as the rows it drew (all of them real: mask 1)."""
+
+    @tff.tensorflow.computation(poisson_input_type())
+    def open_poisson(reference):
+        raw, labels = parse_table(_file(reference.folder, "train.tfrecord"), n_features)
+        x = preprocessor.tf_transform(tf.cast(raw, tf.float32))
+        rows = tf.shape(x)[0]
+        drawn = tf.random.uniform([reference.steps, rows]) < reference.q
+        expected = reference.q * tf.cast(rows, tf.float32)
+
+        def step(index):
+            picked = tf.reshape(tf.where(drawn[index]), [-1])
+            batch = collections.OrderedDict(x=tf.gather(x, picked), y=tf.gather(labels, picked))
+            return collections.OrderedDict(
+                batch=batch, mask=tf.ones(tf.shape(picked), tf.float32), expected_batch_size=expected
+            )
+
+        return tf.data.Dataset.range(tf.cast(reference.steps, tf.int64)).map(step)
+
+    return open_poisson
+
+
 def score_histograms(model_fn, preprocessor: Preprocessor, n_features: int, weights_type):
     """A computation: (model weights at the server, site folders) -> each site's histogram of
     test scores, [negatives per bin, positives per bin] over HISTOGRAM_BINS bins of [0, 1]."""

@@ -38,6 +38,16 @@ def round_reference(client: SiteClient, train, seed: int) -> collections.Ordered
     return collections.OrderedDict(folder=client.folder, order=order)
 
 
+def poisson_reference(client: SiteClient, train, seed: int) -> collections.OrderedDict:
+    """Record-level DP: the site draws its Poisson batches itself (`poisson_round_fn`); the
+    coordinator sends only q and the number of steps, which the accountant uses too."""
+    from tff_apps.privacy import dp_config
+
+    q = min(1.0, train.batch_size / client.rows)
+    steps = dp_config.record_steps_per_round(train, client.rows)
+    return collections.OrderedDict(folder=client.folder, q=np.float32(q), steps=np.int32(steps))
+
+
 class SiteProcess:
     """A learning process whose round inputs are opened at the sites."""
 
@@ -45,7 +55,7 @@ class SiteProcess:
         self._process = process
         self._worker_of = {folder: index for index, folder in enumerate(folders)}  # site i = worker i
         state_type = process.next.type_signature.parameter[0]
-        references = tff.FederatedType(site_computations.round_input_type(), tff.CLIENTS)
+        references = tff.FederatedType(open_round.type_signature.parameter, tff.CLIENTS)
 
         @tff.federated_computation(state_type, references)
         def next_at_sites(state, refs):
