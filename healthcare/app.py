@@ -282,7 +282,7 @@ def serving_check(model, preprocessor) -> dict[str, Any]:
 
 def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
     federated = summary["results"]["federated"]
-    return {
+    card = {
         "app": "healthcare",
         "task": "probability of disease (binary diagnosis)",
         "data_fingerprint": summary["data"]["fingerprint"],
@@ -293,6 +293,11 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
         "metrics": {"pooled_test": federated["pooled"], "across_sites": federated["across_sites"]},
         "privacy": summary["privacy"],  # the mechanism that ran and every release outside ε
     }
+    if "across_sites" in summary:  # trained at the sites: which, and where the coordinator reached them
+        card["trained_across_sites"] = {
+            name: summary["data"]["sites"][name]["address"] for name in summary["across_sites"]
+        }
+    return card
 
 
 def statement_without_dp(cfg: JobConfig, trains, profiled) -> dict[str, Any]:

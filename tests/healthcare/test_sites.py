@@ -151,7 +151,7 @@ def test_the_run_says_it_was_across_sites_and_names_the_missing_baselines(federa
     assert set(local["sites"]) == set(federation.names) and local["pooled"]["auc"] > 0.9
     assert local["pooled"]["auc"] != data["results"]["federated"]["pooled"]["auc"]
     card = json.loads((run_dir / "export" / "healthcare" / "1" / "model_card.json").read_text())
-    assert card["data_source"] == "3 sites"
+    assert card["data_source"] == "3 sites" and list(card["trained_across_sites"]) == federation.names
     # the data profiles, computed at the sites, are the simulation's
     simulated = summary(federation.runs / "simulated")
     assert data["profiles"].keys() == simulated["profiles"].keys()
