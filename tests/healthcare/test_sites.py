@@ -242,8 +242,9 @@ class ServedSite:
         return self.proc.wait(timeout=15)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="site serve keeps its worker in a network namespace (root)")
-def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
+def served_federation(tmp_path: Path, policies: list[str]) -> tuple[list[str], list[ServedSite], Path]:
+    """Two breast-cancer hospitals, each prepared and served behind its gateway with the given
+    policy; (names, sites, sites.toml with mutual TLS)."""
     from tff_apps.sites.certs import make_test_pki
 
     app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
@@ -251,18 +252,27 @@ def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
     for name in names:
         prepare_site(app, cfg, tmp_path / name, name)
     make_test_pki(tmp_path / "pki", names)
+    served = [ServedSite(tmp_path, name, tmp_path / name, policy) for name, policy in zip(names, policies)]
+    sites = tmp_path / "sites.toml"
+    sites.write_text("".join(
+        f'[[site]]\nname = "{s.name}"\naddress = "127.0.0.1:{s.port}"\ndata = "{tmp_path / s.name}"\n'
+        'ca = "pki/ca.pem"\ncert = "pki/coordinator.pem"\nkey = "pki/coordinator.key"\n\n' for s in served
+    ))
+    return names, served, sites
+
+
+def two_site_job(tmp_path: Path, sites: Path) -> list[str]:
+    return ["run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
+            "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
+            "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="site serve keeps its worker in a network namespace (root)")
+def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
     strict = '[policy]\napps = ["healthcare"]\nrequire_privacy = "client"\n'
-    served = [ServedSite(tmp_path, names[0], tmp_path / names[0], '[policy]\napps = ["healthcare"]\n'),
-              ServedSite(tmp_path, names[1], tmp_path / names[1], strict)]
+    names, served, sites = served_federation(tmp_path, ['[policy]\napps = ["healthcare"]\n', strict])
     try:
-        sites = tmp_path / "sites.toml"
-        sites.write_text("".join(
-            f'[[site]]\nname = "{s.name}"\naddress = "127.0.0.1:{s.port}"\ndata = "{tmp_path / s.name}"\n'
-            'ca = "pki/ca.pem"\ncert = "pki/coordinator.pem"\nkey = "pki/coordinator.key"\n\n' for s in served
-        ))
-        job = ["run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
-               "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
-               "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites)]
+        job = two_site_job(tmp_path, sites)
         refused = tff_apps_in_process(*job, "--run-id", "no_dp")
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
         assert f"site {names[1]}" in refused.stderr and "require_privacy" in refused.stderr, refused.stderr
@@ -326,27 +336,14 @@ def test_a_site_keeps_its_own_budget_and_refuses_a_job_past_it(tmp_path):
     from tff_apps.privacy.accounting import epsilon_for_rounds
     from tff_apps.privacy.dp_config import ClientSampling
     from tff_apps.privacy.ledger import Ledger
-    from tff_apps.sites.certs import make_test_pki
-
     one, two = (epsilon_for_rounds(1.0, 1e-5, rounds, ClientSampling(2), "rdp", "fixed") for rounds in (2, 4))
     budget = (one + two) / 2  # room for one job of 2 rounds, not for a second one
-    app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
-    names = [client.name for client in app.prepare(cfg).data.clients]
-    for name in names:
-        prepare_site(app, cfg, tmp_path / name, name)
-    make_test_pki(tmp_path / "pki", names)
-    served = [ServedSite(tmp_path, names[0], tmp_path / names[0], f"[policy]\nlifetime_epsilon = {budget}\n"),
-              ServedSite(tmp_path, names[1], tmp_path / names[1], "[policy]\nlifetime_epsilon = 100.0\n")]
+    names, served, sites = served_federation(
+        tmp_path, [f"[policy]\nlifetime_epsilon = {budget}\n", "[policy]\nlifetime_epsilon = 100.0\n"]
+    )
     try:
-        sites = tmp_path / "sites.toml"
-        sites.write_text("".join(
-            f'[[site]]\nname = "{s.name}"\naddress = "127.0.0.1:{s.port}"\ndata = "{tmp_path / s.name}"\n'
-            'ca = "pki/ca.pem"\ncert = "pki/coordinator.pem"\nkey = "pki/coordinator.key"\n\n' for s in served
-        ))
-        job = ["run", "healthcare", "--set", "data.n_clients=2", "--set", "train.rounds=2",
-               "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
-               "--set", "privacy.level=client", "--set", "privacy.noise_multiplier=1.0", "--set", "privacy.clipping=fixed",
-               "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites)]
+        job = [*two_site_job(tmp_path, sites), "--set", "privacy.level=client", "--set", "privacy.noise_multiplier=1.0",
+               "--set", "privacy.clipping=fixed"]
         first = tff_apps_in_process(*job, "--run-id", "first")
         assert first.returncode == 0, first.stderr[-3000:]
         budgets = summary(tmp_path / "runs" / "healthcare" / "first")["site_budgets"]
