@@ -277,8 +277,10 @@ def test_adaptive_clip_round_runs_and_reports_the_total_noise(runtime):
     )
     effective = sum(e.noise_multiplier**-2 for e in reported.events) ** -0.5
     assert effective == pytest.approx(z, rel=1e-6)
-    # all three updates exceed the clip: the clip grows toward their median
-    assert output.metrics["aggregator"]["dp_query_metrics"]["clip"] > 0.05
+    # the clip adapted (its direction is not asserted: the clipped count carries noise of stddev
+    # z / 1.2 = 0.83 on a count of 3 clients, drawn from the OS, so it can go either way)
+    clip = output.metrics["aggregator"]["dp_query_metrics"]["clip"]
+    assert np.isfinite(clip) and clip > 0 and clip != pytest.approx(0.05, rel=1e-6)
     sampling = ClientSampling(5, m)
     assert accounting.epsilon(dp_events.client_round_event(reported, sampling), DELTA) == pytest.approx(
         rdp_epsilon(WOR(5, 3, G(z / 2)), REPLACE_ONE), rel=1e-4
