@@ -155,13 +155,15 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     else:
         open_round = site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size)
         round_input = site_training.round_reference
-    site_process = site_training.SiteProcess(process, open_round, folders)
+    site_process = site_training.SiteProcess(
+        process, open_round, clients, [site.address for site in prepared.sites], cfg.clients.quorum
+    )
     evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
 
-    def evaluate_weights(weights) -> dict:
-        scores = evaluation.scores(weights)
-        tables = [_score_table(site.name, labels) for site, (labels, _) in zip(prepared.sites, scores)]
-        by_site = {site.name: s for site, (_, s) in zip(prepared.sites, scores)}
+    def evaluate_weights(weights) -> dict:  # the sites still answering
+        scores = evaluation.scores(weights, skip=site_process.lost)
+        tables = [_score_table(prepared.sites[i].name, labels) for i, (labels, _) in scores.items()]
+        by_site = {prepared.sites[i].name: s for i, (_, s) in scores.items()}
         return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
 
     result = round_loop.run_rounds(
@@ -215,7 +217,7 @@ def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, e
     )
     process = factory.build_learning_process(train, tff_model_fn(cfg.model, n_inputs, cfg.job.seed))
     open_round = site_computations.round_dataset_fn(preprocessor, len(prepared.feature_names), train.batch_size)
-    site_process = site_training.SiteProcess(process, open_round, [c.folder for c in clients])
+    site_process = site_training.SiteProcess(process, open_round, clients)
     initial = []
     for index in range(len(clients)):
         model = build_keras_model(cfg.model, n_inputs, cfg.job.seed + index)

@@ -290,7 +290,10 @@ def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
         assert [site.stop() for site in served] == [0, 0]
 
 
-def test_a_site_lost_mid_run_fails_it_in_one_line_and_the_run_id_resumes(tmp_path):
+def lose_a_site_mid_run(tmp_path: Path, quorum: int):
+    """Two loopback sites, a 16-round job (checkpoints every 2 rounds); the second site is
+    SIGKILLed after round 3. Returns what a test needs: the job's command and result, the
+    workers, their ports and the site names."""
     import time
 
     app, cfg = resolve_job("healthcare", None, ["data.n_clients=2"])
@@ -302,33 +305,57 @@ def test_a_site_lost_mid_run_fails_it_in_one_line_and_the_run_id_resumes(tmp_pat
     sites = write_sites(tmp_path / "sites.toml", [(n, w.address, tmp_path / n) for n, w in zip(names, workers)])
     job = [sys.executable, "-m", "tff_apps.cli", "run", "healthcare", "--set", "data.n_clients=2",
            "--set", "train.rounds=16", "--set", "train.checkpoint_every=2", "--set", "train.local_epochs=4",
+           "--set", f"clients.quorum={quorum}",
            "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
            "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites), "--run-id", "lost"]
     metrics = tmp_path / "runs" / "healthcare" / "lost" / "metrics.jsonl"
+    first = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, env=user_environment())
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    os.killpg(workers[1].proc.pid, signal.SIGKILL)  # the site and its worker, mid-run
+    workers[1].proc.wait()
+    _, stderr = first.communicate(timeout=180)
+    return SimpleNamespace(job=job, code=first.returncode, stderr=stderr, workers=workers, ports=ports,
+                           names=names, metrics=metrics, run_dir=tmp_path / "runs" / "healthcare" / "lost")
+
+
+def test_a_site_lost_below_the_quorum_fails_the_run_in_one_line_and_the_run_id_resumes(tmp_path):
+    lost = lose_a_site_mid_run(tmp_path, quorum=2)
     try:
-        first = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True, env=user_environment())
-        deadline = time.monotonic() + 120
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-            time.sleep(0.05)
-        os.killpg(workers[1].proc.pid, signal.SIGKILL)  # the site and its worker, mid-run
-        workers[1].proc.wait()
-        _, stderr = first.communicate(timeout=120)
-        assert first.returncode != 0
-        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors == stderr.strip().splitlines()[-1:], stderr[-3000:]
-        assert errors[0].startswith(f"error: site {names[1]} 127.0.0.1:{ports[1]} stopped answering")
-        workers[1] = Worker(tmp_path, ports[1])  # the site comes back
-        again = subprocess.run(job, capture_output=True, text=True, env=user_environment(), timeout=300)
+        assert lost.code != 0
+        errors = [line for line in lost.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors == lost.stderr.strip().splitlines()[-1:], lost.stderr[-3000:]
+        assert errors[0].startswith(f"error: site {lost.names[1]} 127.0.0.1:{lost.ports[1]} stopped answering")
+        lost.workers[1] = Worker(tmp_path, lost.ports[1])  # the site comes back
+        again = subprocess.run(lost.job, capture_output=True, text=True, env=user_environment(), timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
-        done = summary(tmp_path / "runs" / "healthcare" / "lost")
+        done = summary(lost.run_dir)
         assert done["status"] == "succeeded" and done["resumed"] is True and done["rounds"] == 16
-        assert [json.loads(line)["round"] for line in metrics.read_text().splitlines()] == list(range(1, 17))
+        assert [json.loads(line)["round"] for line in lost.metrics.read_text().splitlines()] == list(range(1, 17))
     finally:
-        for worker in workers:
+        for worker in lost.workers:
             if worker.proc.poll() is None:
                 worker.stop()
+
+
+def test_a_site_lost_within_the_quorum_leaves_the_round_to_the_others(tmp_path):
+    lost = lose_a_site_mid_run(tmp_path, quorum=1)
+    try:
+        assert lost.code == 0, lost.stderr[-3000:]
+        assert f"site {lost.names[1]} (127.0.0.1:{lost.ports[1]}) stopped answering" in lost.stderr  # logged
+        rounds = [json.loads(line) for line in lost.metrics.read_text().splitlines()]
+        assert [r["round"] for r in rounds] == list(range(1, 17))
+        kept = [r for r in rounds if r["clients"] == lost.names]
+        assert len(kept) >= 3 and rounds[: len(kept)] == kept  # until the site was lost
+        assert all(r["clients"] == lost.names[:1] and r["lost_sites"] == [lost.names[1]] and r["dropped"] == 1
+                   for r in rounds[len(kept):])
+        done = summary(lost.run_dir)
+        assert list(done["results"]["federated"]["sites"]) == lost.names[:1]  # evaluated where it still answers
+    finally:
+        lost.workers[0].stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="site serve keeps its worker in a network namespace (root)")

@@ -212,6 +212,7 @@ def run_rounds(
                 output = next_round(process, state, datasets, names)
                 state = output.state
                 record.update(train_metrics(output.metrics))
+                names = _without_lost_sites(process, record, names)
             # every sampled client downloaded the model; only those that reported uploaded
             record.update({
                 key: count * len(came.sampled if key.startswith("bytes_down") else came.reported)
@@ -240,6 +241,16 @@ def run_rounds(
     if privacy is not None:
         result.privacy = privacy.statement()
     return result
+
+
+def _without_lost_sites(process, record: dict[str, Any], names: list[str]) -> list[str]:
+    """Across sites: the sites the round lost (`SiteProcess.last_dropped`) did not report."""
+    lost = [name for name in getattr(process, "last_dropped", []) if name in names]
+    if not lost:
+        return names
+    names = [name for name in names if name not in lost]
+    record.update(clients=names, reported=len(names), dropped=record.get("dropped", 0) + len(lost), lost_sites=lost)
+    return names
 
 
 def _postfix(record: dict[str, Any], headline: str) -> dict[str, str]:

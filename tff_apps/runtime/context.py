@@ -70,7 +70,11 @@ _log = logging.getLogger(__name__)
 
 
 class WorkerLost(RuntimeError):
-    """A remote worker stopped answering; the message names it."""
+    """A remote worker stopped answering; the message names it, `address` is where it was."""
+
+    def __init__(self, message: str, address: str = ""):
+        super().__init__(message)
+        self.address = address
 
 
 class Runtime:
@@ -247,7 +251,8 @@ class Runtime:
             what = self._worker_labels.get(address, "TFF worker")  # across sites: "site NAME"
             raise WorkerLost(
                 f"{what} {address} stopped answering (connection refused) during the run; "
-                "restart it and re-run the same command with the same run id to resume from the last checkpoint"
+                "restart it and re-run the same command with the same run id to resume from the last checkpoint",
+                address,
             )
 
     def _shutdown(self) -> None:

@@ -53,7 +53,10 @@ def spreading_context(
     from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
     from tensorflow_federated.python.core.impl.context_stack import context_base
     from tensorflow_federated.python.core.impl.execution_contexts import mergeable_comp_execution_context as mcec
-    from tensorflow_federated.python.core.impl.types import computation_types, type_analysis, type_conversions
+    from tensorflow_federated.python.core.impl.types import computation_types, placements, type_analysis, type_conversions
+
+    def at_clients(type_spec: Any) -> bool:
+        return isinstance(type_spec, computation_types.FederatedType) and type_spec.placement is placements.CLIENTS
 
     def only_server_or_all_equal(type_spec: Any) -> bool:
         return not isinstance(type_spec, computation_types.FederatedType) or type_spec.all_equal
@@ -85,6 +88,11 @@ def spreading_context(
             self.placement: list[int] | None = None  # `placed_on`
 
         def invoke(self, comp: Any, arg: Any = None) -> Any:
+            if server is not None and not type_analysis.contains(comp.type_signature, at_clients):
+                # nothing of the sites in it (e.g. reading the model from the state): the
+                # coordinator's own worker runs it, and no site is asked
+                result = self._runner.run_coro_and_return_result(server.invoke(comp, arg))
+                return tensorflow_computation.transform_result(result)
             if comp not in self._forms:
                 self._forms[comp] = compile_mergeable(comp)
             form = self._forms[comp]

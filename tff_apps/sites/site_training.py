@@ -12,6 +12,8 @@ sites' round inputs equal the simulation's, batch for batch.
 from __future__ import annotations
 
 import collections
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +51,22 @@ def poisson_reference(client: SiteClient, train, seed: int) -> collections.Order
 
 
 class SiteProcess:
-    """A learning process whose round inputs are opened at the sites."""
+    """A learning process whose round inputs are opened at the sites.
 
-    def __init__(self, process, open_round, folders: list[str]):
+    A site that stops answering during a round (`WorkerLost`) is left out from then on and the
+    round runs again with the sites left, if at least `quorum` of the round's sites remain
+    (`[clients] quorum`); `last_dropped` names the sites a round lost. Fewer than the quorum:
+    the WorkerLost goes up (one line naming the site; the run id resumes from its checkpoint).
+    """
+
+    def __init__(self, process, open_round, clients: Sequence[SiteClient], addresses: Sequence[str] = (), quorum: int = 1):
         self._process = process
-        self._worker_of = {folder: index for index, folder in enumerate(folders)}  # site i = worker i
+        self._worker_of = {c.folder: index for index, c in enumerate(clients)}  # site i = worker i
+        self._name_of = {c.folder: c.name for c in clients}
+        self._index_of_address = {address: index for index, address in enumerate(addresses)}
+        self._quorum = max(1, quorum)
+        self.lost: set[int] = set()
+        self.last_dropped: list[str] = []
         state_type = process.next.type_signature.parameter[0]
         references = tff.FederatedType(open_round.type_signature.parameter, tff.CLIENTS)
 
@@ -68,9 +81,25 @@ class SiteProcess:
 
     def next(self, state, references):
         """One round with the sites of `references` (a round may sample some of them), each
-        on its own worker."""
-        with placed_on([self._worker_of[reference["folder"]] for reference in references]):
-            return self._next(state, references)
+        on its own worker; the folders of the sites it lost are in `last_dropped`."""
+        from tff_apps.runtime.context import WorkerLost
+
+        while True:
+            live = [r for r in references if self._worker_of[r["folder"]] not in self.lost]
+            self.last_dropped = [self._name_of[r["folder"]] for r in references if self._worker_of[r["folder"]] in self.lost]
+            try:
+                with placed_on([self._worker_of[r["folder"]] for r in live]):
+                    return self._next(state, live)
+            except WorkerLost as lost:
+                index = self._index_of_address.get(lost.address)
+                if index is None or len(live) - 1 < self._quorum:
+                    raise
+                self.lost.add(index)
+                name = next(n for folder, n in self._name_of.items() if self._worker_of[folder] == index)
+                logging.getLogger(__name__).warning(
+                    "site %s (%s) stopped answering; the round runs again with the %d sites left (clients.quorum = %d), "
+                    "and later rounds leave it out", name, lost.address, len(live) - 1, self._quorum,
+                )
 
     def get_model_weights(self, state):
         return self._process.get_model_weights(state)
@@ -87,10 +116,13 @@ class SiteEvaluation:
         self._histograms = site_computations.score_histograms(model_fn, preprocessor, n_features, weights_type)
         self._folders = list(folders)
 
-    def scores(self, weights) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(labels, scores) per site, in the sites' order, exact to the bin width."""
-        histograms = self._histograms(weights, self._folders)
-        return [site_computations.scores_from_histogram(h) for h in histograms]
+    def scores(self, weights, skip=()) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Site index -> (labels, scores), exact to the bin width, for every site not in `skip`
+        (the sites a run lost)."""
+        live = [index for index in range(len(self._folders)) if index not in skip]
+        with placed_on(live):
+            histograms = self._histograms(weights, [self._folders[index] for index in live])
+        return {index: site_computations.scores_from_histogram(h) for index, h in zip(live, histograms)}
 
     def site_scores(self, weights, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels, scores) of one site's test rows under `weights`, computed at that site."""
