@@ -168,10 +168,13 @@ class HealthcareApp:
     def _train_across_sites(self, cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
         from healthcare import evaluate, sites
 
+        profiled = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"  # as sites.train decides
+        keys = ["normalization", "site_counts", *(["profiles"] if profiled else []),
+                "evaluation", "training_metrics", "participation", *(["baselines"] if cfg.evaluate.local_baseline else [])]
+        if run.privacy is not None:
+            run.privacy.releases = keys  # the DP statement lists them too
         outcome = sites.train(cfg, prepared, run)
         result, reports = outcome["result"], outcome["reports"]
-        keys = ["normalization", "site_counts", *(["profiles"] if outcome["profiles"] else []),
-                "evaluation", "training_metrics", "participation"]
         if run.privacy is None:
             from tff_apps.privacy import releases
             from tff_apps.privacy.statement import privacy_statement

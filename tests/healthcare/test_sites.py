@@ -113,6 +113,8 @@ def test_record_level_dp_sgd_runs_at_the_sites_with_the_simulations_epsilon(fede
     across, simulated = (summary(federation.runs / r)["privacy"] for r in ("record_dp", "simulated_record_dp"))
     assert across["level"] == "record" and across["epsilon"] == pytest.approx(simulated["epsilon"], rel=1e-9)
     assert across["epsilon_by_client"] == pytest.approx(simulated["epsilon_by_client"], rel=1e-9)
+    released = {entry["release"] for entry in across["released_outside_epsilon"]}
+    assert released == {"normalization", "site_counts", "evaluation", "training_metrics", "participation"}
     # the batches were drawn at the sites: the model trained (3 rounds of noisy DP-SGD)
     pooled = summary(federation.runs / "record_dp")["results"]["federated"]["pooled"]["auc"]
     assert pooled > 0.8
