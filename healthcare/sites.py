@@ -182,9 +182,11 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
             model_fn, personalization.binary_metrics, cfg.personalization, cfg.train, cfg.job.seed,
             preprocessor, len(names), clients,
         )
-        personalized = personalization.summary(personalize(result.weights), "auc", also=("accuracy",))
+        personalized = personalization.summary(
+            personalize(result.weights, skip=site_process.lost), "auc", also=("accuracy",)
+        )
     if cfg.evaluate.local_baseline:
-        reports["local_only"] = local_only(cfg, prepared, preprocessor, clients, evaluation, n_inputs)
+        reports["local_only"] = local_only(cfg, prepared, preprocessor, clients, evaluation, n_inputs, site_process.lost)
     return {
         "result": result, "model": global_model, "preprocessor": preprocessor,
         "reports": reports,
@@ -196,7 +198,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     }
 
 
-def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, evaluation, n_inputs: int) -> dict:
+def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, evaluation, n_inputs: int, lost=()) -> dict:
     """Each hospital alone, trained and scored at its site: SGD for the simulation's baseline
     epochs from the initial weights the simulation's local model would have (seed + index).
     Unlike the simulation's, it uses the federation's normalization (a site's own statistics
@@ -225,9 +227,9 @@ def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, e
             trainable=[v.numpy() for v in model.trainable_weights],
             non_trainable=[v.numpy() for v in model.non_trainable_weights],
         ))
-    scores = site_training.local_only_scores(site_process, initial, evaluation, clients, train, cfg.job.seed)
-    tables = [_score_table(c.name, labels) for c, (labels, _) in zip(clients, scores)]
-    by_site = {c.name: s for c, (_, s) in zip(clients, scores)}
+    scores = site_training.local_only_scores(site_process, initial, evaluation, clients, train, cfg.job.seed, lost)
+    tables = [_score_table(clients[i].name, labels) for i, (labels, _) in scores.items()]
+    by_site = {clients[i].name: s for i, (_, s) in scores.items()}
     return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
 
 

@@ -292,7 +292,7 @@ def test_sites_behind_tls_gateways_train_admit_by_policy_and_audit(tmp_path):
         assert [site.stop() for site in served] == [0, 0]
 
 
-def lose_a_site_mid_run(tmp_path: Path, quorum: int):
+def lose_a_site_mid_run(tmp_path: Path, quorum: int, *extra: str):
     """Two loopback sites, a 16-round job (checkpoints every 2 rounds); the second site is
     SIGKILLed after round 3. Returns what a test needs: the job's command and result, the
     workers, their ports and the site names."""
@@ -309,7 +309,7 @@ def lose_a_site_mid_run(tmp_path: Path, quorum: int):
            "--set", "train.rounds=16", "--set", "train.checkpoint_every=2", "--set", "train.local_epochs=4",
            "--set", f"clients.quorum={quorum}",
            "--set", "evaluate.centralized_baseline=false", "--set", "evaluate.local_baseline=false",
-           "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites), "--run-id", "lost"]
+           "--set", f'job.runs_dir="{tmp_path / "runs"}"', "--sites", str(sites), "--run-id", "lost", *extra]
     metrics = tmp_path / "runs" / "healthcare" / "lost" / "metrics.jsonl"
     first = subprocess.Popen(job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True, env=user_environment())
@@ -344,7 +344,8 @@ def test_a_site_lost_below_the_quorum_fails_the_run_in_one_line_and_the_run_id_r
 
 
 def test_a_site_lost_within_the_quorum_leaves_the_round_to_the_others(tmp_path):
-    lost = lose_a_site_mid_run(tmp_path, quorum=1)
+    lost = lose_a_site_mid_run(tmp_path, 1, "--set", "personalization.epochs=1", "--set", "evaluate.local_baseline=true",
+                               "--set", "evaluate.baseline_epochs=1")
     try:
         assert lost.code == 0, lost.stderr[-3000:]
         assert f"site {lost.names[1]} (127.0.0.1:{lost.ports[1]}) stopped answering" in lost.stderr  # logged
@@ -355,7 +356,10 @@ def test_a_site_lost_within_the_quorum_leaves_the_round_to_the_others(tmp_path):
         assert all(r["clients"] == lost.names[:1] and r["lost_sites"] == [lost.names[1]] and r["dropped"] == 1
                    for r in rounds[len(kept):])
         done = summary(lost.run_dir)
-        assert list(done["results"]["federated"]["sites"]) == lost.names[:1]  # evaluated where it still answers
+        # evaluated, fine-tuned and trained alone only where it still answers
+        assert list(done["results"]["federated"]["sites"]) == lost.names[:1]
+        assert list(done["results"]["local_only"]["sites"]) == lost.names[:1]
+        assert list(done["personalization"]) == lost.names[:1]
     finally:
         lost.workers[0].stop()
 

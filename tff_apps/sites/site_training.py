@@ -131,19 +131,22 @@ class SiteEvaluation:
         return site_computations.scores_from_histogram(histogram)
 
 
-def local_only_scores(process, initial_weights, evaluation: SiteEvaluation, clients, train, seed: int) -> list:
+def local_only_scores(process, initial_weights, evaluation: SiteEvaluation, clients, train, seed: int, skip=()) -> dict:
     """The local-only baseline at the sites: each site trains a model of its own from
     `initial_weights[i]` on its own rows (one round of `process`, a FedAvg whose only client is
     that site, `train.local_epochs` epochs, so the result is the site's own model), scored on its
-    own test rows. (labels, scores) per site; no model leaves a site but through its scores."""
+    own test rows. Site index -> (labels, scores), for the sites not in `skip` (lost ones); no
+    model leaves a site but through its scores."""
     from tff_apps.learning.client_data import round_seed
 
-    results = []
+    results = {}
     for index, client in enumerate(clients):
+        if index in skip:
+            continue
         state = process.set_model_weights(process.initialize(), initial_weights[index])
         with placed_on([index]):
             state = process.next(state, [round_reference(client, train, round_seed(seed, 1, index))]).state
-        results.append(evaluation.site_scores(process.get_model_weights(state), index))
+        results[index] = evaluation.site_scores(process.get_model_weights(state), index)
     return results
 
 
@@ -170,9 +173,11 @@ def personalize_at_sites(model_fn, metrics_fn, section, train, seed: int, prepro
     def at_sites(weights, folders):
         return computation(weights, tff.federated_map(open_splits, folders))
 
-    def personalize(weights) -> dict:
+    def personalize(weights, skip=()) -> dict:  # skip: the sites a run lost
         results = {}
         for index, client in enumerate(clients):
+            if index in skip:
+                continue
             with placed_on([index]):
                 results[client.name] = personalization.before_after(at_sites(weights, [client.folder]))
         model_fn()  # Keras' layer classes back to eager (see `personalization.personalize`)
