@@ -126,7 +126,9 @@ class HealthcareApp:
             **round_summary.rounds_summary(result.history, settings),
             "headline": evaluate.HEADLINE,
             "results": reports,
-            "privacy": result.privacy if run.privacy is not None else statement_without_dp(cfg, trains, profiled),
+            "privacy": result.privacy if run.privacy is not None else statement_without_dp(
+                cfg, {t.name: len(t) for t in trains}, statistics.release_keys(cfg, profiled)
+            ),
             **federation.robustness_entry(settings, [c.name for c in clients]),
             **profiled,
         }
@@ -168,20 +170,15 @@ class HealthcareApp:
     def _train_across_sites(self, cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
         from healthcare import evaluate, sites
 
+        from tff_apps.privacy.releases import release_keys
+
         profiled = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"  # as sites.train decides
-        keys = ["normalization", "site_counts", *(["profiles"] if profiled else []),
-                "evaluation", "training_metrics", "participation", *(["baselines"] if cfg.evaluate.local_baseline else [])]
+        keys = release_keys("normalization", profiled, cfg.evaluate.local_baseline)  # no centralized one here
         if run.privacy is not None:
             run.privacy.releases = keys  # the DP statement lists them too
         outcome = sites.train(cfg, prepared, run)
         result, reports = outcome["result"], outcome["reports"]
-        if run.privacy is None:
-            from tff_apps.privacy import releases
-            from tff_apps.privacy.statement import privacy_statement
-
-            privacy = releases.add_to_statement(privacy_statement(None, section=cfg.privacy), keys)
-        else:
-            privacy = result.privacy
+        privacy = result.privacy if run.privacy is not None else statement_without_dp(cfg, prepared.site_rows, keys)
         summary = {
             "data": {"source": f"{len(prepared.sites)} sites", "features": prepared.feature_names,
                      "categorical": prepared.categorical, "fingerprint": sites.fingerprint(prepared),
@@ -303,18 +300,15 @@ def model_card(cfg: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
     return card
 
 
-def statement_without_dp(cfg: JobConfig, trains, profiled) -> dict[str, Any]:
-    """A job without DP states its secure aggregation mode (what the server saw of the
-    updates) and its releases (all outside ε)."""
+def statement_without_dp(cfg: JobConfig, client_rows: dict[str, int], keys: list[str]) -> dict[str, Any]:
+    """A job without DP states its resolved secure aggregation mode and its releases."""
     from tff_apps.privacy import releases
     from tff_apps.privacy.secure_settings import secure_aggregation
-    from tff_apps.privacy.statement import privacy_statement
 
     secure = None
     if cfg.privacy.secure_aggregation != "none":
-        secure = secure_aggregation(cfg.privacy, cfg.train, {t.name: len(t) for t in trains})
-    statement = privacy_statement(None, secure=secure, section=cfg.privacy)
-    return releases.add_to_statement(statement, statistics.release_keys(cfg, profiled))
+        secure = secure_aggregation(cfg.privacy, cfg.train, client_rows)
+    return releases.statement_without_dp(cfg.privacy, keys, secure)
 
 
 APP = HealthcareApp()

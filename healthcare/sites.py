@@ -161,10 +161,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
 
     def evaluate_weights(weights) -> dict:  # the sites still answering
-        scores = evaluation.scores(weights, skip=site_process.lost)
-        tables = [_score_table(prepared.sites[i].name, labels) for i, (labels, _) in scores.items()]
-        by_site = {prepared.sites[i].name: s for i, (_, s) in scores.items()}
-        return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
+        return site_report(clients, evaluation.scores(weights, skip=site_process.lost))
 
     result = round_loop.run_rounds(
         site_process, clients, cfg.train, cfg.job.seed, run.dir,
@@ -207,7 +204,6 @@ def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, e
 
     import tensorflow_federated as tff
 
-    from healthcare import evaluate
     from healthcare.model import build_keras_model, tff_model_fn
     from tff_apps.learning import factory
     from tff_apps.sites import site_computations, site_training
@@ -227,14 +223,21 @@ def local_only(cfg: JobConfig, prepared: SitesPrepared, preprocessor, clients, e
             trainable=[v.numpy() for v in model.trainable_weights],
             non_trainable=[v.numpy() for v in model.non_trainable_weights],
         ))
-    scores = site_training.local_only_scores(site_process, initial, evaluation, clients, train, cfg.job.seed, lost)
-    tables = [_score_table(clients[i].name, labels) for i, (labels, _) in scores.items()]
-    by_site = {clients[i].name: s for i, (_, s) in scores.items()}
+    return site_report(clients, site_training.local_only_scores(
+        site_process, initial, evaluation, clients, train, cfg.job.seed, lost
+    ))
+
+
+def site_report(clients, scores: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The healthcare metrics (per site, pooled, across sites) from each site's (labels, scores)."""
+    from healthcare import evaluate
+
+    tables = [
+        ClientTable(name=clients[i].name, features=pd.DataFrame(index=range(len(labels))), labels=labels)
+        for i, (labels, _) in scores.items()
+    ]
+    by_site = {clients[i].name: site_scores for i, (_, site_scores) in scores.items()}
     return evaluate.evaluate_sites(tables, lambda table: by_site[table.name])
-
-
-def _score_table(name: str, labels: np.ndarray) -> ClientTable:
-    return ClientTable(name=name, features=pd.DataFrame(index=range(len(labels))), labels=labels)
 
 
 def baselines_not_across_sites(cfg: JobConfig) -> dict[str, str]:

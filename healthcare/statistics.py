@@ -116,10 +116,6 @@ def fit_exact(cfg: JobConfig, prepared):
 
 def release_keys(cfg: JobConfig, profiled: dict[str, Any]) -> list[str]:
     """The releases of a healthcare run, for the privacy statement (`privacy.releases`)."""
-    keys = ["normalization", "site_counts"]
-    if profiled:
-        keys.append("profiles")
-    keys += ["evaluation", "training_metrics", "participation"]
-    if cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline:
-        keys.append("baselines")
-    return keys
+    from tff_apps.privacy.releases import release_keys as keys_of
+
+    return keys_of("normalization", bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline)

@@ -13,6 +13,7 @@ import pandas as pd
 from shared import profile
 from shared.errors import UserError
 from shared.files import write_text_atomic
+from tff_apps.privacy import releases
 from tff_apps.program import reporting
 from tff_apps.config import JobConfig
 from tff_apps.program.job import Run, data_fingerprint
@@ -80,10 +81,12 @@ class TrafficApp:
         # exact profiles are a release outside ε: not computed under DP (traffic has no DP profiles)
         wanted = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"
         profiled = profile.summary_entry(district_profiles(prepared.data)) if wanted else {}  # warnings logged
-        keys = release_keys(cfg, profiled)
+        keys = releases.release_keys(
+            "speed_normalization", bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline
+        )
         if run.privacy is not None:
             run.privacy.releases = keys
-        outcome = train_and_evaluate(cfg, prepared.data, run, statement_without_dp(cfg, keys))
+        outcome = train_and_evaluate(cfg, prepared.data, run, releases.statement_without_dp(cfg.privacy, keys))
         summary = {
             "data": describe_data(prepared.data),
             "rounds": outcome.rounds,
@@ -116,22 +119,6 @@ class TrafficApp:
         summary["report_html"] = str(html_report(run, summary, table, prepared.data, sections))
         summary["table"] = table
         return summary
-
-
-def release_keys(cfg: JobConfig, profiled: dict[str, Any]) -> list[str]:
-    """The releases of a traffic run, for the privacy statement."""
-    keys = ["speed_normalization", "site_counts", *(["profiles"] if profiled else [])]
-    keys += ["evaluation", "training_metrics", "participation"]
-    if cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline:
-        keys.append("baselines")
-    return keys
-
-
-def statement_without_dp(cfg: JobConfig, keys: list[str]) -> dict[str, Any]:
-    from tff_apps.privacy import releases
-    from tff_apps.privacy.statement import privacy_statement
-
-    return releases.add_to_statement(privacy_statement(None, section=cfg.privacy), keys)
 
 
 def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, sections: dict[str, str]) -> Path:

@@ -82,3 +82,20 @@ def add_to_statement(statement: Mapping[str, Any] | None, keys: Iterable[str], s
     result["released_outside_epsilon"] = statement_entries(keys, section)
     result["operator_only"] = list(OPERATOR_ONLY)
     return result
+
+
+def release_keys(normalization: str, profiled: bool, baselines: bool) -> list[str]:
+    """The releases of a horizontal run: its normalization (`normalization` or
+    `speed_normalization`), site counts, profiles if computed, metrics and participation, and
+    the baselines' metrics if any ran."""
+    keys = [normalization, "site_counts", *(["profiles"] if profiled else [])]
+    keys += ["evaluation", "training_metrics", "participation"]
+    return keys + (["baselines"] if baselines else [])
+
+
+def statement_without_dp(section, keys: Iterable[str], secure=None) -> dict[str, Any]:
+    """A run without DP: its secure-aggregation mode (what the server saw of the updates) and
+    its releases, all outside ε."""
+    from tff_apps.privacy.statement import privacy_statement
+
+    return add_to_statement(privacy_statement(None, secure=secure, section=section), keys)
