@@ -42,16 +42,11 @@ class SitesPrepared:
 
 def prepare(cfg: JobConfig) -> SitesPrepared:
     """Reads each site's manifest at the site and checks that the sites can train together."""
-    from tff_apps.sites.connect import site_runtime
-    from tff_apps.sites.site_computations import read_manifests
-    from tff_apps.sites.sites_config import load_sites
+    from tff_apps.sites.connect import sites_and_manifests
 
     check_supported(cfg)
-    sites = load_sites(cfg.job.sites)
     # before the privacy plan (it needs the manifests' row counts): the job states its target ε
-    target = cfg.privacy.target_epsilon if cfg.privacy.level != "none" and cfg.privacy.target_epsilon > 0 else None
-    with site_runtime(cfg, sites, target):
-        manifests = read_manifests([site.data for site in sites])
+    sites, manifests = sites_and_manifests(cfg)
     schema = _common_schema(sites, manifests)
     return SitesPrepared(
         sites, manifests, list(schema["feature_names"]), list(schema["categorical"]), list(schema["zero_means_missing"])
@@ -61,8 +56,6 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 def check_supported(cfg: JobConfig) -> None:
     """What does not run across sites yet, refused before anything starts."""
     refusals = {
-        "privacy.secure_aggregation = 'masked' (its protocol runs in the simulator only)":
-            cfg.privacy.secure_aggregation == "masked",
         "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
         "train.engine = 'grouped' (it stacks the clients' rows in one process)": cfg.train.engine == "grouped",
         "preprocess.normalization = 'per_site' (no single serving preprocessing)":
@@ -127,7 +120,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     from healthcare.model import build_keras_model, tff_model_fn
     from tff_apps.learning import factory, federation
     from tff_apps.program import round_loop, round_summary
-    from tff_apps.sites import site_computations, site_training
+    from tff_apps.sites import masked_rounds, site_computations, site_training
 
     folders = [site.data for site in prepared.sites]
     names, rows = prepared.feature_names, prepared.site_rows
@@ -155,10 +148,8 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
     else:
         open_round = site_computations.round_dataset_fn(preprocessor, len(names), cfg.train.batch_size)
         round_input = site_training.round_reference
-    site_process = site_training.SiteProcess(
-        process, open_round, clients, [site.address for site in prepared.sites], cfg.clients.quorum
-    )
-    evaluation = site_training.SiteEvaluation(process, model_fn, preprocessor, len(names), folders)
+    site_process = masked_rounds.site_process(cfg, process, open_round, clients, prepared.sites, run)
+    evaluation = site_training.SiteEvaluation(site_process, model_fn, preprocessor, len(names), folders)
 
     def evaluate_weights(weights) -> dict:  # the sites still answering
         return site_report(clients, evaluation.scores(weights, skip=site_process.lost))
@@ -189,7 +180,8 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         "reports": reports,
         "baselines": baselines_not_across_sites(cfg),
         "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
-        "rounds_summary": round_summary.rounds_summary(result.history, settings),
+        # the summary's `masking` (where the updates were masked) travels with the rounds' summary
+        "rounds_summary": {**round_summary.rounds_summary(result.history, settings), **masked_rounds.masking_entry(site_process)},
         "profiles": profiled,
         "personalization": personalized,
     }

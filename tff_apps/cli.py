@@ -114,7 +114,7 @@ def add_site_prepare(site_commands) -> None:
     prepare = site_commands.add_parser(
         "prepare", help="at a site: encode the site's own files into its data folder for `site serve`"
     )
-    prepare.add_argument("app", help="the app whose loaders read the files (healthcare)")
+    prepare.add_argument("app", help="the app whose loaders read the files (healthcare, traffic)")
     prepare.add_argument("--config", metavar="SITE.toml", help="a job file whose [data] names the site's files")
     prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override one config key (repeatable)")

@@ -37,66 +37,75 @@ class TrafficApp:
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
     horizontal = True
+    supports_sites = True  # job.sites: traffic/sites.py, each road district a site
+    # `demo --sites`: 3 districts of 2 weeks and 10 rounds keep the demo short (each round opens the sites' data)
+    site_demo_overrides = ("data.n_districts=3", "data.days=14", "train.rounds=10")
 
     def prepare(self, cfg: JobConfig) -> Prepared:
-        data = load(cfg.data, cfg.job.seed)
-        if len(data.timestamps) < MIN_STEPS:
-            raise UserError(
-                f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
-                f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
-            )
-        if cfg.train.engine == "grouped":
-            raise UserError(
-                "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
-                "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
-            )
+        check_job(cfg)
+        if cfg.job.sites:  # the readings stay at the sites: only their manifests come here
+            from traffic import sites
+
+            return sites.prepare(cfg)
+        data = load_checked(cfg)
         if cfg.model.kind in GRAPH_KINDS and not any(d.graph is not None and d.graph.any() for d in data.districts):
             raise UserError(
                 f"model.kind = '{cfg.model.kind}' needs the sensor graph but the data has no edge; set "
                 "data.graph_path (a from,to,cost distance list or an adjacency matrix), give the metadata "
                 "latitude/longitude columns, or use model.kind = 'mlp'"
             )
-        if cfg.privacy.level == "record":
-            raise UserError(
-                "privacy.level = 'record' is not offered for traffic: a training example is a "
-                "window and one reading lies in many windows, so per-example DP would not "
-                "protect a reading; use privacy.level = 'client'"
-            )
         return Prepared(data)
+
+    def write_site_folder(self, cfg: JobConfig, out: Path, site: str = "") -> dict[str, Any]:
+        """`tff-apps site prepare traffic --site DISTRICT`: the district's readings and graph."""
+        from traffic import sites
+
+        return sites.write_site_folder(load_checked(cfg), Path(out), site, windows_per_sensor)
 
     def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
         """Training examples per district, as `district_splits` makes them (for [privacy]): sensor
         windows, or for the graph models time windows (each holds the whole district)."""
-        start, end = split_bounds(len(prepared.data.timestamps))["train"]
-        per_sensor = max(0, end - HORIZON + 1 - (start + HISTORY))
-        graph = cfg.model.kind in GRAPH_KINDS
-        return {d.name: per_sensor * (1 if graph else len(d.sensor_ids)) for d in prepared.data.districts}
+        sensors = prepared.sensors if cfg.job.sites else {d.name: len(d.sensor_ids) for d in prepared.data.districts}
+        per_sensor = windows_per_sensor(prepared.schema["steps"] if cfg.job.sites else len(prepared.data.timestamps))
+        return {name: per_sensor * (1 if cfg.model.kind in GRAPH_KINDS else n) for name, n in sensors.items()}
 
     def fingerprint(self, prepared: Prepared) -> str:
+        if hasattr(prepared, "manifests"):
+            from traffic import sites
+
+            return sites.fingerprint(prepared)
         return describe_data(prepared.data)["fingerprint"]
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         from tff_apps.learning import federation
 
-        # exact profiles are a release outside ε: not computed under DP (traffic has no DP profiles)
-        wanted = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"
-        profiled = profile.summary_entry(district_profiles(prepared.data)) if wanted else {}  # warnings logged
-        keys = releases.release_keys(
-            "speed_normalization", bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline
-        )
-        if run.privacy is not None:
-            run.privacy.releases = keys
-        outcome = train_and_evaluate(cfg, prepared.data, run, releases.statement_without_dp(cfg.privacy, keys))
+        if cfg.job.sites:  # every step that touches a reading runs at the districts' sites
+            from traffic import sites
+
+            outcome = train_across_sites(cfg, prepared, run, self.client_rows(cfg, prepared))
+            described, profiled = sites.describe(prepared), {}
+        else:
+            # exact profiles are a release outside ε: not computed under DP (traffic has no DP profiles)
+            wanted = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"
+            profiled = profile.summary_entry(district_profiles(prepared.data)) if wanted else {}  # warnings logged
+            keys = releases.release_keys(
+                "speed_normalization", bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline
+            )
+            if run.privacy is not None:
+                run.privacy.releases = keys
+            outcome = train_and_evaluate(cfg, prepared.data, run, releases.statement_without_dp(cfg.privacy, keys))
+            described = describe_data(prepared.data)
         summary = {
-            "data": describe_data(prepared.data),
+            "data": described,
             "rounds": outcome.rounds,
             "training_seconds": round(outcome.seconds, 3),
             **outcome.round_totals,
             "headline": "mae_60min",
             "results": outcome.reports,
             "privacy": outcome.privacy,
-            **federation.robustness_entry(federation.of(cfg), [d.name for d in prepared.data.districts]),
+            **federation.robustness_entry(federation.of(cfg), list(described["districts"])),
             **profiled,
+            **(outcome.extra or {}),
         }
         if outcome.personalization:
             summary["personalization"] = outcome.personalization
@@ -107,8 +116,8 @@ class TrafficApp:
 
             summary["export"] = str(servable_dir(run.export_dir, self.name))
         table = reporting.results_table(outcome.reports, reporting.FORECAST_COLUMNS)
-        sections = {
-            "Data statistics against METR-LA": outcome.statistics_table,
+        sections = {  # across sites: no table of statistics of the readings
+            **({"Data statistics against METR-LA": outcome.statistics_table} if outcome.statistics_table else {}),
             **reporting.client_sections(summary, "districts", MAE_60_LABEL),
         }
         write_text_atomic(
@@ -116,25 +125,59 @@ class TrafficApp:
             reporting.markdown_report(run, summary, table, group="districts", metric="mae_60min", extra=sections),
         )
         summary["report"] = str(run.dir / "report.md")
-        summary["report_html"] = str(html_report(run, summary, table, prepared.data, sections))
+        summary["report_html"] = str(html_report(run, summary, table, getattr(prepared, "data", None), sections))
         summary["table"] = table
         return summary
 
 
-def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData, sections: dict[str, str]) -> Path:
-    """report.html: MAE per round, per-district MAE, and 60-min forecasts of 3 sensors."""
+def load_checked(cfg: JobConfig) -> TrafficData:
+    data = load(cfg.data, cfg.job.seed)
+    if len(data.timestamps) < MIN_STEPS:
+        raise UserError(
+            f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
+            f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
+        )
+    return data
+
+
+def windows_per_sensor(n_steps: int, split: str = "train") -> int:
+    """A sensor's windows in `split` (`make_windows`: history and targets inside the split)."""
+    start, end = split_bounds(n_steps)[split]
+    return max(0, end - HORIZON + 1 - (start + HISTORY))
+
+
+def check_job(cfg: JobConfig) -> None:
+    """What the traffic job refuses whatever its data (before any is read)."""
+    if cfg.train.engine == "grouped":
+        raise UserError(
+            "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
+            "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
+        )
+    if cfg.privacy.level == "record":
+        raise UserError(
+            "privacy.level = 'record' is not offered for traffic: a training example is a "
+            "window and one reading lies in many windows, so per-example DP would not "
+            "protect a reading; use privacy.level = 'client'"
+        )
+
+
+def html_report(run: Run, summary: dict[str, Any], table: str, data: TrafficData | None, sections: dict[str, str]) -> Path:
+    """report.html: MAE per round, per-district MAE, and 60-min forecasts of 3 sensors (not
+    across sites, `data` None: they would show a sensor's readings)."""
     from traffic.evaluate import forecast_series
 
-    federated = summary["results"]["federated"]
-    picks = [(d.name, 0) for d in data.districts[:3]] if len(data.districts) >= 3 else [
-        (data.districts[0].name, i) for i in range(min(3, len(data.districts[0].sensor_ids)))
-    ]
-    sensor_ids = {d.name: list(d.sensor_ids) for d in data.districts}
+    forecasts = None
+    if data is not None:
+        picks = [(d.name, 0) for d in data.districts[:3]] if len(data.districts) >= 3 else [
+            (data.districts[0].name, i) for i in range(min(3, len(data.districts[0].sensor_ids)))
+        ]
+        sensor_ids = {d.name: list(d.sensor_ids) for d in data.districts}
+        forecasts = forecast_series(summary["results"]["federated"], data.timestamps, picks, sensor_ids)
     return reporting.html_report(
         run, summary, table, round_metric="val_mae_60min", round_metric_split="validation",
         final_metric=lambda r: r["overall"]["mae_60min"], metric_label=MAE_60_LABEL,
         group="districts", client_metric="mae_60min", client_metric_label=MAE_60_LABEL,
-        forecasts=forecast_series(federated, data.timestamps, picks, sensor_ids),
+        forecasts=forecasts,
         forecast_title="Federated 60-minute forecast against actual speed (first 2 test days)",
         forecast_ylabel="speed (mph)", extra=sections,
     )
@@ -151,6 +194,7 @@ class Outcome:
     lineage: dict[str, Any] | None = None
     round_totals: dict[str, Any] | None = None  # summary's communication and participation (`round_summary.rounds_summary`)
     personalization: dict[str, Any] | None = None  # [personalization]: district -> before/after MAE
+    extra: dict[str, Any] | None = None  # across sites: summary.json's across_sites and baselines_not_run
 
 
 def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statement=None) -> Outcome:
@@ -198,13 +242,32 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
     # the serving signature takes one sensor's hour; a graph model needs its district's (not offered yet)
     if cfg.export.enabled and cfg.preprocess.normalization == "federated" and not n_nodes:
         export_forecaster(
-            run, cfg, global_model, splits[0], data, len(result.history), reports["federated"], privacy,
+            run, cfg, global_model, splits[0], data_card(data), len(result.history), reports["federated"], privacy,
             weights=result.weights, lineage=result.lineage,
         )
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), privacy,
         result.lineage, round_summary.rounds_summary(result.history, settings), personalization=personalized,
+    )
+
+
+def train_across_sites(cfg: JobConfig, prepared, run: Run, rows: dict[str, int]) -> Outcome:
+    """Training, evaluation and baselines at the districts' sites (traffic/sites.py)."""
+    from traffic import sites
+    from traffic.evaluate import DistrictSplit
+
+    done = sites.train(cfg, prepared, run, rows, HISTORY, HORIZON)
+    result, exported = done["result"], cfg.export.enabled and not done["graph"]  # as simulated: no graph export
+    if exported:  # the serving graph needs only the federated normalization
+        federation = DistrictSplit("federation", None, None, done["mean"], done["std"])
+        export_forecaster(
+            run, cfg, done["model"], federation, sites.data_card(prepared), len(result.history),
+            done["reports"]["federated"], done["privacy"], weights=result.weights, lineage=result.lineage,
+        )
+    return Outcome(
+        done["reports"], len(result.history), result.seconds, exported, "", done["privacy"], result.lineage,
+        done["rounds_summary"], done["personalization"], extra=done["summary"],
     )
 
 
@@ -342,25 +405,26 @@ def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
         if cfg.train.client_optimizer == "adam"
         else tf.keras.optimizers.SGD(cfg.train.client_learning_rate)
     )
-    model.compile(optimizer=optimizer, loss=masked_mae)
+    # graph models: one XLA program a step (their small recurrent ops' per-op cost dominates otherwise)
+    model.compile(optimizer=optimizer, loss=masked_mae, jit_compile=cfg.model.kind in GRAPH_KINDS)
     model.fit(x[order], y[order], batch_size=cfg.train.batch_size, epochs=1, shuffle=False, verbose=0)
     return model
 
 
 def export_forecaster(
-    run: Run, cfg: JobConfig, model, split, data: TrafficData, rounds: int, report: dict, privacy="none",
+    run: Run, cfg: JobConfig, model, split, source: dict[str, Any], rounds: int, report: dict, privacy="none",
     weights=None, lineage=None,
 ) -> None:
+    """`source`: the card's entries about the data (`data_card`, or `sites.data_card` across sites)."""
     from tff_apps.program.export import export_module, servable_dir
     from traffic.model import serving_module
 
-    interval_minutes = data.interval_minutes
+    interval_minutes = source["interval_minutes"]
     module = serving_module(model, split.mean, split.std, HISTORY, interval_minutes)
     card = {
         "app": "traffic",
         "task": f"speed forecast for the next {HORIZON} steps of {interval_minutes} min, in the input's units",
-        "data_fingerprint": describe_data(data)["fingerprint"],
-        "data_source": data.description,
+        **{key: value for key, value in source.items() if key != "interval_minutes"},
         "rounds": rounds,
         "config": cfg.to_dict(),
         "metrics": report["overall"],
@@ -401,6 +465,13 @@ def statistics_table(data: TrafficData) -> str:
 
     rows = [[key, generated, target, difference] for key, generated, target, difference in compare_to_targets(statistics(data))]
     return reporting.markdown_table(["statistic", "this data", "METR-LA", "relative difference"], rows)
+
+
+def data_card(data: TrafficData) -> dict[str, Any]:
+    return {
+        "interval_minutes": data.interval_minutes, "data_fingerprint": describe_data(data)["fingerprint"],
+        "data_source": data.description,
+    }
 
 
 def district_fingerprint(district) -> str:

@@ -30,7 +30,8 @@ READY_TIMEOUT_S = 60
 def loopback_sites(app, cfg, base: Path):
     """Prepares and serves one site per client of `cfg` (N_SITES of them); yields the path of
     a sites.toml naming them; stops every site on the way out."""
-    names = [client.name for client in app.prepare(cfg).data.clients]
+    data = app.prepare(cfg).data  # one site per client of the embedded data: hospitals, road districts
+    names = [client.name for client in getattr(data, "clients", None) or data.districts]
     make_test_pki(base / "certs", names)
     served = []
     try:
@@ -79,10 +80,12 @@ def _stop(process: subprocess.Popen) -> None:
 def site_demo(apps, runs_dir: str, overrides: list[str], run_and_print) -> list[tuple[str, str]]:
     """Runs each app that supports sites across three loopback sites."""
     from tff_apps.program.job import resolve_job
+    from tff_apps.registry import load_app
 
     reports = []
     for name in apps:
-        app, cfg = resolve_job(name, None, [f'job.runs_dir="{runs_dir}"', *overrides])
+        smaller = list(getattr(load_app(name), "site_demo_overrides", ()))  # an app's lighter demo job, if any
+        app, cfg = resolve_job(name, None, [f'job.runs_dir="{runs_dir}"', *smaller, *overrides])
         if not getattr(app, "supports_sites", False):
             print(f"[demo] {name}: does not run across sites yet; skipped", flush=True)
             continue
@@ -90,5 +93,7 @@ def site_demo(apps, runs_dir: str, overrides: list[str], run_and_print) -> list[
         with tempfile.TemporaryDirectory(prefix=f"tff-sites-{name}-") as folder, \
                 loopback_sites(app, cfg, Path(folder)) as sites:
             summary = run_and_print(app, cfg.replace("job", sites=str(sites)))
+        if summary.get("masking"):  # privacy.secure_aggregation = "masked": say where it ran
+            print(f"[demo] {name}: secure aggregation masked {summary['masking']['where']}", flush=True)
         reports.append((name, summary.get("report_html") or summary.get("report", "")))
     return reports

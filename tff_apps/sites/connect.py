@@ -71,3 +71,31 @@ def _tls_channels(sites: Sequence[SiteRef], jobs: dict, budgets: dict):
         return made
 
     return channel
+
+
+def check_masked_sites(cfg, sites) -> None:
+    """Masking runs in each site's gateway: every site needs one (mutual TLS), and the
+    protocol needs at least 2 sites."""
+    if cfg.privacy.secure_aggregation != "masked":
+        return
+    plain = [site.name for site in sites if not site.tls]
+    if plain:
+        raise UserError(
+            f"job.sites: privacy.secure_aggregation = 'masked' runs in each site's gateway; sites "
+            f"{', '.join(plain)} have no ca, cert and key (serve them with tff-apps site serve and give the certificates)"
+        )
+
+
+def sites_and_manifests(cfg) -> tuple[list[SiteRef], list[dict]]:
+    """The job's sites (`job.sites`, in the file's order) and each one's manifest, read at the
+    site, once masking's needs are checked. Connecting states the job's planned ε: each site's
+    policy admits or refuses the job before anything else runs."""
+    from tff_apps.sites.site_computations import read_manifests
+    from tff_apps.sites.sites_config import load_sites
+
+    sites = load_sites(cfg.job.sites)
+    check_masked_sites(cfg, sites)
+    planned = cfg.privacy.target_epsilon if cfg.privacy.level != "none" and cfg.privacy.target_epsilon > 0 else None
+    with site_runtime(cfg, sites, planned):
+        manifests = read_manifests([site.data for site in sites])
+    return sites, manifests

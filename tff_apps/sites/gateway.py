@@ -6,7 +6,10 @@ A gRPC server with mutual TLS that forwards every method of TFF's executor servi
     caller's certificate name, against the site's policy (PERMISSION_DENIED, one line);
   - checks what ``Compute`` would release: no sequence (dataset) anywhere in it, and no
     more bytes than the job declared (PERMISSION_DENIED, one line);
-  - appends one JSON line to the site's audit log, refusals included.
+  - appends one JSON line to the site's audit log, refusals included;
+  - plays the site's part in masked secure aggregation (`site_masking`, the service
+    `tff_apps.v1.SiteMasking` on the same port): the round's update is computed on the
+    worker under value refs only the gateway knows, and any call naming one is refused.
 Refusals use PERMISSION_DENIED (malformed descriptors INVALID_ARGUMENT) because TFF's
 remote executor retries UNAVAILABLE and FAILED_PRECONDITION forever
 (`executors_errors.get_grpc_retryable_error_codes`). Does not import TensorFlow.
@@ -30,7 +33,8 @@ from google.protobuf.message import DecodeError
 from shared.errors import UserError
 from tff_apps.runtime.worker import GRPC_CHANNEL_OPTIONS
 from tff_apps.sites.certs import Credentials
-from tff_apps.sites.messages import METHODS, SERVICE, computation_hashes, release_refusal
+from tff_apps.sites import site_masking
+from tff_apps.sites.messages import METHODS, SERVICE, computation_hashes, named_refs, release_refusal
 from tff_apps.sites.policy import BadJob, Job, Refused, SitePolicy, parse_job
 
 JOB_METADATA = "tff-apps-job"
@@ -75,6 +79,12 @@ def _can_listen(address: str) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline, passed on to the worker (none if the caller set none)."""
+    remaining = context.time_remaining()
+    return remaining if remaining and remaining < 1e9 else None
 
 
 def _now() -> str:
@@ -131,6 +141,8 @@ class Gateway:
         self._channel: grpc.Channel | None = None
         self._audit: AuditLog | None = None
         self._upstream: dict[str, Any] = {}
+        self._private_refs: set[str] = set()  # the masked rounds' values: no caller may name them
+        self._masking: site_masking.MaskingService | None = None
 
     def start(self) -> int:
         if not _can_listen(self._address):
@@ -142,10 +154,13 @@ class Gateway:
         self._channel = grpc.insecure_channel(self._upstream_target, GRPC_CHANNEL_OPTIONS)
         # No serializers: requests and responses pass through as the bytes the peers sent.
         self._upstream = {m: self._channel.unary_unary(f"/{SERVICE}/{m}") for m in METHODS}
+        self._masking = site_masking.MaskingService(self.policy.site, self._upstream, self._private_refs)
         handlers = {m: grpc.unary_unary_rpc_method_handler(self._handler(m)) for m in METHODS}
+        masking = {m: grpc.unary_unary_rpc_method_handler(self._handler(m, masking=True)) for m in site_masking.METHODS}
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="site-gateway"),
-            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers),
+                      grpc.method_handlers_generic_handler(site_masking.SERVICE, masking)],
             # gRPC sets SO_REUSEPORT by default: a second process could then share (and
             # answer on) the gateway's port. Off, a port in use is an error instead.
             options=[*GRPC_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
@@ -181,16 +196,17 @@ class Gateway:
 
     # -- one call ----------------------------------------------------------
 
-    def _handler(self, method: str):
+    def _handler(self, method: str, masking: bool = False):
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            return self._serve(method, request, context)
+            return self._serve(method, request, context, masking)
 
         return handle
 
-    def _serve(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
-        call = _Call(method, request, context)
+    def _serve(self, method: str, request: bytes, context: grpc.ServicerContext, masking: bool = False) -> bytes:
+        call = _Call(f"SiteMasking.{method}" if masking else method, request, context)
         try:
-            response = self._forward(method, request, call, context)
+            forward = self._mask if masking else self._forward
+            response = forward(method, request, call, context)
         except Refused as err:
             self._abort(context, call, grpc.StatusCode.PERMISSION_DENIED, str(err))
         except BadJob as err:
@@ -200,6 +216,11 @@ class Gateway:
         except DecodeError:
             self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT,
                         f"site {self.policy.site}: the {method} message is not a valid TFF executor message")
+        except Exception as err:  # the masking protocol's own refusals; anything else is a bug
+            code = site_masking.refusal_code(err)
+            if code is None:
+                raise
+            self._abort(context, call, getattr(grpc.StatusCode, code), f"site {self.policy.site}: {err}")
         self._write(call.record, status="ok")
         return response
 
@@ -211,14 +232,25 @@ class Gateway:
             hashes = computation_hashes(request)
             if hashes:
                 call.record["computation_sha256"] = hashes
-        remaining = context.time_remaining()
-        response = self._upstream[method](request, timeout=remaining if remaining and remaining < 1e9 else None)
+        elif self._private_refs and set(named_refs(method, request)) & self._private_refs:
+            raise Refused(f"site {self.policy.site}: the {method} call names a value of a masked round; "
+                          "only its masked form leaves the site")
+        response = self._upstream[method](request, timeout=_timeout(context))
         call.record["bytes_out"] = len(response)
         if method == "Compute":
             reason = release_refusal(response, job.max_value_bytes)
             if reason:
                 call.record["bytes_out"] = 0  # refused: nothing left the site
                 raise Refused(f"site {self.policy.site}: {reason}")
+        return response
+
+    def _mask(self, method: str, request: bytes, call: _Call, context: grpc.ServicerContext) -> bytes:
+        """A step of masked secure aggregation, played by the site (`site_masking`)."""
+        job = self._admit(call)
+        if self._budget is not None:
+            self._spend_budget("Compute" if method == "MaskedInput" else method, job, context)
+        response = self._masking.handle(method, request, job, _timeout(context))
+        call.record["bytes_out"] = len(response)
         return response
 
     def _spend_budget(self, method: str, job: Job, context: grpc.ServicerContext) -> None:

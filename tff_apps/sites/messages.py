@@ -108,3 +108,50 @@ def computation_hashes(create_value_request: bytes) -> list[str]:
         for _, kind, value in _walk(request.value, "value")
         if kind == "computation"
     ]
+
+
+# Requests that name value refs, and where: the gateway refuses those naming a private ref.
+_REF_FIELDS = {
+    "CreateCall": (pb.CreateCallRequest, ("function_ref", "argument_ref")),
+    "CreateSelection": (pb.CreateSelectionRequest, ("source_ref",)),
+    "Compute": (pb.ComputeRequest, ("value_ref",)),
+}
+
+
+def named_refs(method: str, request: bytes) -> list[str]:
+    """The ids of the value refs an executor request names (its inputs), for the methods
+    that read values; Dispose and DisposeExecutor only free them."""
+    if method == "CreateStruct":
+        return [element.value_ref.id for element in pb.CreateStructRequest.FromString(request).element]
+    if method not in _REF_FIELDS:
+        return []
+    kind, fields = _REF_FIELDS[method]
+    message = kind.FromString(request)
+    return [getattr(message, name).id for name in fields if message.HasField(name)]
+
+
+_FLOATS = ("float64_list", "float32_list")
+
+
+def update_vector(compute_response: bytes):
+    """The one float vector in a Compute result (unplaced, or CLIENTS-placed with one
+    member, as a site's round computation returns its encoded update), as float64; None if
+    the result is anything else. numpy only, as the gateway runs no TensorFlow."""
+    import numpy as np
+
+    value = pb.ComputeResponse.FromString(compute_response).value
+    if value.WhichOneof("value") == "federated":
+        if len(value.federated.value) != 1:
+            return None
+        value = value.federated.value[0]
+    if value.WhichOneof("value") != "array" or len(value.array.shape.dim) != 1:
+        return None
+    array = value.array
+    kind = array.WhichOneof("kind")
+    if kind in _FLOATS:
+        return np.asarray(getattr(array, kind).value, dtype=np.float64)
+    if array.HasField("content"):  # raw little-endian bytes, typed by the dtype enum
+        dtype = {"DT_DOUBLE": "<f8", "DT_FLOAT": "<f4"}.get(type(array).DESCRIPTOR.fields_by_name["dtype"]
+                                                             .enum_type.values_by_number[array.dtype].name)
+        return np.frombuffer(array.content, dtype=dtype).astype(np.float64) if dtype else None
+    return None

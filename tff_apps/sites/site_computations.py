@@ -56,14 +56,13 @@ def read_manifests(folders: list[str]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ per-site aggregates
 
 
-def _site_total(folders: list[str], n_features: int, vector_fn: Callable, length: int, combine: str) -> np.ndarray:
-    """Each site computes `vector_fn(raw training features)` (int64 [length]); the sites'
-    vectors are combined by secure sum or federated max."""
+def site_total(folders: list[str], read: Callable, vector_fn: Callable, length: int, combine: str) -> np.ndarray:
+    """Each site computes `vector_fn(read(folder))` (int64 [length]) on what `read` opens of its
+    folder; the sites' vectors are combined by secure sum or federated max."""
 
     @tff.tensorflow.computation(np.str_)
     def site_vector(folder):
-        raw, _ = parse_table(_file(folder, "train.tfrecord"), n_features)
-        return tf.reshape(tf.cast(vector_fn(raw), tf.int64), [length])  # secure sum needs a fixed shape
+        return tf.reshape(tf.cast(vector_fn(read(folder)), tf.int64), [length])  # secure sum needs a fixed shape
 
     @tff.federated_computation(_clients(np.str_))
     def total(paths):
@@ -73,6 +72,26 @@ def _site_total(folders: list[str], n_features: int, vector_fn: Callable, length
         return tff.federated_max(values)
 
     return np.asarray(total(folders), np.int64).reshape(length)
+
+
+def _site_total(folders: list[str], n_features: int, vector_fn: Callable, length: int, combine: str) -> np.ndarray:
+    """`site_total` of a tabular site's raw training features."""
+
+    def raw(folder):
+        return parse_table(_file(folder, "train.tfrecord"), n_features)[0]
+
+    return site_total(folders, raw, vector_fn, length, combine)
+
+
+def site_moments(folders: list[str], read: Callable, width: int, total_rows: int) -> Moments:
+    """`preprocessing.federated_moments` of each site's matrix `read(folder)` ([rows, width],
+    NaN = missing), opened at the site: the same counts, exponents and fixed-point secure sums."""
+    counts = site_total(folders, read, tf_counts, width, "sum").astype(np.float64)
+    exponents = site_total(folders, read, tf_exponents, width, "max")
+    fraction_bits = preprocessing.SECURE_SUM_BITWIDTH - 2 - math.ceil(math.log2(total_rows + 1))
+    exponents = np.where(exponents == preprocessing.NO_VALUES_EXPONENT, 0, exponents)
+    sums = site_total(folders, read, lambda x: tf_fixed_point_sums(x, exponents, fraction_bits), 2 * width, "sum")
+    return preprocessing.decode_moments(sums, counts, exponents, fraction_bits)
 
 
 def _present(x):
@@ -131,17 +150,11 @@ def federated_preprocessor(
     categories = _federated_categories(folders, feature_names, categorical)
     width = len(preprocessing.expanded_names(feature_names, categories))
 
-    def expanded(raw):
+    def expanded(folder):
+        raw, _ = parse_table(_file(folder, "train.tfrecord"), d)
         return preprocessing.tf_expand(raw, feature_names, categories)
 
-    counts = _site_total(folders, d, lambda raw: tf_counts(expanded(raw)), width, "sum").astype(np.float64)
-    exponents = _site_total(folders, d, lambda raw: tf_exponents(expanded(raw)), width, "max")
-    fraction_bits = preprocessing.SECURE_SUM_BITWIDTH - 2 - math.ceil(math.log2(total_rows + 1))
-    exponents = np.where(exponents == preprocessing.NO_VALUES_EXPONENT, 0, exponents)
-    sums = _site_total(
-        folders, d, lambda raw: tf_fixed_point_sums(expanded(raw), exponents, fraction_bits), 2 * width, "sum"
-    )
-    moments: Moments = preprocessing.decode_moments(sums, counts, exponents, fraction_bits)
+    moments = site_moments(folders, expanded, width, total_rows)
     return preprocessing.preprocessor_from(feature_names, categories, moments, zero_means_missing)
 
 
@@ -296,14 +309,9 @@ def score_histograms(model_fn, preprocessor: Preprocessor, n_features: int, weig
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def site_histogram(weights, folder):
-        model = model_fn()
-        model_weights = tff.learning.models.ModelWeights.from_model(model)
-        assigned = tf.nest.map_structure(lambda variable, value: variable.assign(value), model_weights, weights)
         raw, labels = parse_table(_file(folder, "test.tfrecord"), n_features)
-        # a TFF TensorFlow computation is a plain graph: the reads must wait for the assignments
-        with tf.control_dependencies(tf.nest.flatten(assigned)):
-            inputs = preprocessor.tf_transform(tf.cast(raw, tf.float32))
-            scores = tf.reshape(model.predict_on_batch(inputs, training=False), [-1])
+        outputs = predict_with(model_fn, weights, lambda: preprocessor.tf_transform(tf.cast(raw, tf.float32)))
+        scores = tf.reshape(outputs, [-1])
         bins = tf.clip_by_value(tf.cast(tf.floor(scores * HISTOGRAM_BINS), tf.int32), 0, HISTOGRAM_BINS - 1)
         label = tf.cast(tf.reshape(labels, [-1]), tf.int32)
         return tf.math.bincount(bins + label * HISTOGRAM_BINS, minlength=2 * HISTOGRAM_BINS,
@@ -314,6 +322,16 @@ def score_histograms(model_fn, preprocessor: Preprocessor, n_features: int, weig
         return tff.federated_map(site_histogram, (tff.federated_broadcast(weights), folders))
 
     return histograms
+
+
+def predict_with(model_fn, weights, inputs: Callable):
+    """Inside a site's computation: a fresh `model_fn()` model given `weights`, applied to
+    `inputs()` (made after the assignments: a TFF TensorFlow computation is a plain graph)."""
+    model = model_fn()
+    model_weights = tff.learning.models.ModelWeights.from_model(model)
+    assigned = tf.nest.map_structure(lambda variable, value: variable.assign(value), model_weights, weights)
+    with tf.control_dependencies(tf.nest.flatten(assigned)):
+        return model.predict_on_batch(inputs(), training=False)
 
 
 def scores_from_histogram(histogram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -61,6 +61,7 @@ class SiteProcess:
 
     def __init__(self, process, open_round, clients: Sequence[SiteClient], addresses: Sequence[str] = (), quorum: int = 1):
         self._process = process
+        self.weights_type = process.get_model_weights.type_signature.result  # for `SiteEvaluation`
         self._worker_of = {c.folder: index for index, c in enumerate(clients)}  # site i = worker i
         self._name_of = {c.folder: c.name for c in clients}
         self._index_of_address = {address: index for index, address in enumerate(addresses)}
@@ -112,7 +113,8 @@ class SiteEvaluation:
     """Per round: each site's test-score histogram (`site_computations.score_histograms`)."""
 
     def __init__(self, process, model_fn, preprocessor, n_features: int, folders: list[str]):
-        weights_type = process.get_model_weights.type_signature.result
+        # a process across sites (`SiteProcess`, `masked_rounds.MaskedSiteProcess`) names its weights' type
+        weights_type = getattr(process, "weights_type", None) or process.get_model_weights.type_signature.result
         self._histograms = site_computations.score_histograms(model_fn, preprocessor, n_features, weights_type)
         self._folders = list(folders)
 
@@ -158,16 +160,20 @@ def describe_sites(sites, manifests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def personalize_at_sites(model_fn, metrics_fn, section, train, seed: int, preprocessor, n_features: int, clients) -> dict:
+def personalize_at_sites(
+    model_fn, metrics_fn, section, train, seed: int, preprocessor, n_features: int, clients, open_splits=None,
+) -> dict:
     """[personalization] at the sites: each site fine-tunes the global model on its training
     rows and evaluates both models on its test rows, all at the site
-    (`personalization.evaluation_computation`); site -> {"before": ..., "after": ...}."""
+    (`personalization.evaluation_computation`); site -> {"before": ..., "after": ...}.
+    `open_splits`: the computation that opens a site's {train_data, test_data} (default: a
+    tabular site's rows under `preprocessor`)."""
     from tff_apps.learning import personalization
 
     computation = personalization.evaluation_computation(
         model_fn, metrics_fn, section, train, seed, shuffle_buffer=max(c.rows for c in clients)
     )
-    open_splits = site_computations.split_datasets_fn(preprocessor, n_features)
+    open_splits = open_splits or site_computations.split_datasets_fn(preprocessor, n_features)
 
     @tff.federated_computation(computation.type_signature.parameter[0], tff.FederatedType(np.str_, tff.CLIENTS))
     def at_sites(weights, folders):
