@@ -1,16 +1,19 @@
-"""Finance: credit risk across a lender and a data partner (vertical FL). What the engine calls.
+"""Finance: credit risk across a lender and its data partners (vertical FL). What the engine calls.
 
-prepare: load both parties' tables, align them by private set intersection, split the
-aligned customers (the lender draws a stratified split). train: each party encodes its
-own columns, the split model trains and is evaluated through `tff_apps.learning.vertical`
-(TFF computations, secure sum of the partial scores: the lender's metrics see only the
-summed test logits and its own labels), the baselines train beside it, and each party's
-bottom model is exported as its own SavedModel. score: each party's export scores its own
-rows and the scores are summed by the same secure sum (`finance.model.score_vertical`).
+prepare: load every party's table (each checks its own columns, `finance.parties`), align
+them by private set intersection, split the aligned customers (the lender draws a stratified
+split). train: each party encodes its own columns, the split model trains and is evaluated
+through `tff_apps.learning.vertical` (TFF computations, secure sum of the partial scores: the
+lender's metrics see only the summed test logits and its own labels), checkpointing every
+`train.checkpoint_every` epochs (a killed run resumes from the last one), the baselines train
+beside it, and each party's bottom model is exported as its own SavedModel. What the lender
+writes (summary, report, its card) names only its own columns. score: each party's export
+scores its own rows and the scores are summed by the same secure sum (`finance.scoring`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,8 +21,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from finance.alignment import Alignment, align, aligned, split_aligned
-from finance.data import LENDER, PARTNER, DataConfig, FinanceData, PartyTable, load
+from finance.data import LENDER, DataConfig, FinanceData, PartyTable, load
 from finance.model import ModelConfig
+from finance.parties import party_view
 from shared.errors import UserError
 from shared.files import write_json_atomic, write_text_atomic
 from tff_apps.program import reporting
@@ -33,24 +37,30 @@ METHOD_COLUMNS = (
     ("accuracy", lambda r: r["accuracy"]),
     ("Brier", lambda r: r["brier"]),
 )
-PARTIES = (LENDER, PARTNER)
 CARD_FILE = "model_card.json"
-SERVABLES = {party: f"finance_{party}" for party in PARTIES}  # export/<servable>/<version>/, one per party
+
+
+def servable(party: str) -> str:
+    """export/<servable>/<version>/, one per party."""
+    return f"finance_{party}"
 
 
 @dataclass
 class Prepared:
     data: FinanceData
     alignment: Alignment
-    lender: PartyTable  # the lender's own rows of the shared customers, common order
-    partner: PartyTable  # the partner's own rows of the same customers, same order
+    parties: list[PartyTable]  # each party's own rows of the shared customers, common order, lender first
     train_rows: np.ndarray  # positions in the common order
     test_rows: np.ndarray
+
+    @property
+    def names(self) -> list[str]:
+        return [party.name for party in self.parties]
 
 
 class FinanceApp:
     name = "finance"
-    description = "credit risk across a lender and a data partner (vertical FL, PSI-aligned, split model)"
+    description = "credit risk across a lender and its data partners (vertical FL, PSI-aligned, split model)"
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
     horizontal = False  # vertical FL: [communication], [clients], [robustness], [personalization] do not apply
@@ -64,20 +74,24 @@ class FinanceApp:
             )
         data = load(cfg.data, cfg.job.seed)
         alignment = align(data)
-        lender, partner = aligned(data, alignment)
-        train_rows, test_rows = split_aligned(lender.labels, cfg.evaluate.test_fraction, cfg.job.seed)
+        parties = aligned(data, alignment)
+        train_rows, test_rows = split_aligned(parties[0].labels, cfg.evaluate.test_fraction, cfg.job.seed)
         if cfg.train.batch_size > len(train_rows):
             raise UserError(
                 f"train.batch_size = {cfg.train.batch_size} is larger than the {len(train_rows)} aligned "
                 f"training customers; lower it"
             )
-        return Prepared(data, alignment, lender, partner, train_rows, test_rows)
+        return Prepared(data, alignment, parties, train_rows, test_rows)
 
     def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
-        return {LENDER: len(prepared.train_rows), PARTNER: len(prepared.train_rows)}
+        return dict.fromkeys(prepared.names, len(prepared.train_rows))
 
     def fingerprint(self, prepared: Prepared) -> str:
-        return data_fingerprint([prepared.data.lender.fingerprint(), prepared.data.partner.fingerprint()])
+        return data_fingerprint([party.fingerprint() for party in prepared.data.parties])
+
+    def public_config(self, cfg: JobConfig) -> dict[str, Any]:
+        """The config the summary shows: the lender's view (`finance.parties.party_view`)."""
+        return party_view(cfg, LENDER).to_dict()
 
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         from finance import evaluate
@@ -86,14 +100,11 @@ class FinanceApp:
 
         train_rows, test_rows = prepared.train_rows, prepared.test_rows
         # Each party fits its encoder on its own training rows and encodes only its own columns.
-        encoders, train_x, test_x = {}, {}, {}
-        for party in (prepared.lender, prepared.partner):
-            encoder = PartyEncoder.fit(party.features.iloc[train_rows], party.categorical)
-            encoders[party.name] = encoder
-            train_x[party.name] = encoder.transform(party.features.iloc[train_rows])
-            test_x[party.name] = encoder.transform(party.features.iloc[test_rows])
-        y_train, y_test = prepared.lender.labels[train_rows], prepared.lender.labels[test_rows]
-        settings = vertical_settings(cfg)
+        encoders = {p.name: PartyEncoder.fit(p.features.iloc[train_rows], p.categorical) for p in prepared.parties}
+        train_x = [encoders[p.name].transform(p.features.iloc[train_rows]) for p in prepared.parties]
+        test_x = [encoders[p.name].transform(p.features.iloc[test_rows]) for p in prepared.parties]
+        labels = prepared.parties[0].labels
+        y_train, y_test = labels[train_rows], labels[test_rows]
 
         def evaluate_epoch(z) -> dict[str, float]:
             # The lender's side: the securely summed test logits and its own test labels.
@@ -101,66 +112,37 @@ class FinanceApp:
             return {"auc": report["auc"], "ks": report["ks"]}
 
         result = vertical_rounds.train_vertical(
-            [train_x[LENDER], train_x[PARTNER]], y_train, settings,
-            party_names=list(PARTIES), evaluate=evaluate_epoch,
-            eval_parties=[test_x[LENDER], test_x[PARTNER]], run_dir=run.dir,
+            train_x, y_train, vertical_settings(cfg), party_names=prepared.names, evaluate=evaluate_epoch,
+            eval_parties=test_x, run_dir=run.dir, checkpoint_every=cfg.train.checkpoint_every,
         )
         # The last epoch is always evaluated: its z is the final model's.
         reports = {"vertical": evaluate.vertical_metrics(result.eval_logits, y_test)}
         reports.update(run_baselines(cfg, train_x, test_x, y_train, y_test))
-        summary = {
-            "data": describe_data(prepared, len(train_rows), len(test_rows)),
-            "rounds": len(result.history),
-            "epochs": len(result.history),
-            "training_seconds": round(result.seconds, 3),
-            "tff_calls": result.tff_calls,
-            "bytes_per_epoch": result.bytes_per_epoch,
-            "bytes_total": result.bytes_total,
-            "evaluation": {"tff_calls": result.eval_calls, "bytes_total": result.eval_bytes_total},
-            "headline": evaluate.HEADLINE,
-            "results": reports,
-            "privacy": privacy_statement(cfg, result),
-        }
+        summary = training_summary(prepared, result, reports, cfg, evaluate.HEADLINE)
         if cfg.export.enabled:
-            export_parties(run, cfg, summary, encoders, result.party_weights)
+            export_parties(run, cfg, summary, encoders, dict(zip(prepared.names, result.party_weights)))
             summary["export"] = str(run.export_dir)
-        table = reporting.results_table(reports, METHOD_COLUMNS)
-        extra = {"Alignment and traffic": alignment_table(summary)}
-        write_text_atomic(
-            run.dir / "report.md", reporting.markdown_report(run, summary, table, group=None, extra=extra)
-        )
-        summary["report"] = str(run.dir / "report.md")
-        summary["report_html"] = str(
-            reporting.html_report(
-                run, summary, table, round_metric="auc", final_metric=lambda r: r["auc"],
-                metric_label="AUC", step_key="epoch", group=None, method="vertical",
-                roc={method: (r.labels, r.probabilities) for method, r in reports.items()}, extra=extra,
-            )
-        )
-        summary["table"] = table
+        write_reports(run, summary, reports)
         return summary
 
     def score(self, export_dir: Path, inputs: Mapping[str, str], output: str, id_column: str = "") -> dict:
         """`tff-apps score`: vertical inference from one CSV per party (aligned by PSI)."""
-        from finance.model import score_vertical
-
-        missing = [p for p in PARTIES if p not in inputs]
-        unknown = [p for p in inputs if p not in PARTIES]
-        if missing or unknown:
-            raise UserError(
-                "score: give one CSV per party as --input lender=FILE --input partner=FILE"
-                + (f"; missing {', '.join(missing)}" if missing else "")
-                + (f"; unknown party {', '.join(unknown)}" if unknown else "")
-            )
+        from finance.scoring import score_vertical
         from tff_apps.program.predict import resolve_export
 
         export_dir = export_root(Path(export_dir))
         card = read_export_card(export_dir)
-        return score_vertical(
-            resolve_export(export_dir / SERVABLES[LENDER]), resolve_export(export_dir / SERVABLES[PARTNER]),
-            inputs[LENDER], inputs[PARTNER],
-            id_column or card.get("id_column", "id"), output,
-        )
+        parties = list(card["parties"])
+        missing = [p for p in parties if p not in inputs]
+        unknown = [p for p in inputs if p not in parties]
+        if missing or unknown:
+            raise UserError(
+                "score: give one CSV per party as " + " ".join(f"--input {p}=FILE" for p in parties)
+                + (f"; missing {', '.join(missing)}" if missing else "")
+                + (f"; unknown party {', '.join(unknown)}" if unknown else "")
+            )
+        exports = {p: resolve_export(export_dir / card["servables"][p]) for p in parties}
+        return score_vertical(exports, {p: inputs[p] for p in parties}, id_column or card.get("id_column", "id"), output)
 
 
 def check_privacy(cfg: JobConfig) -> None:
@@ -202,13 +184,9 @@ def run_baselines(cfg: JobConfig, train_x, test_x, y_train, y_test) -> dict[str,
     )
     reports = {}
     if cfg.evaluate.centralized_baseline:
-        reports["centralized"] = evaluate.centralized_baseline(
-            train_x[LENDER], train_x[PARTNER], y_train, test_x[LENDER], test_x[PARTNER], y_test, **settings
-        )
+        reports["centralized"] = evaluate.centralized_baseline(train_x, y_train, test_x, y_test, **settings)
     if cfg.evaluate.local_baseline:
-        reports["lender_alone"] = evaluate.lender_alone_baseline(
-            train_x[LENDER], y_train, test_x[LENDER], y_test, **settings
-        )
+        reports["lender_alone"] = evaluate.lender_alone_baseline(train_x[0], y_train, test_x[0], y_test, **settings)
     return reports
 
 
@@ -227,28 +205,48 @@ def privacy_statement(cfg: JobConfig, result) -> dict[str, Any]:
     }
 
 
+def training_summary(prepared: Prepared, result, reports: dict, cfg: JobConfig, headline: str) -> dict[str, Any]:
+    return {
+        "data": describe_data(prepared, len(prepared.train_rows), len(prepared.test_rows)),
+        "rounds": len(result.history),
+        "epochs": len(result.history),
+        "training_seconds": round(result.seconds, 3),
+        "tff_calls": result.tff_calls,
+        "bytes_per_epoch": result.bytes_per_epoch,
+        "bytes_total": result.bytes_total,
+        "evaluation": {"tff_calls": result.eval_calls, "bytes_total": result.eval_bytes_total},
+        "checkpoints": {"every_epochs": cfg.train.checkpoint_every, "resumed_after_epoch": result.resumed_after_epoch},
+        "headline": headline,
+        "results": reports,
+        "privacy": privacy_statement(cfg, result),
+    }
+
+
 def describe_data(prepared: Prepared, n_train: int, n_test: int) -> dict[str, Any]:
+    """The lender's view of the data: its own columns by name, a partner's only counted."""
     data = prepared.data
+    parties = {
+        party.name: {"customers": len(party), "n_columns": len(party.columns)} for party in data.parties
+    }
+    parties[LENDER].update(columns=data.lender.columns, categorical=data.lender.categorical)
     return {
         "source": data.source_description,
-        "fingerprint": data_fingerprint([data.lender.fingerprint(), data.partner.fingerprint()]),
-        "parties": {
-            party.name: {"customers": len(party), "columns": party.columns, "categorical": party.categorical}
-            for party in (data.lender, data.partner)
-        },
+        "fingerprint": data_fingerprint([party.fingerprint() for party in data.parties]),
+        "parties": parties,
         "alignment": prepared.alignment.describe(),
         "train_customers": n_train,
         "test_customers": n_test,
-        "default_rate": float(np.mean(prepared.lender.labels)),
+        "default_rate": float(np.mean(data.lender.labels)),
     }
 
 
 def alignment_table(summary: dict[str, Any]) -> str:
     psi = summary["data"]["alignment"]
+    names = list(psi["customers"])
     rows = [
-        ["customers (lender / partner)", f"{psi['lender_customers']} / {psi['partner_customers']}"],
-        ["shared customers (PSI)", psi["match_count"]],
-        ["match rate (lender / partner)", f"{psi['match_rate_lender']:.3f} / {psi['match_rate_partner']:.3f}"],
+        [f"customers ({' / '.join(names)})", " / ".join(str(psi["customers"][p]) for p in names)],
+        ["customers every party holds (PSI)", psi["match_count"]],
+        [f"match rate ({' / '.join(names)})", " / ".join(f"{psi['match_rate'][p]:.3f}" for p in names)],
         ["PSI time (s) / bytes", f"{psi['seconds']:.3f} / {psi['bytes_exchanged']:,}"],
         ["training bytes per epoch", f"{summary['bytes_per_epoch'].get('total', 0):,}"],
         ["TFF calls", summary["tff_calls"]],
@@ -256,11 +254,31 @@ def alignment_table(summary: dict[str, Any]) -> str:
     return reporting.markdown_table(["", "value"], rows)
 
 
-def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weights) -> None:
-    """export/finance_lender/1 and export/finance_partner/1 (one SavedModel each, as TF
-    Serving reads them) and export/model_card.json.
+def write_reports(run: Run, summary: dict[str, Any], reports: dict[str, Any]) -> None:
+    """report.md and report.html, the lender's: the config shown is its view (`party_view`)."""
+    lender_run = dataclasses.replace(run, config=party_view(run.config, LENDER))
+    table = reporting.results_table(reports, METHOD_COLUMNS)
+    extra = {"Alignment and traffic": alignment_table(summary)}
+    write_text_atomic(
+        run.dir / "report.md", reporting.markdown_report(lender_run, summary, table, group=None, extra=extra)
+    )
+    summary["report"] = str(run.dir / "report.md")
+    summary["report_html"] = str(
+        reporting.html_report(
+            lender_run, summary, table, round_metric="auc", final_metric=lambda r: r["auc"],
+            metric_label="AUC", step_key="epoch", group=None, method="vertical",
+            roc={method: (r.labels, r.probabilities) for method, r in reports.items()}, extra=extra,
+        )
+    )
+    summary["table"] = table
 
-    Written into a temporary folder renamed into place: never one party without the other.
+
+def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weights: dict) -> None:
+    """export/finance_<party>/1 for every party (one SavedModel each, as TF Serving reads
+    them) and export/model_card.json (the lender's). Each card holds its party's view of the
+    config: no party's export names another party's columns.
+
+    Written into a temporary folder renamed into place: never one party without the others.
     """
     import shutil
 
@@ -270,32 +288,39 @@ def export_parties(run: Run, cfg: JobConfig, summary: dict, encoders, party_weig
     staging = run.dir / ".export.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    parties = list(party_weights)
     card = {
         "app": "finance",
         "run_id": run.run_id,
-        "task": "probability of default = sigmoid(lender partial score + partner partial score)",
+        "task": "probability of default = sigmoid(sum of every party's partial score)",
         "data_fingerprint": summary["data"]["fingerprint"],
         "id_column": cfg.data.id_column,
         "metrics": summary["results"]["vertical"],
         "privacy": summary["privacy"],
-        "config": cfg.to_dict(),
     }
-    for party, weights in zip(PARTIES, party_weights):
+    for party, weights in party_weights.items():
         encoder = encoders[party]
         model = build_bottom_model(cfg.model.kind, encoder.n_outputs, cfg.model.hidden_units, weights)
-        export_party(servable_dir(staging, SERVABLES[party]), party, encoder, model, card, cfg.model.score_bound)
-    write_json_atomic(staging / CARD_FILE, {**card, "parties": list(PARTIES), "servables": SERVABLES})
-    # A re-run of a run id that failed after exporting (finance does not checkpoint, so it
-    # trains again) replaces that attempt's export.
+        party_card = {**card, "config": party_view(cfg, party).to_dict()}
+        export_party(servable_dir(staging, servable(party)), party, encoder, model, party_card, cfg.model.score_bound)
+    servables = {party: servable(party) for party in parties}
+    lender_card = {**card, "config": party_view(cfg, LENDER).to_dict(), "parties": parties, "servables": servables}
+    write_json_atomic(staging / CARD_FILE, lender_card)
+    # A resumed run id that failed after exporting replaces that attempt's export.
     shutil.rmtree(run.export_dir, ignore_errors=True)
     staging.rename(run.export_dir)
 
 
 def export_root(path: Path) -> Path:
     """A finance run's export/ folder, also when given one party's servable or version folder."""
+    import json
+
     for candidate in (path, path.parent, path.parent.parent):
-        card = candidate / CARD_FILE
-        if card.is_file() and '"parties"' in card.read_text(encoding="utf-8"):
+        try:
+            card = json.loads((candidate / CARD_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(card, dict) and isinstance(card.get("servables"), dict):
             return candidate
     return path
 
@@ -305,7 +330,7 @@ def read_export_card(export_dir: Path) -> dict[str, Any]:
 
     card = read_model_card(Path(export_dir))
     if card.get("app") != "finance" or "parties" not in card:
-        raise UserError(f"{export_dir}: not the export folder of a finance run (it holds finance_lender/ and finance_partner/)")
+        raise UserError(f"{export_dir}: not the export folder of a finance run (it holds finance_lender/ and a folder per partner)")
     return card
 
 

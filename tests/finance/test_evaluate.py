@@ -51,7 +51,7 @@ def test_baselines_on_the_default_job_joined_beats_the_lender_alone(encoded):
         model_cfg=ModelConfig(**DEFAULT["model"]), epochs=train["rounds"], batch_size=train["batch_size"],
         learning_rate=train["client_learning_rate"], optimizer=train["client_optimizer"], seed=DEFAULT["job"]["seed"],
     )
-    joined = centralized_baseline(e["xl"], e["xp"], e["y"], e["xlt"], e["xpt"], e["yt"], **settings)
+    joined = centralized_baseline([e["xl"], e["xp"]], e["y"], [e["xlt"], e["xpt"]], e["yt"], **settings)
     alone = lender_alone_baseline(e["xl"], e["y"], e["xlt"], e["yt"], **settings)
     for report in (joined, alone):
         assert 0.55 < report["auc"] < 0.9

@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from finance.model import (
-    PARTY_EXPORT_KIND,
-    PartyEncoder,
-    build_bottom_model,
-    export_party,
-    load_party,
-    partial_score,
-    score_vertical,
-    sigmoid,
-)
+from finance.model import PARTY_EXPORT_KIND, PartyEncoder, build_bottom_model, export_party, partial_score, sigmoid
+from finance.scoring import load_party, score_vertical
 from shared.errors import UserError
 from tff_apps.program.predict import predict_csv
+
+
+def score_two(lender_export, partner_export, lender_csv, partner_csv, id_column, output):
+    """`score_vertical` for a lender and one partner."""
+    return score_vertical(
+        {"lender": lender_export, "partner": partner_export}, {"lender": lender_csv, "partner": partner_csv},
+        id_column, output,
+    )
 
 
 def _weights(kind: str, d: int, h: int, seed: int) -> list[np.ndarray]:
@@ -163,7 +163,7 @@ def test_score_vertical_writes_sigmoid_of_the_secure_sum_for_exactly_the_shared_
 
     monkeypatch.setattr(vertical.SecureScoreSum, "_get", recording_get)
     monkeypatch.setattr(Runtime, "__enter__", recording_enter)
-    summary = score_vertical(lender_dir, partner_dir, lender_csv, partner_csv, "id", out)
+    summary = score_two(lender_dir, partner_dir, lender_csv, partner_csv, "id", out)
     assert summary["match_count"] == 3 and summary["rows_written"] == 3
     scored = pd.read_csv(out)
     assert list(scored.columns) == ["id", "probability"]
@@ -192,24 +192,24 @@ def test_score_vertical_errors_are_user_errors(exports, tmp_path):
     lender_dir, partner_dir = exports["lender"][0], exports["partner"][0]
     out = tmp_path / "o.csv"
     with pytest.raises(UserError, match=r"nope\.csv: file not found"):
-        score_vertical(lender_dir, partner_dir, tmp_path / "nope.csv", partner_csv, "id", out)
+        score_two(lender_dir, partner_dir, tmp_path / "nope.csv", partner_csv, "id", out)
     with pytest.raises(UserError, match=r"l\.csv: the customer-ID column 'cid' \(data\.id_column\) is missing"):
-        score_vertical(lender_dir, partner_dir, lender_csv, partner_csv, "cid", out)
+        score_two(lender_dir, partner_dir, lender_csv, partner_csv, "cid", out)
     with pytest.raises(UserError, match=r"p2\.csv: column 'balance' is missing; the file has columns id, bal, housing"):
-        score_vertical(lender_dir, partner_dir, lender_csv, renamed, "id", out)
-    with pytest.raises(UserError, match="swap the two"):
-        score_vertical(partner_dir, lender_dir, lender_csv, partner_csv, "id", out)
+        score_two(lender_dir, partner_dir, lender_csv, renamed, "id", out)
+    with pytest.raises(UserError, match=r"is the partner's model, given for the lender; .*\(swap the two\)"):
+        score_two(partner_dir, lender_dir, lender_csv, partner_csv, "id", out)
     _, partner_enc, partner_w = exports["partner"]
     bounded = export_party(  # the same partner model, exported with a clip the lender's export lacks
         tmp_path / "bounded", "partner", partner_enc, build_bottom_model("mlp", partner_enc.n_outputs, 4, partner_w),
         {"run_id": "r1"}, score_bound=8.0,
     )
     with pytest.raises(UserError, match=r"\(score_bound 0\.0\) and .*bounded \(score_bound 8\.0\) were exported with different"):
-        score_vertical(lender_dir, bounded, lender_csv, partner_csv, "id", out)
+        score_two(lender_dir, bounded, lender_csv, partner_csv, "id", out)
     with pytest.raises(UserError, match="not an exported model"):
-        score_vertical(tmp_path, partner_dir, lender_csv, partner_csv, "id", out)
+        score_two(tmp_path, partner_dir, lender_csv, partner_csv, "id", out)
     with pytest.raises(UserError, match=r"missing\.csv: folder .* does not exist"):
-        score_vertical(lender_dir, partner_dir, lender_csv, partner_csv, "id", tmp_path / "no" / "missing.csv")
+        score_two(lender_dir, partner_dir, lender_csv, partner_csv, "id", tmp_path / "no" / "missing.csv")
     other = tmp_path / "other"
     other.mkdir()
     (other / "model_card.json").write_text(json.dumps({"inputs": {}, "output": "probability"}))

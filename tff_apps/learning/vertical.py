@@ -146,6 +146,7 @@ class VerticalResult:
     eval_calls: int = 0
     eval_bytes_total: dict[str, int] = field(default_factory=dict)  # partial_scores_up, sum_to_lender
     eval_logits: np.ndarray | None = None  # the last evaluation's z, as the lender received it
+    resumed_after_epoch: int = 0  # the checkpoint a resumed run continued from (0: started afresh)
 
 
 def initial_weights(kind: str, width: int, hidden_units: int, seed: int, party_index: int) -> list[np.ndarray]:

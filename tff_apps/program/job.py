@@ -367,7 +367,7 @@ def _run_prepared(
             summary["privacy"] = run.privacy.statement()
         summary["started"] = _iso(started)
         summary["seconds"] = round(time.time() - started, 3)
-        summary["config"] = run.config.to_dict()
+        summary["config"] = summary_config(app, run.config)
         write_json_atomic(run.dir / "summary.json", summary)
         try:
             _record_end(registry, run, summary)
@@ -375,6 +375,13 @@ def _run_prepared(
             engine_log.setLevel(engine_level)
             logging.getLogger().removeHandler(log_handler)
             log_handler.close()
+
+
+def summary_config(app: App, cfg: config_lib.JobConfig) -> dict[str, Any]:
+    """The config as summary.json shows it: an app whose parties keep parts of it private
+    (finance: each party's columns) gives its `public_config`."""
+    public = getattr(app, "public_config", None)
+    return public(cfg) if public is not None else cfg.to_dict()
 
 
 def _record_end(registry: runs.Registry, run: Run, summary: dict[str, Any]) -> None:

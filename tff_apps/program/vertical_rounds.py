@@ -28,10 +28,18 @@ Evaluation and scoring go through the same secure sum: `secure_logits` (each par
 and held-out rows as its own CLIENTS value) and `secure_score_sum` (each party's partial
 scores from its exported model) return only the decoded sum z, in calls of at most
 `EVAL_ROWS` rows. The lender's metrics are functions of z and its own labels.
+
+Checkpoints (`checkpoint_every` epochs, `vertical_checkpoints`): each party's weights,
+optimizer state and noise-generator state as they were at the end of the epoch (the
+generators before the next batch's partial noise is drawn), then the coordinator's state. A
+resumed run starts the next epoch with a forward call and replays the same batches and noise,
+so it ends with an uninterrupted run's weights and releases nothing the killed attempt did not.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -63,6 +71,7 @@ from tff_apps.learning.vertical import (
 )
 from tff_apps.privacy import accounting
 from tff_apps.program.metrics_log import MetricsLog
+from tff_apps.program.vertical_checkpoints import PartyCheckpoint, VerticalCheckpoints, party_checkpoint, restore_party
 
 EVAL_ROWS = 4096  # rows per evaluation or scoring call: bounds one call's tensors, two traced shapes at most
 EVAL_MESSAGE_KINDS = ("partial_scores_up", "sum_to_lender")
@@ -97,6 +106,7 @@ def train_vertical(
     eval_parties: list[np.ndarray] | None = None,
     run_dir: Path | str | None = None,
     progress: bool = True,
+    checkpoint_every: int = 0,
 ) -> VerticalResult:
     """Trains the split model on aligned party matrices (party 0 = the lender, with `labels`).
 
@@ -109,123 +119,197 @@ def train_vertical(
     epoch goes to metrics.jsonl (`metrics_log.MetricsLog`): epoch (also as "round", the key the
     other apps' records and TensorBoard steps use), loss (mean training BCE before each batch's
     update, as the lender reports it), bytes, seconds, the evaluate metrics and, with label
-    noise, label_epsilon so far.
+    noise, label_epsilon so far. With `run_dir` and `checkpoint_every` > 0, every party and the
+    coordinator checkpoint every `checkpoint_every` epochs and after the last
+    (`vertical_checkpoints`); a run folder with a checkpoint continues after it, replaying the
+    same batches and the same DP noise, and ends with the weights of an uninterrupted run.
     """
     started = time.perf_counter()
     parties, labels = validate_inputs(parties, labels, settings)
     held_out = _eval_matrices(eval_parties, parties, evaluate)
     names = resolve_party_names(party_names, len(parties))
-    n_rows, n_parties = len(labels), len(parties)
-    width = max(x.shape[1] for x in parties)
-    comps = _checked_bitwidth(VerticalComputations(settings, n_parties, width))
-    states = [
-        PartyState(
-            name=names[p], index=p, width=x.shape[1],
-            features=_pad_columns(x, width),
-            weights=pad_weights(initial_weights(settings.kind, x.shape[1], settings.hidden_units, settings.seed, p), width),
-            optimizer_state=comps.initial_optimizer_state(),
-            labels=labels if p == 0 else None,
-            noise_rng=unseeded_generator() if _draws_noise(settings, p) else None,
-            eval_features=None if held_out is None else _pad_columns(held_out[p], width),
-        )
-        for p, x in enumerate(parties)
-    ]
-    lender = states[0]
-    coordinator = CoordinatorState(n_parties, n_rows, settings.batch_size, comps.bitwidth)
-    schedule = [
-        (epoch, rows)
-        for epoch in range(1, settings.epochs + 1)
-        for rows in batch_indices(n_rows, settings.batch_size, epoch, settings.seed)
-    ]
-
+    training = _Training(parties, labels, held_out, names, settings)
+    checkpoints = VerticalCheckpoints(_run_dir(run_dir), checkpoint_every, names) if run_dir is not None else None
+    first_epoch = training.restore(checkpoints.load_latest()) + 1 if checkpoints is not None else 1
     log = MetricsLog(_run_dir(run_dir)) if run_dir is not None else None
-    bar = tqdm(total=settings.epochs, desc="vertical", unit="epoch", dynamic_ncols=True, disable=not progress)
-    history: list[dict[str, Any]] = []
-    eval_bytes = dict.fromkeys(EVAL_MESSAGE_KINDS, 0)
-    eval_logits = None
-    epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
-    epoch_loss, epoch_started = 0.0, time.perf_counter()
+    history = log.keep_rounds_up_to(first_epoch - 1) if log is not None else []
+    bar = tqdm(
+        total=settings.epochs, initial=first_epoch - 1, desc="vertical", unit="epoch", dynamic_ncols=True,
+        disable=not progress,
+    )
     try:
-        rows0 = schedule[0][1]
-        z = comps.forward(
-            [s.weights for s in states], [s.features[rows0] for s in states],
-            [_partial_noise(s, settings, len(rows0)) for s in states],
-        )
-        for k, (epoch, rows) in enumerate(schedule):
-            n = len(rows)
-            # coordinator -> lender: z; lender: loss and the gradient it releases.
-            label_noise = (
-                draw_noise(lender.noise_rng, settings.label_noise_multiplier / n, n)
-                if settings.label_noise_multiplier > 0 else np.zeros(n, np.float32)
-            )
-            loss, g = comps.lender_step(z, lender.labels[rows], label_noise)
-            epoch_loss += loss * n
-            _count(epoch_bytes, n, n_parties)
-            # coordinator -> every party: g; each party updates; (next batch's forward).
-            weights = [s.weights for s in states]
-            opts = [s.optimizer_state for s in states]
-            x = [s.features[rows] for s in states]
-            if k + 1 < len(schedule):
-                next_rows = schedule[k + 1][1]
-                weights, opts, z = comps.backward_forward(
-                    g, weights, opts, x, [s.features[next_rows] for s in states],
-                    [_partial_noise(s, settings, len(next_rows)) for s in states],
-                )
-            else:
-                weights, opts = comps.backward(g, weights, opts, x)
-            for s, w, o in zip(states, weights, opts):
-                s.weights = [np.asarray(a, np.float32) for a in w]
-                s.optimizer_state = [np.asarray(a, np.float32) for a in o]
-            coordinator.step += 1
-            if k + 1 < len(schedule) and schedule[k + 1][0] == epoch:
-                continue
-            # end of the epoch: the lender reports its mean loss (one float32) to the coordinator.
-            epoch_bytes["loss_up"] += 4
-            coordinator.epoch = epoch
-            coordinator.loss_history.append(epoch_loss / n_rows)
-            for kind, count in epoch_bytes.items():
-                coordinator.bytes_sent[kind] += count
-            record: dict[str, Any] = {
-                "round": epoch, "epoch": epoch, "loss": epoch_loss / n_rows,
-                "bytes": sum(epoch_bytes.values()),
-            }
-            if settings.label_noise_multiplier > 0:
-                record["label_epsilon"] = label_dp_epsilon(
-                    settings.label_noise_multiplier, epoch, settings.delta, settings.accountant
-                )
-            if evaluate is not None and (epoch % settings.eval_every == 0 or epoch == settings.epochs):
-                # coordinator -> lender: z of the held-out rows; the lender scores it.
-                eval_logits = _secure_logits(comps, [s.weights for s in states], [s.eval_features for s in states])
-                _count_evaluation(eval_bytes, len(eval_logits), n_parties)
-                record.update(evaluate(eval_logits))
-            record["seconds"] = time.perf_counter() - epoch_started
+        for record in training.epochs(first_epoch, evaluate):
             history.append(record)
             if log is not None:
                 log.write(record)
+            if checkpoints is not None and checkpoints.due(record["epoch"], settings.epochs):
+                checkpoints.save(record["epoch"], training.party_checkpoints(), training.coordinator_checkpoint())
             bar.update(1)
             bar.set_postfix(_postfix(record), refresh=False)
-            last_epoch_bytes = dict(epoch_bytes)
-            epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
-            epoch_loss, epoch_started = 0.0, time.perf_counter()
+        if evaluate is not None and training.eval_logits is None:  # resumed after the last epoch's checkpoint
+            training.evaluate_now()
     finally:
         bar.close()
         if log is not None:
             log.close()
+    return training.result(history, time.perf_counter() - started)
 
-    return VerticalResult(
-        party_weights=[unpad_weights(s.weights, s.width) for s in states],
-        history=history,
-        bytes_per_epoch={**last_epoch_bytes, "total": sum(last_epoch_bytes.values())},
-        bytes_total={**coordinator.bytes_sent, "total": sum(coordinator.bytes_sent.values())},
-        seconds=time.perf_counter() - started,
-        label_dp=_label_dp_report(settings),
-        partial_noise=_partial_noise_report(settings, n_parties),
-        coordinator=coordinator,
-        tff_calls=comps.calls,
-        eval_calls=comps.eval_calls,
-        eval_bytes_total={**eval_bytes, "total": sum(eval_bytes.values())},
-        eval_logits=eval_logits,
-    )
+
+class _Training:
+    """The protocol's loop state: every party's `PartyState`, the coordinator's state and
+    counters; `epochs` runs the mini-batches of the given epochs and yields one record each."""
+
+    def __init__(self, parties, labels, held_out, names: list[str], settings: VerticalSettings):
+        self.s = settings
+        self.rows, self.n_parties = len(labels), len(parties)
+        width = max(x.shape[1] for x in parties)
+        self.comps = _checked_bitwidth(VerticalComputations(settings, self.n_parties, width))
+        self.states = [
+            PartyState(
+                name=names[p], index=p, width=x.shape[1],
+                features=_pad_columns(x, width),
+                weights=pad_weights(initial_weights(settings.kind, x.shape[1], settings.hidden_units, settings.seed, p), width),
+                optimizer_state=self.comps.initial_optimizer_state(),
+                labels=labels if p == 0 else None,
+                noise_rng=unseeded_generator() if _draws_noise(settings, p) else None,
+                eval_features=None if held_out is None else _pad_columns(held_out[p], width),
+            )
+            for p, x in enumerate(parties)
+        ]
+        self.coordinator = CoordinatorState(self.n_parties, self.rows, settings.batch_size, self.comps.bitwidth)
+        self.eval_bytes = dict.fromkeys(EVAL_MESSAGE_KINDS, 0)
+        self.last_epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
+        self.eval_logits: np.ndarray | None = None
+        self.noise_at_epoch_end: list[dict | None] = self._noise_states()
+        self.resumed_after_epoch = 0
+
+    # -- the loop --
+
+    def epochs(self, first_epoch: int, evaluate):
+        schedule = [
+            (epoch, rows)
+            for epoch in range(first_epoch, self.s.epochs + 1)
+            for rows in batch_indices(self.rows, self.s.batch_size, epoch, self.s.seed)
+        ]
+        if not schedule:
+            return
+        z = self.comps.forward(
+            [s.weights for s in self.states], [s.features[schedule[0][1]] for s in self.states],
+            [_partial_noise(s, self.s, len(schedule[0][1])) for s in self.states],
+        )
+        epoch_bytes, epoch_loss, epoch_started = dict.fromkeys(MESSAGE_KINDS, 0), 0.0, time.perf_counter()
+        for k, (epoch, rows) in enumerate(schedule):
+            next_rows = schedule[k + 1][1] if k + 1 < len(schedule) else None
+            ends_epoch = next_rows is None or schedule[k + 1][0] != epoch
+            loss, z = self._batch(z, rows, next_rows, ends_epoch)
+            epoch_loss += loss * len(rows)
+            _count(epoch_bytes, len(rows), self.n_parties)
+            if not ends_epoch:
+                continue
+            yield self._end_epoch(epoch, epoch_bytes, epoch_loss, epoch_started, evaluate)
+            epoch_bytes, epoch_loss, epoch_started = dict.fromkeys(MESSAGE_KINDS, 0), 0.0, time.perf_counter()
+
+    def _batch(self, z, rows, next_rows, ends_epoch: bool):
+        """One mini-batch: the lender's step on z, then every party's update (and the next
+        batch's forward in the same call). Returns (the lender's loss, the next z)."""
+        lender, n = self.states[0], len(rows)
+        # coordinator -> lender: z; lender: loss and the gradient it releases.
+        label_noise = (
+            draw_noise(lender.noise_rng, self.s.label_noise_multiplier / n, n)
+            if self.s.label_noise_multiplier > 0 else np.zeros(n, np.float32)
+        )
+        loss, g = self.comps.lender_step(z, lender.labels[rows], label_noise)
+        if ends_epoch:  # the epoch's checkpoint: this batch's label noise drawn, the next batch's partial noise not yet
+            self.noise_at_epoch_end = self._noise_states()
+        # coordinator -> every party: g; each party updates; (next batch's forward).
+        weights, opts = [s.weights for s in self.states], [s.optimizer_state for s in self.states]
+        x = [s.features[rows] for s in self.states]
+        if next_rows is not None:
+            weights, opts, z = self.comps.backward_forward(
+                g, weights, opts, x, [s.features[next_rows] for s in self.states],
+                [_partial_noise(s, self.s, len(next_rows)) for s in self.states],
+            )
+        else:
+            weights, opts = self.comps.backward(g, weights, opts, x)
+        for s, w, o in zip(self.states, weights, opts):
+            s.weights = [np.asarray(a, np.float32) for a in w]
+            s.optimizer_state = [np.asarray(a, np.float32) for a in o]
+        self.coordinator.step += 1
+        return loss, z
+
+    def _end_epoch(self, epoch, epoch_bytes, epoch_loss, epoch_started, evaluate) -> dict[str, Any]:
+        # the lender reports its mean loss (one float32) to the coordinator.
+        epoch_bytes["loss_up"] += 4
+        coordinator = self.coordinator
+        coordinator.epoch = epoch
+        coordinator.loss_history.append(epoch_loss / self.rows)
+        for kind, count in epoch_bytes.items():
+            coordinator.bytes_sent[kind] += count
+        self.last_epoch_bytes = dict(epoch_bytes)
+        record: dict[str, Any] = {
+            "round": epoch, "epoch": epoch, "loss": epoch_loss / self.rows, "bytes": sum(epoch_bytes.values()),
+        }
+        if self.s.label_noise_multiplier > 0:
+            record["label_epsilon"] = label_dp_epsilon(self.s.label_noise_multiplier, epoch, self.s.delta, self.s.accountant)
+        if evaluate is not None and (epoch % self.s.eval_every == 0 or epoch == self.s.epochs):
+            record.update(evaluate(self.evaluate_now()))
+        record["seconds"] = time.perf_counter() - epoch_started
+        return record
+
+    def evaluate_now(self) -> np.ndarray:
+        """coordinator -> lender: z of the held-out rows (the lender scores it)."""
+        self.eval_logits = _secure_logits(
+            self.comps, [s.weights for s in self.states], [s.eval_features for s in self.states]
+        )
+        _count_evaluation(self.eval_bytes, len(self.eval_logits), self.n_parties)
+        return self.eval_logits
+
+    # -- checkpoints --
+
+    def _noise_states(self) -> list[dict | None]:
+        return [s.noise_rng.bit_generator.state if s.noise_rng is not None else None for s in self.states]
+
+    def party_checkpoints(self) -> dict[str, PartyCheckpoint]:
+        return {s.name: party_checkpoint(s, noise) for s, noise in zip(self.states, self.noise_at_epoch_end)}
+
+    def coordinator_checkpoint(self) -> dict[str, Any]:
+        return {
+            "coordinator": dataclasses.asdict(self.coordinator), "last_epoch_bytes": self.last_epoch_bytes,
+            "eval_bytes": self.eval_bytes, "calls": self.comps.calls, "eval_calls": self.comps.eval_calls,
+        }
+
+    def restore(self, latest) -> int:
+        """Each party's and the coordinator's state from a checkpoint; returns its epoch (0: none)."""
+        if latest is None:
+            return 0
+        epoch, party_states, saved = latest
+        for state in self.states:
+            restore_party(state, party_states[state.name])
+        for key in ("epoch", "step", "loss_history", "bytes_sent"):
+            setattr(self.coordinator, key, saved["coordinator"][key])
+        self.last_epoch_bytes, self.eval_bytes = saved["last_epoch_bytes"], saved["eval_bytes"]
+        self.comps.calls, self.comps.eval_calls = saved["calls"], saved["eval_calls"]
+        logging.getLogger(__name__).info("resuming vertical training after epoch %d", epoch)
+        self.resumed_after_epoch = epoch
+        return epoch
+
+    def result(self, history, seconds: float) -> VerticalResult:
+        coordinator, last = self.coordinator, self.last_epoch_bytes
+        return VerticalResult(
+            party_weights=[unpad_weights(s.weights, s.width) for s in self.states],
+            history=history,
+            bytes_per_epoch={**last, "total": sum(last.values())},
+            bytes_total={**coordinator.bytes_sent, "total": sum(coordinator.bytes_sent.values())},
+            seconds=seconds,
+            label_dp=_label_dp_report(self.s),
+            partial_noise=_partial_noise_report(self.s, self.n_parties),
+            coordinator=coordinator,
+            tff_calls=self.comps.calls,
+            eval_calls=self.comps.eval_calls,
+            eval_bytes_total={**self.eval_bytes, "total": sum(self.eval_bytes.values())},
+            eval_logits=self.eval_logits,
+            resumed_after_epoch=self.resumed_after_epoch,
+        )
 
 
 def secure_logits(
