@@ -87,8 +87,8 @@ def test_weighted_fedavg_matches_stock(runtime):
     assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
 
 
-def dp_plan(clip: float, noise: float):
-    section = PrivacySection(level="client", clipping="fixed", clip_norm=clip)
+def dp_plan(clip: float, noise: float, clipping: str = "fixed"):
+    section = PrivacySection(level="client", clipping=clipping, clip_norm=clip)
     return types.SimpleNamespace(
         level="client", section=section, noise_multiplier=noise, sampling=types.SimpleNamespace(participants=len(CLIENTS))
     )
@@ -102,15 +102,27 @@ def test_client_level_dp_with_a_binding_clip_matches_stock(runtime):
     assert max_difference(unclipped, clipped) > 1e-2  # the clip binds
 
 
+def test_adaptive_clipping_matches_stock_and_moves_the_clip(runtime):
+    """TFF's quantile estimator (Andrew et al.), run by both engines from one DP query: the
+    same clip every round, so the same model (noise 0: the clipped count's noise too)."""
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05)
+    plan = dp_plan(clip=0.05, noise=0.0, clipping="adaptive")
+    _, stock_metrics = assert_same_model(train, privacy=plan)
+    _, _, _, grouped_metrics = run_engine("grouped", train, privacy=plan)
+    stock_clip = stock_metrics["aggregator"]["dp_query_metrics"]["clip"]
+    assert grouped_metrics["aggregator"]["dp_query_metrics"]["clip"] == pytest.approx(stock_clip, rel=1e-6)
+    assert stock_clip > 0.05 * 1.05  # every update is above the first clip: the estimate rises
+
+
 def test_dp_noise_has_the_planned_standard_deviation(runtime):
     clip, noise = 0.05, 2.0
     train = dataclasses.replace(TRAIN, engine="grouped")
     model_fn = tff_model_fn(ModelConfig(kind="mlp", hidden_units=64), D, 0)
     noised, exact = (factory.build_learning_process(train, model_fn, privacy=dp_plan(clip, z)) for z in (noise, 0.0))
     datasets = [client_data.client_dataset(c, train, i) for i, c in enumerate(CLIENTS)]
-    state = noised.initialize()
 
-    def flat(process):
+    def flat(process):  # each from its own state: the DP query's state holds the noise's stddev
+        state = process.initialize()
         return np.concatenate([np.asarray(w).ravel() for w in process.next(state, datasets).state.global_model_weights.trainable])
 
     first, again, without = flat(noised), flat(noised), flat(exact)
@@ -135,11 +147,6 @@ def test_secure_sum_simulated_with_clipping_bounds_matches_stock(runtime):
 
 
 def test_grouped_engine_refuses_what_it_does_not_run():
-    train = dataclasses.replace(TRAIN, engine="grouped")
-    with pytest.raises(UserError, match="train.engine = 'grouped'.*privacy.clipping = 'fixed'"):
-        plan = dp_plan(0.1, 1.0)
-        plan.section = dataclasses.replace(plan.section, clipping="adaptive")
-        factory.build_learning_process(train, tff_model_fn(MLP, D, 0), privacy=plan)
     import tensorflow as tf
     import tensorflow_federated as tff
 
