@@ -45,10 +45,10 @@ class TrafficApp:
                 f"data: {len(data.timestamps)} time steps are too few; at least {MIN_STEPS} "
                 f"({MIN_STEPS * data.interval_minutes // 60} hours) are needed for the 70/10/20 split"
             )
-        if cfg.train.engine == "grouped":
+        if cfg.train.engine == "grouped" and cfg.model.kind != "mlp":
             raise UserError(
-                "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
-                "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
+                f"train.engine = 'grouped' runs chains of Dense layers; model.kind = '{cfg.model.kind}' is not one, "
+                "so use model.kind = 'mlp' or train.engine = 'tff' (or 'auto')"
             )
         if cfg.model.kind in GRAPH_KINDS and not any(d.graph is not None and d.graph.any() for d in data.districts):
             raise UserError(

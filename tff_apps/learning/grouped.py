@@ -49,7 +49,9 @@ from tensorflow_federated.python.learning.templates import apply_optimizer_final
 # Keras 2.14 exports neither base class under tf.keras
 from shared.errors import UserError
 from tff_apps.config import TrainSection
-from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain, refuse_model
+from tff_apps.learning.dense_chain import (
+    ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
+)
 
 
 def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
@@ -230,7 +232,7 @@ def build_grouped_process(
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = _group_type(input_spec)
+    group_type = _group_type(input_spec, chain.flatten)
     optimizer = optimizers.client_optimizer(train)
     proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
     dp = _dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
@@ -304,14 +306,14 @@ def build_grouped_process(
     return GroupedProcess(initialize_fn, next_fn)
 
 
-def _group_type(input_spec) -> tff.StructType:
+def _group_type(input_spec, flatten: bool = False) -> tff.StructType:
     if not isinstance(input_spec, collections.abc.Mapping) or set(input_spec) != {"x", "y"}:
         refuse_model("the model's input_spec is not a mapping of x and y")
     if any(input_spec[key].dtype != tf.float32 for key in ("x", "y")):
         refuse_model("the model's input_spec is not float32")
     dims = {key: input_spec[key].shape.as_list()[1:] for key in ("x", "y")}
-    if len(dims["x"]) != 1 or None in dims["x"] + dims["y"]:
-        refuse_model("the model's input is not a vector per example")
+    if (len(dims["x"]) != 1 and not flatten) or None in dims["x"] + dims["y"]:
+        refuse_model("the model's input is not a vector per example (nor flattened by its first layer)")
     return tff.types.StructWithPythonType(
         [
             ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
@@ -385,9 +387,7 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
         with tf.GradientTape() as tape:
             tape.watch(weights)
             predictions = chain.forward(weights, batch_x)
-            per_example = chain.loss.fn(batch_y, predictions, **chain.loss._fn_kwargs)
-            # Keras' sum over batch size: the mean over every element of the batch's losses
-            data_loss = _masked_sum(per_example, batch_mask) / tf.maximum(examples * _per_example(per_example), 1.0)
+            data_loss = chain.client_losses(batch_y, predictions, batch_mask)
             total = tf.reduce_sum(data_loss + chain.regularization(weights))
         gradients = tape.gradient(total, weights)
         if proximal > 0:  # FedProx: the gradient of (mu/2)||w - w0||^2 (client_works.py)
@@ -396,7 +396,7 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
         active = examples > 0  # a client's padding steps come after its last batch
         new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
         new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
-        sums = _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples)
+        sums = _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples)
         return s + 1, new_weights, new_state, sums
 
     _, final, _, sums = tf.while_loop(
@@ -445,7 +445,7 @@ def _zero_metric_sums(chain: DenseChain) -> collections.OrderedDict:
     return sums
 
 
-def _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples):
+def _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples):
     added = collections.OrderedDict()
     user = dict(chain.metrics)
     for name, value in sums.items():
@@ -459,21 +459,10 @@ def _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, 
             metric = user[name]
             values = metric._fn(batch_y, predictions, **metric._fn_kwargs)  # Keras Mean: over all elements
             added[name] = (
-                value[0] + tf.reduce_sum(_masked_sum(values, batch_mask)),
-                value[1] + tf.reduce_sum(examples) * _per_example(values),
+                value[0] + tf.reduce_sum(masked_sum(values, batch_mask)),
+                value[1] + tf.reduce_sum(examples) * per_example_elements(values),
             )
     return added
-
-
-def _per_example(values: tf.Tensor) -> tf.Tensor:
-    """Elements per example of [clients, batch, ...] values (1 for [clients, batch])."""
-    return tf.cast(tf.reduce_prod(tf.shape(values)[2:]), tf.float32)
-
-
-def _masked_sum(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """Per client, the sum of the real examples' values ([clients, batch, ...] -> [clients])."""
-    flat = tf.reshape(values, tf.concat([tf.shape(values)[:2], [-1]], 0))
-    return tf.reduce_sum(flat * tf.expand_dims(mask, -1), axis=[1, 2])
 
 
 def _finalize_metrics(chain: DenseChain, sums) -> collections.OrderedDict:

@@ -146,6 +146,46 @@ def test_secure_sum_simulated_with_clipping_bounds_matches_stock(runtime):
     assert value_sum["secure_upper_clipped_count"] == value_sum["secure_lower_clipped_count"] == len(CLIENTS)
 
 
+def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime):
+    """Traffic's MLP (a Flatten, then Dense layers) and its MAE over the observed targets only:
+    a quarter of the targets are missing (NaN), so the per-client masked mean matters."""
+    from traffic.model import ModelConfig as TrafficModel
+    from traffic.model import tff_model_fn as traffic_model_fn
+
+    rng = np.random.default_rng(3)
+    clients = []
+    for i, n in enumerate((7, 12, 5)):
+        x = rng.standard_normal((n, 4, 3)).astype(np.float32)
+        y = (x[:, -1, :1] + 0.1 * i + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+        y[rng.random(y.shape) < 0.25] = np.nan
+        clients.append(client_data.ClientTrainData(f"d{i}", x, y))
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.01)
+    model_fn = traffic_model_fn(TrafficModel(kind="mlp", hidden_units=8), 4, 3, 2, 0)
+    finals = {}
+    for engine in ("tff", "grouped"):
+        process = factory.build_learning_process(dataclasses.replace(train, engine=engine), model_fn)
+        assert factory.engine_of(process) == engine
+        state = process.initialize()
+        initial = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+        for r in range(1, ROUNDS + 1):
+            state = process.next(state, [client_data.client_dataset(c, train, r * 10 + i) for i, c in enumerate(clients)]).state
+        finals[engine] = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+    assert max_difference(finals["tff"], initial) > 1e-2
+    assert max_difference(finals["tff"], finals["grouped"]) <= TOLERANCE
+
+
+def test_auto_engine_falls_back_to_stock_where_grouped_does_not_run(runtime):
+    from traffic.model import ModelConfig as TrafficModel
+    from traffic.model import tff_model_fn as traffic_model_fn
+
+    auto = dataclasses.replace(TRAIN, engine="auto")
+    assert factory.engine_of(factory.build_learning_process(auto, tff_model_fn(MLP, D, 0))) == "grouped"
+    gru = traffic_model_fn(TrafficModel(kind="gru", hidden_units=4), 4, 3, 2, 0)
+    assert factory.engine_of(factory.build_learning_process(auto, gru)) == "tff"
+    with pytest.raises(UserError, match="is a GRU, not a Dense layer"):
+        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), gru)
+
+
 def test_grouped_engine_refuses_what_it_does_not_run():
     import tensorflow as tf
     import tensorflow_federated as tff
