@@ -123,7 +123,7 @@ class HealthcareApp:
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
             "training_seconds": round(result.seconds, 3),
-            **round_summary.rounds_summary(result.history, settings),
+            **round_summary.rounds_summary(result.history, settings, result.engine),
             "headline": evaluate.HEADLINE,
             "results": reports,
             "privacy": result.privacy if run.privacy is not None else statement_without_dp(

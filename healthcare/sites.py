@@ -181,7 +181,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> dict[str, Any]:
         "baselines": baselines_not_across_sites(cfg),
         "sites": site_training.describe_sites(prepared.sites, prepared.manifests),
         # the summary's `masking` (where the updates were masked) travels with the rounds' summary
-        "rounds_summary": {**round_summary.rounds_summary(result.history, settings), **masked_rounds.masking_entry(site_process)},
+        "rounds_summary": {**round_summary.rounds_summary(result.history, settings, result.engine), **masked_rounds.masking_entry(site_process)},
         "profiles": profiled,
         "personalization": personalized,
     }

@@ -94,9 +94,10 @@ class TrainSection:
     checkpoint_every: int = field(default=5, metadata={"min": 0, "doc": (
         "Save a checkpoint every N rounds and after the last; 0 = none (a resumed run then starts over)."
     )})
-    engine: str = field(default="tff", metadata={"choices": ("tff", "grouped"), "doc": (
-        "`tff`: TFF's stock simulation, one runtime slot per client; `grouped`: a round's clients trained in one TFF "
-        "call, the same mathematics (tff_apps/learning/grouped.py; docs/engine-speed.md)."
+    engine: str = field(default="auto", metadata={"choices": ("auto", "tff", "grouped"), "doc": (
+        "`auto`: `grouped` wherever it runs the job, else `tff` (the reason is in run.log; summary.json's `engine` "
+        "names the one that ran); `tff`: TFF's stock simulation, one runtime slot per client; `grouped`: a round's "
+        "clients trained in one TFF call, the same mathematics (tff_apps/learning/grouped.py; docs/engine-speed.md)."
     )})
 
 

@@ -148,10 +148,10 @@ def windows_per_sensor(n_steps: int, split: str = "train") -> int:
 
 def check_job(cfg: JobConfig) -> None:
     """What the traffic job refuses whatever its data (before any is read)."""
-    if cfg.train.engine == "grouped":
+    if cfg.train.engine == "grouped" and cfg.model.kind != "mlp":
         raise UserError(
-            "train.engine = 'grouped' runs chains of Dense layers with a per-example loss; the traffic "
-            "forecaster's loss is a masked MAE over the horizon, so use train.engine = 'tff'"
+            f"train.engine = 'grouped' runs chains of Dense layers; model.kind = '{cfg.model.kind}' is not one, "
+            "so use model.kind = 'mlp' or train.engine = 'tff' (or 'auto')"
         )
     if cfg.privacy.level == "record":
         raise UserError(
@@ -248,7 +248,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         exported = True
     return Outcome(
         reports, len(result.history), result.seconds, exported, statistics_table(data), privacy,
-        result.lineage, round_summary.rounds_summary(result.history, settings), personalization=personalized,
+        result.lineage, round_summary.rounds_summary(result.history, settings, result.engine), personalization=personalized,
     )
 
 

@@ -37,19 +37,29 @@ def masked_mae(y_true, y_pred):
     """Mean absolute error over the observed targets only (NaN = missing reading)."""
     import tensorflow as tf  # deferred: the CLI validates input before paying for TF's import
 
-    observed = tf.logical_not(tf.math.is_nan(y_true))
-    errors = tf.abs(tf.where(observed, y_true, 0.0) - y_pred)
-    weights = tf.cast(observed, y_pred.dtype)
+    errors, weights = masked_errors(y_true, y_pred)
     return tf.reduce_sum(errors * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
 
 
+def masked_errors(y_true, y_pred):
+    """(absolute errors, 1 where the target was observed) per element."""
+    import tensorflow as tf
+
+    observed = tf.logical_not(tf.math.is_nan(y_true))
+    return tf.abs(tf.where(observed, y_true, 0.0) - y_pred), tf.cast(observed, y_pred.dtype)
+
+
 def masked_mae_loss():
-    """`masked_mae` as the `tf.keras.losses.Loss` object TFF's `from_keras_model` requires."""
+    """`masked_mae` as the `tf.keras.losses.Loss` object TFF's `from_keras_model` requires;
+    `masked_parts` lets the grouped engine take the mean per client (learning/dense_chain.py)."""
     import tensorflow as tf
 
     class MaskedMAE(tf.keras.losses.Loss):
         def call(self, y_true, y_pred):
             return masked_mae(y_true, y_pred)  # a scalar: keras' batch reduction leaves it as is
+
+        def masked_parts(self, y_true, y_pred):
+            return masked_errors(y_true, y_pred)
 
     return MaskedMAE(name="masked_mae")
 

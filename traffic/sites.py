@@ -116,6 +116,7 @@ def check_supported(cfg: JobConfig) -> None:
     """What does not run across sites yet, refused before anything starts."""
     refusals = {
         "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
+        "train.engine = 'grouped' (it stacks the districts' windows in one process)": cfg.train.engine == "grouped",
         "preprocess.normalization = 'per_site' (no single serving normalization)":
             cfg.preprocess.normalization != "federated",
         "privacy.preprocessing = 'dp' (DP statistics are not released at the sites yet)":
@@ -215,7 +216,7 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run, rows: dict[str, int], hi
     return {
         "privacy": result.privacy if run.privacy is not None else releases.statement_without_dp(cfg.privacy, keys),
         "result": result, "model": model, "mean": windowing.mean, "std": windowing.std, "reports": reports,
-        "graph": bool(windowing.n_nodes), "rounds_summary": {**round_summary.rounds_summary(result.history, settings), **masking_entry(site_process)},
+        "graph": bool(windowing.n_nodes), "rounds_summary": {**round_summary.rounds_summary(result.history, settings, result.engine), **masking_entry(site_process)},
         "personalization": personalized,
         "summary": {"across_sites": [site.name for site in prepared.sites],
                     "baselines_not_run": LEFT_OUT if cfg.evaluate.centralized_baseline else {}},

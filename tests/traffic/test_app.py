@@ -76,11 +76,14 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
     assert not (tmp_path / "bad_out.csv").exists()
 
 
-def test_the_grouped_engine_is_refused_before_the_run_folder(tmp_path: Path):
-    """The forecaster's masked-MAE loss is not one the grouped engine runs: one line, exit 2, nothing written."""
-    result = tff_apps_in_process("run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped")
+def test_the_grouped_engine_refuses_the_gru_before_the_run_folder(tmp_path: Path):
+    """A GRU is no chain of Dense layers: one line, exit 2, nothing written (the MLP runs grouped)."""
+    result = tff_apps_in_process(
+        "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped",
+        "--set", "model.kind=gru",
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert "train.engine = 'grouped'" in result.stderr and "'tff'" in result.stderr
+    assert "train.engine = 'grouped'" in result.stderr and "model.kind = 'gru'" in result.stderr
     assert not (tmp_path / "traffic").exists()
 
 

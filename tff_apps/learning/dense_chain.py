@@ -1,5 +1,11 @@
-"""What the grouped engine can stack per client: a chain of Keras Dense layers with a
-per-example loss, read from the model function (anything else is refused in one line).
+"""What the grouped engine can stack per client: a chain of Keras Dense layers (after an
+optional Flatten of the input) with a per-example loss or a masked mean loss, read from the
+model function (anything else is refused in one line).
+
+A masked mean loss is a Keras Loss with a `masked_parts(y_true, y_pred) -> (values, weights)`
+method, elementwise, whose loss is sum(values * weights) / max(sum(weights), 1) over the
+batch (e.g. traffic's MAE over the observed readings only): the grouped engine takes that
+mean per client over the client's real examples.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ class DenseChain:
     loss: Any  # the Keras LossFunctionWrapper: per-example values via loss.fn
     metrics: list[tuple[str, Any]]  # (name, Keras MeanMetricWrapper) of the user's metrics
     metric_names: list[str]  # every metric TFF reports, in TFF's order
+    flatten: bool = False  # a Flatten layer first: x [clients, batch, ...] flattened per example
 
     def forward(self, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
         """x [clients, batch, inputs] -> predictions [clients, batch, outputs]."""
+        if self.flatten:
+            x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
         hidden, position = x, 0
         for activation, bias in zip(self.activations, self.use_bias):
             hidden = tf.matmul(hidden, weights[position])  # batched: one matmul per client
@@ -53,6 +62,29 @@ class DenseChain:
             position += 2 if bias else 1
         return total
 
+    def client_losses(self, y: tf.Tensor, predictions: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+        """Per client, the Keras batch loss (without regularization) over its real examples
+        (mask [clients, batch], 1 = real): [clients]."""
+        examples = tf.reduce_sum(mask, axis=1)
+        if hasattr(self.loss, "masked_parts"):
+            values, weights = self.loss.masked_parts(y, predictions)
+            weights = weights * tf.reshape(mask, tf.concat([tf.shape(mask), tf.ones([tf.rank(weights) - 2], tf.int32)], 0))
+            return masked_sum(values * weights, tf.ones_like(mask)) / tf.maximum(masked_sum(weights, tf.ones_like(mask)), 1.0)
+        per_example = self.loss.fn(y, predictions, **self.loss._fn_kwargs)
+        # Keras' sum over batch size: the mean over every element of the batch's losses
+        return masked_sum(per_example, mask) / tf.maximum(examples * per_example_elements(per_example), 1.0)
+
+
+def per_example_elements(values: tf.Tensor) -> tf.Tensor:
+    """Elements per example of [clients, batch, ...] values (1 for [clients, batch])."""
+    return tf.cast(tf.reduce_prod(tf.shape(values)[2:]), tf.float32)
+
+
+def masked_sum(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Per client, the sum of the real examples' values ([clients, batch, ...] -> [clients])."""
+    flat = tf.reshape(values, tf.concat([tf.shape(values)[:2], [-1]], 0))
+    return tf.reduce_sum(flat * tf.expand_dims(mask, -1), axis=[1, 2])
+
 
 def read_dense_chain(model_fn) -> DenseChain:
     """The model of `model_fn` as a DenseChain, or UserError naming what the grouped engine
@@ -70,6 +102,9 @@ def read_dense_chain(model_fn) -> DenseChain:
             refuse_model("the model has several inputs")
         previous, chain_weights = previous[0], []
         activations, use_bias, l2 = [], [], []
+        flatten = bool(layers) and type(layers[0]) is tf.keras.layers.Flatten and layers[0].input is previous
+        if flatten:  # the one layer besides Dense: a reshape of each example
+            previous, layers = layers[0].output, layers[1:]
         for layer in layers:
             if type(layer) is not tf.keras.layers.Dense:
                 refuse_model(f"layer {layer.name} is a {type(layer).__name__}, not a Dense layer")
@@ -100,7 +135,7 @@ def read_dense_chain(model_fn) -> DenseChain:
             if not isinstance(metric, MeanMetricWrapper):
                 refuse_model(f"metric {metric.name} is a {type(metric).__name__}, not a per-example mean metric")
             metrics.append((metric.name, metric))
-    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names)
+    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names, flatten)
 
 
 def _l2_factor(layer) -> float:
@@ -117,6 +152,8 @@ def _single_loss(model):
     if len(losses) != 1:
         refuse_model("the model has several losses")
     loss = losses[0]
+    if callable(getattr(loss, "masked_parts", None)):  # a masked mean loss (module docstring)
+        return loss
     reduction = getattr(loss, "reduction", None)
     if not isinstance(loss, LossFunctionWrapper) or reduction not in ("auto", "sum_over_batch_size"):
         refuse_model(f"loss {type(loss).__name__} is not a per-example Keras loss averaged over the batch")

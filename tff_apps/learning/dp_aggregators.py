@@ -28,23 +28,27 @@ def client_dp_aggregator(
     implies uniform client weighting. `clients_per_round` must be the m the program samples
     (`ClientSampling.participants`); `noise_multiplier` defaults to the section's.
     """
-    import tensorflow_federated as tff
+    return tff.aggregators.as_weighted_aggregator(client_dp_factory(section, clients_per_round, noise_multiplier))
 
+
+def client_dp_factory(
+    section: PrivacySection, clients_per_round: int, noise_multiplier: float | None = None
+) -> tff.aggregators.DifferentiallyPrivateFactory:
+    """TFF's unweighted DP factory of `client_dp_aggregator`; its DP query (`._query`) is
+    also what the grouped engine runs (`grouped.py`), so both engines share one mechanism."""
     z = float(section.noise_multiplier if noise_multiplier is None else noise_multiplier)
     m = float(clients_per_round)
     dp = tff.aggregators.DifferentiallyPrivateFactory
     if section.clipping == "fixed":
-        factory = dp.gaussian_fixed(noise_multiplier=z, clients_per_round=m, clip=float(section.clip_norm))
-    else:
-        _, count_stddev = adaptive_noise_split(z, m)
-        factory = dp.gaussian_adaptive(
-            noise_multiplier=z,
-            clients_per_round=m,
-            initial_l2_norm_clip=float(section.clip_norm),
-            target_unclipped_quantile=float(section.target_quantile),
-            clipped_count_stddev=count_stddev,
-        )
-    return tff.aggregators.as_weighted_aggregator(factory)
+        return dp.gaussian_fixed(noise_multiplier=z, clients_per_round=m, clip=float(section.clip_norm))
+    _, count_stddev = adaptive_noise_split(z, m)
+    return dp.gaussian_adaptive(
+        noise_multiplier=z,
+        clients_per_round=m,
+        initial_l2_norm_clip=float(section.clip_norm),
+        target_unclipped_quantile=float(section.target_quantile),
+        clipped_count_stddev=count_stddev,
+    )
 
 
 DDP_MODCLIP_PROB = 1e-4  # TFF's default probability of a modular wrap of the secure sum

@@ -8,6 +8,8 @@ finalizer (the server optimizer applied to the aggregated update).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import tensorflow_federated as tff
 
@@ -20,6 +22,8 @@ from tff_apps.learning.client_works import client_work
 from tff_apps.learning.dp_aggregators import ddp_aggregator, model_dimension
 from tff_apps.learning.optimizers import ModelFn, client_optimizer, server_optimizer
 from tff_apps.privacy import secure_settings
+
+_log = logging.getLogger(__name__)
 
 
 def secure_aggregation(cfg, clients) -> secure_settings.SecureAggregation | None:
@@ -51,11 +55,11 @@ def build_learning_process(
 
     `train.engine = "grouped"`: the same mathematics with a round's clients trained in one
     TFF call (`grouped.GroupedProcess`; `federation.check_engine` refuses what it does not run).
+    `"auto"`: grouped where it runs the job, else the stock process (the reason logged).
     """
-    if getattr(train, "engine", "tff") == "grouped":
-        from tff_apps.learning import grouped
-
-        return grouped.build_grouped_process(train, model_fn, aggregator_factory, privacy, secure, federation)
+    grouped_process = _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation)
+    if grouped_process is not None:
+        return grouped_process
     if federation is not None and federation_lib.needs_split_rounds(federation):
         if privacy is not None or secure is not None:  # federation.check_robustness refuses it first
             raise ValueError("robust aggregation in Python runs without DP and secure aggregation")
@@ -100,6 +104,33 @@ def build_learning_process(
         aggregator,
         tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer(train), weights_type),
     )
+
+
+def _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation):
+    """The grouped engine's process for `engine = "grouped"`, and for `"auto"` when it runs the
+    job (its refusal, a UserError, names why not: logged, and the stock process runs)."""
+    engine = getattr(train, "engine", "tff")
+    if engine == "tff" or aggregator_factory is not None:  # a caller's own aggregator: stock only
+        return None
+    from tff_apps.learning import grouped
+
+    if engine == "auto" and federation is not None and federation_lib.needs_split_rounds(federation):
+        _log.info("train.engine = 'auto': TFF's stock engine (robust aggregation runs in Python)")
+        return None
+    try:
+        return grouped.build_grouped_process(train, model_fn, None, privacy, secure, federation)
+    except UserError as refusal:
+        if engine == "grouped":
+            raise
+        _log.info("train.engine = 'auto': TFF's stock engine (%s)", refusal)
+        return None
+
+
+def engine_of(process) -> str:
+    """Which engine a process of `build_learning_process` runs: "grouped" or "tff"."""
+    from tff_apps.learning import grouped
+
+    return "grouped" if isinstance(process, grouped.GroupedProcess) else "tff"
 
 
 def _build_secure_process(train: TrainSection, model_fn: ModelFn, privacy, plan, secure):

@@ -245,7 +245,7 @@ def check_robustness(cfg, federation: Federation, client_rows: dict[str, int]) -
                 "robustness.bad_client_mode = 'scaled_update' needs every update in the clear (no privacy.level "
                 "and no privacy.secure_aggregation); use bad_client_mode = 'label_flip' or turn privacy off"
             )
-    if needs_split_rounds(federation) and getattr(cfg.train, "engine", "tff") != "tff":
+    if needs_split_rounds(federation) and getattr(cfg.train, "engine", "tff") == "grouped":  # auto: stock
         raise UserError(
             f"train.engine = {cfg.train.engine!r} cannot run robustness.aggregation = {section.aggregation!r} "
             f"with bad_client_mode = {section.bad_client_mode!r} (the updates are aggregated in Python); "
@@ -374,9 +374,8 @@ def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> No
     refused = {
         "communication.compression": federation.communication.compression != "none",
         "robustness.aggregation": federation.robustness.aggregation != "mean",
-        "robustness.bad_clients": federation.robustness.bad_clients > 0,
+        "robustness.bad_clients": needs_split_rounds(federation),  # label flips are data: any engine
         "privacy.level": privacy.level == "record",
-        "privacy.clipping": privacy.level == "client" and privacy.clipping != "fixed",
         "privacy.secure_aggregation": privacy.secure_aggregation == "masked"
         or (privacy.secure_aggregation == "simulated" and privacy.level == "client"),
     }

@@ -37,18 +37,21 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.aggregators import primitives
+from tensorflow_federated.python.aggregators import differential_privacy, primitives
 from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
 # Keras 2.14 exports neither base class under tf.keras
 from shared.errors import UserError
 from tff_apps.config import TrainSection
-from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain, refuse_model
+from tff_apps.learning.dense_chain import (
+    ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
+)
 
 
 def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
@@ -100,11 +103,9 @@ def _client_rows(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]
 class Aggregation:
     """Which stock aggregator the round reproduces."""
 
-    kind: str  # "mean" (weighted), "unweighted", "dp" (gaussian fixed), "secure"
+    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure"
     weighted: bool = True
-    clip: float = 0.0  # dp: L2 clip C
-    noise_multiplier: float = 0.0  # dp: z
-    denominator: float = 1.0  # dp: the fixed clients_per_round
+    query: Any = field(default=None, compare=False)  # dp: the DP query TFF's DifferentiallyPrivateFactory runs
     value_bound: float = 0.0  # secure: each coordinate of w*u (or of u) clipped to +-bound
     max_weight: float = 0.0  # secure, weighted: the weight's upper bound
 
@@ -115,30 +116,26 @@ def aggregation_of(train: TrainSection, plan, secure) -> Aggregation:
     level = plan.level if plan is not None else "none"
     if level == "record" or (secure is not None and (secure.mode != "simulated" or level != "none")):
         raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
-    if level == "client":
-        if plan.section.clipping != "fixed":
-            raise UserError(f"{ENGINE_KEY} = 'grouped' needs privacy.clipping = 'fixed' (or {ENGINE_KEY} = 'tff')")
-        return Aggregation(
-            "dp", weighted=False, clip=float(plan.section.clip_norm),
-            noise_multiplier=float(plan.noise_multiplier), denominator=float(plan.sampling.participants),
-        )
+    if level == "client":  # fixed or adaptive clipping: the very query of the stock aggregator
+        from tff_apps.learning.dp_aggregators import client_dp_factory
+
+        factory = client_dp_factory(plan.section, plan.sampling.participants, plan.noise_multiplier)
+        return Aggregation("dp", weighted=False, query=factory._query)
     if secure is not None:
         bound = secure.value_bound if secure.weighted else secure.bound
         return Aggregation("secure", weighted=secure.weighted, value_bound=float(bound), max_weight=float(secure.max_weight))
     return Aggregation("mean" if is_weighted(train) else "unweighted", weighted=is_weighted(train))
 
 
-def _per_client_sums(aggregation: Aggregation, updates: list[tf.Tensor], weights: tf.Tensor):
+def _per_client_sums(aggregation: Aggregation, updates: list[tf.Tensor], weights: tf.Tensor, params=None):
     """updates [clients, ...] (zeroed if non-finite), weights [clients] -> (value sum, weight sum),
     each client's contribution prepared the way the stock aggregator prepares it at the client."""
     clients = tf.shape(weights)[0]
     if aggregation.kind == "dp":
-        # tf.clip_by_global_norm per client: scale = C * min(1/norm, 1/C)
-        squares = [tf.reduce_sum(tf.square(u), axis=list(range(1, u.shape.rank))) for u in updates]
-        norm = tf.sqrt(tf.add_n(squares))
-        scale = aggregation.clip * tf.minimum(1.0 / norm, 1.0 / aggregation.clip)
-        clipped = [u * tf.reshape(scale, [-1] + [1] * (u.shape.rank - 1)) for u in updates]
-        return [tf.reduce_sum(u, 0) for u in clipped], tf.cast(clients, tf.float32)
+        # the query's record of each client (clipped update; adaptive: and its clip indicator),
+        # summed: TFF's DifferentiallyPrivateFactory sums the records with a plain SumFactory
+        records = tf.vectorized_map(lambda update: aggregation.query.preprocess_record(params, list(update)), updates)
+        return tf.nest.map_structure(lambda r: tf.reduce_sum(r, 0), records), tf.cast(clients, tf.float32)
     if aggregation.weighted:
         updates = [u * tf.reshape(weights, [-1] + [1] * (u.shape.rank - 1)) for u in updates]  # MeanFactory's _mul
     if aggregation.kind == "secure":
@@ -158,11 +155,7 @@ def _per_client_sums(aggregation: Aggregation, updates: list[tf.Tensor], weights
 
 
 def _finish_mean(aggregation: Aggregation, value_sum, weight_sum, clients):
-    """The server's end of the stock aggregator: dequantize, noise, divide."""
-    if aggregation.kind == "dp":
-        stddev = aggregation.clip * aggregation.noise_multiplier
-        noised = [v + tf.random.normal(tf.shape(v), stddev=stddev, dtype=v.dtype) for v in value_sum]
-        return [tf.truediv(v, tf.cast(aggregation.denominator, v.dtype)) for v in noised]
+    """The server's end of the stock aggregator (but DP's, `_dp_computations`): dequantize, divide."""
     if aggregation.kind == "secure":
         upper = tf.constant(aggregation.value_bound, tf.float32)
         value_sum = [
@@ -192,11 +185,22 @@ class GroupedProcess:
         return self.initialize_fn()
 
     def next(self, state, datasets):
-        return self.next_group(state, stack_datasets(list(datasets)))
+        """One round; with `--workers` the clients are cut into one group per worker."""
+        from tff_apps.runtime.mergeable import spread_width
+
+        datasets = list(datasets)
+        n_groups = max(1, min(spread_width(), len(datasets)))
+        cuts = np.linspace(0, len(datasets), n_groups + 1).round().astype(int)
+        return self.next_groups(state, [stack_datasets(datasets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
 
     def next_group(self, state, group: collections.OrderedDict):
         """One round on data already stacked by `stack_datasets`."""
-        new_state, metrics = self.next_fn(state, [group])
+        return self.next_groups(state, [group])
+
+    def next_groups(self, state, groups: list[collections.OrderedDict]):
+        """One round on groups of clients, each stacked by `stack_datasets` (each group's
+        training runs where TFF places that client slot: one per worker with `--workers`)."""
+        new_state, metrics = self.next_fn(state, groups)
         return tff.learning.templates.LearningProcessOutput(new_state, metrics)
 
     @staticmethod
@@ -228,10 +232,12 @@ def build_grouped_process(
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = _group_type(input_spec)
+    group_type = _group_type(input_spec, chain.flatten)
     optimizer = optimizers.client_optimizer(train)
     proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
-    train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type)
+    dp = _dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
+    params_type = dp.derive_params.type_signature.result if dp else None
+    train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type, params_type)
     server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
         weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
     )
@@ -241,7 +247,7 @@ def build_grouped_process(
         model = model_fn()
         return tff.learning.templates.LearningAlgorithmState(
             global_model_weights=tff.learning.models.ModelWeights.from_model(model),
-            distributor=(), client_work=(), aggregator=(), finalizer=server_init(),
+            distributor=(), client_work=(), aggregator=dp.initial_state() if dp else (), finalizer=server_init(),
         )
 
     @tff.federated_computation
@@ -250,29 +256,49 @@ def build_grouped_process(
 
     sums_type = train_group.type_signature.result
 
-    @tff.tensorflow.computation(sums_type)
-    def finish(sums):
-        mean = _finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
-        return mean, _finalize_metrics(chain, sums["metrics"])
+    if dp is None:
+        @tff.tensorflow.computation(sums_type)
+        def finish(sums):
+            mean = _finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
+            return mean, _finalize_metrics(chain, sums["metrics"])
+
+    def aggregate(state, groups):
+        """(mean update, aggregator state, aggregator measurements, train metrics), at SERVER."""
+        weights = tff.federated_broadcast(state.global_model_weights)
+        if dp is None:
+            sums = tff.federated_sum(tff.federated_map(train_group, (weights, groups)))
+            update, train_metrics = tff.federated_map(finish, sums)
+            return update, state.aggregator, tff.federated_value((), tff.SERVER), train_metrics
+        params = tff.federated_broadcast(tff.federated_map(dp.derive_params, state.aggregator.query_state))
+        sums = tff.federated_sum(tff.federated_map(train_group, (weights, params, groups)))
+        update, query_state, event, query_metrics = tff.federated_map(dp.noised_mean, (sums["value"], state.aggregator.query_state))
+        aggregator = tff.federated_zip(differential_privacy.DPAggregatorState(
+            query_state, tff.federated_value((), tff.SERVER), event, tff.federated_value(False, tff.SERVER)
+        ))
+        measurements = tff.federated_zip(collections.OrderedDict(dp_query_metrics=query_metrics, dp=tff.federated_value((), tff.SERVER)))
+        return update, aggregator, measurements, tff.federated_map(finish_metrics, sums["metrics"])
+
+    @tff.tensorflow.computation(sums_type["metrics"])
+    def finish_metrics(sums):
+        return _finalize_metrics(chain, sums)
 
     @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
     def next_fn(state, groups):
         weights = state.global_model_weights
-        sums = tff.federated_sum(tff.federated_map(train_group, (tff.federated_broadcast(weights), groups)))
-        update, train_metrics = tff.federated_map(finish, sums)
+        update, aggregator, aggregator_measurements, train_metrics = aggregate(state, groups)
         optimizer_state, trainable, finalizer_measurements = tff.federated_map(
             server_next, (state.finalizer, weights.trainable, update)
         )
         new_weights = tff.federated_zip(tff.learning.models.ModelWeights(trainable, weights.non_trainable))
         new_state = tff.federated_zip(
             tff.learning.templates.LearningAlgorithmState(
-                new_weights, state.distributor, state.client_work, state.aggregator, optimizer_state
+                new_weights, state.distributor, state.client_work, aggregator, optimizer_state
             )
         )
         metrics = tff.federated_zip(collections.OrderedDict(
             distributor=tff.federated_value((), tff.SERVER),
             client_work=tff.federated_zip(collections.OrderedDict(train=train_metrics)),
-            aggregator=tff.federated_value((), tff.SERVER),
+            aggregator=aggregator_measurements,
             finalizer=finalizer_measurements,
         ))
         return new_state, metrics
@@ -280,14 +306,14 @@ def build_grouped_process(
     return GroupedProcess(initialize_fn, next_fn)
 
 
-def _group_type(input_spec) -> tff.StructType:
+def _group_type(input_spec, flatten: bool = False) -> tff.StructType:
     if not isinstance(input_spec, collections.abc.Mapping) or set(input_spec) != {"x", "y"}:
         refuse_model("the model's input_spec is not a mapping of x and y")
     if any(input_spec[key].dtype != tf.float32 for key in ("x", "y")):
         refuse_model("the model's input_spec is not float32")
     dims = {key: input_spec[key].shape.as_list()[1:] for key in ("x", "y")}
-    if len(dims["x"]) != 1 or None in dims["x"] + dims["y"]:
-        refuse_model("the model's input is not a vector per example")
+    if (len(dims["x"]) != 1 and not flatten) or None in dims["x"] + dims["y"]:
+        refuse_model("the model's input is not a vector per example (nor flattened by its first layer)")
     return tff.types.StructWithPythonType(
         [
             ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
@@ -298,17 +324,52 @@ def _group_type(input_spec) -> tff.StructType:
     )
 
 
-def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type):
-    @tff.tensorflow.computation(weights_type, group_type)
-    def train_group(weights, group):
+def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type, params_type=None):
+    """(weights, [DP query's sample params,] group) -> the group's sums."""
+
+    def sums(weights, group, params=None):
         start = [tf.convert_to_tensor(w) for w in weights.trainable]
         updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
-        value, weight = _per_client_sums(aggregation, updates, client_weights)
+        value, weight = _per_client_sums(aggregation, updates, client_weights, params)
         return collections.OrderedDict(
             value=value, weight=weight, clients=tf.shape(group["mask"], out_type=tf.int64)[0], metrics=metrics
         )
 
-    return train_group
+    if params_type is None:
+        return tff.tensorflow.computation(lambda weights, group: sums(weights, group), weights_type, group_type)
+    return tff.tensorflow.computation(
+        lambda weights, params, group: sums(weights, group, params), weights_type, params_type, group_type
+    )
+
+
+@dataclass
+class _DpComputations:
+    derive_params: Any  # query state -> sample params (the clip)
+    noised_mean: Any  # (summed records, query state) -> (mean update, new query state, DP event, query metrics)
+    initial_state: Any  # () -> the aggregator's initial DPAggregatorState (call inside a TF computation)
+
+
+def _dp_computations(query, weights_type) -> _DpComputations:
+    """The server's part of TFF's DifferentiallyPrivateFactory with the same query: its state
+    (`DPAggregatorState`, the round's DP event included) and its noised result."""
+    specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
+    query_state_type = tff.tensorflow.computation(query.initial_global_state).type_signature.result
+    derive_params = tff.tensorflow.computation(query.derive_sample_params, query_state_type)
+    record_type = tff.tensorflow.computation(
+        query.preprocess_record, derive_params.type_signature.result, weights_type.trainable
+    ).type_signature.result
+
+    @tff.tensorflow.computation(record_type, query_state_type)
+    def noised_mean(records, query_state):
+        mean, new_state, event = query.get_noised_result(records, query_state)
+        return mean, new_state, event.to_named_tuple(), query.derive_metrics(new_state)
+
+    def initial_state():
+        state = query.initial_global_state()
+        _, _, event = query.get_noised_result(query.initial_sample_state(specs), state)
+        return differential_privacy.DPAggregatorState(state, (), event.to_named_tuple(), True)
+
+    return _DpComputations(derive_params, noised_mean, initial_state)
 
 
 def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[tf.Tensor], group):
@@ -326,9 +387,7 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
         with tf.GradientTape() as tape:
             tape.watch(weights)
             predictions = chain.forward(weights, batch_x)
-            per_example = chain.loss.fn(batch_y, predictions, **chain.loss._fn_kwargs)
-            # Keras' sum over batch size: the mean over every element of the batch's losses
-            data_loss = _masked_sum(per_example, batch_mask) / tf.maximum(examples * _per_example(per_example), 1.0)
+            data_loss = chain.client_losses(batch_y, predictions, batch_mask)
             total = tf.reduce_sum(data_loss + chain.regularization(weights))
         gradients = tape.gradient(total, weights)
         if proximal > 0:  # FedProx: the gradient of (mu/2)||w - w0||^2 (client_works.py)
@@ -337,7 +396,7 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
         active = examples > 0  # a client's padding steps come after its last batch
         new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
         new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
-        sums = _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples)
+        sums = _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples)
         return s + 1, new_weights, new_state, sums
 
     _, final, _, sums = tf.while_loop(
@@ -386,7 +445,7 @@ def _zero_metric_sums(chain: DenseChain) -> collections.OrderedDict:
     return sums
 
 
-def _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, batch_mask, examples):
+def _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples):
     added = collections.OrderedDict()
     user = dict(chain.metrics)
     for name, value in sums.items():
@@ -400,21 +459,10 @@ def _add_metric_sums(chain, sums, batch_y, predictions, per_example, data_loss, 
             metric = user[name]
             values = metric._fn(batch_y, predictions, **metric._fn_kwargs)  # Keras Mean: over all elements
             added[name] = (
-                value[0] + tf.reduce_sum(_masked_sum(values, batch_mask)),
-                value[1] + tf.reduce_sum(examples) * _per_example(values),
+                value[0] + tf.reduce_sum(masked_sum(values, batch_mask)),
+                value[1] + tf.reduce_sum(examples) * per_example_elements(values),
             )
     return added
-
-
-def _per_example(values: tf.Tensor) -> tf.Tensor:
-    """Elements per example of [clients, batch, ...] values (1 for [clients, batch])."""
-    return tf.cast(tf.reduce_prod(tf.shape(values)[2:]), tf.float32)
-
-
-def _masked_sum(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """Per client, the sum of the real examples' values ([clients, batch, ...] -> [clients])."""
-    flat = tf.reshape(values, tf.concat([tf.shape(values)[:2], [-1]], 0))
-    return tf.reduce_sum(flat * tf.expand_dims(mask, -1), axis=[1, 2])
 
 
 def _finalize_metrics(chain: DenseChain, sums) -> collections.OrderedDict:

@@ -99,6 +99,8 @@ def resolve_job(
     cfg = config_lib.resolve(app.default_config, app.sections, config_file, overrides)
     if cfg.job.app and cfg.job.app != app.name:
         raise UserError(f"config: job.app = {cfg.job.app!r} but the command runs app {app.name!r}")
+    if cfg.job.sites and cfg.train.engine == "auto":  # each site trains its own client on its own worker
+        cfg = cfg.replace("train", engine="tff")
     return app, cfg.replace("job", app=app.name)
 
 

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from tff_apps.config import TrainSection
 from tff_apps.learning import participation
 from tff_apps.learning.client_data import ClientTrainData, client_dataset, round_seed
+from tff_apps.learning.factory import engine_of
 from tff_apps.learning.federation import ClientsSection
 from tff_apps.privacy.dp_config import examples_per_round
 from tff_apps.program.checkpoints import Checkpoints
@@ -56,6 +57,7 @@ class TrainingResult:
     seconds: float = 0.0
     privacy: Any = "none"  # the privacy statement of the mechanism that ran
     lineage: dict[str, Any] | None = None  # a warm start (`job.init_from`): where the weights came from
+    engine: str = "tff"  # the engine that ran the rounds (`factory.engine_of`): "grouped" or "tff"
 
 
 EvaluateFn = Callable[[tff.learning.models.ModelWeights], dict[str, float]]
@@ -188,7 +190,7 @@ def run_rounds(
             "resuming after round %d from %s", resumed.round, checkpoints.root
         )
     log = MetricsLog(run_dir, operator_only=("clients",) if privacy is not None else ())
-    result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage)
+    result = TrainingResult(weights=process.get_model_weights(state), lineage=lineage, engine=engine_of(process))
     result.history = log.keep_rounds_up_to(first_round - 1)
     started = time.perf_counter()
     per_client = bytes_per_client(result.weights, federation)  # shapes never change between rounds

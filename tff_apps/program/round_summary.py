@@ -58,7 +58,9 @@ def communication(history: list[dict[str, Any]], federation=None) -> dict[str, A
     return totals
 
 
-def rounds_summary(history: list[dict[str, Any]], federation=None) -> dict[str, Any]:
+def rounds_summary(history: list[dict[str, Any]], federation=None, engine: str | None = None) -> dict[str, Any]:
     """summary.json's `communication` (bytes up and down, `communication`) and `participation`
-    (rounds skipped, clients reporting, dropout, stragglers, unused: `participation.summary`)."""
-    return {"communication": communication(history, federation), "participation": participation.summary(history)}
+    (rounds skipped, clients reporting, dropout, stragglers, unused: `participation.summary`),
+    and the `engine` that ran the rounds (`train.engine = "auto"` resolves to one)."""
+    summary = {"communication": communication(history, federation), "participation": participation.summary(history)}
+    return summary if engine is None else {"engine": engine, **summary}

@@ -87,8 +87,8 @@ def test_weighted_fedavg_matches_stock(runtime):
     assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
 
 
-def dp_plan(clip: float, noise: float):
-    section = PrivacySection(level="client", clipping="fixed", clip_norm=clip)
+def dp_plan(clip: float, noise: float, clipping: str = "fixed"):
+    section = PrivacySection(level="client", clipping=clipping, clip_norm=clip)
     return types.SimpleNamespace(
         level="client", section=section, noise_multiplier=noise, sampling=types.SimpleNamespace(participants=len(CLIENTS))
     )
@@ -102,15 +102,27 @@ def test_client_level_dp_with_a_binding_clip_matches_stock(runtime):
     assert max_difference(unclipped, clipped) > 1e-2  # the clip binds
 
 
+def test_adaptive_clipping_matches_stock_and_moves_the_clip(runtime):
+    """TFF's quantile estimator (Andrew et al.), run by both engines from one DP query: the
+    same clip every round, so the same model (noise 0: the clipped count's noise too)."""
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05)
+    plan = dp_plan(clip=0.05, noise=0.0, clipping="adaptive")
+    _, stock_metrics = assert_same_model(train, privacy=plan)
+    _, _, _, grouped_metrics = run_engine("grouped", train, privacy=plan)
+    stock_clip = stock_metrics["aggregator"]["dp_query_metrics"]["clip"]
+    assert grouped_metrics["aggregator"]["dp_query_metrics"]["clip"] == pytest.approx(stock_clip, rel=1e-6)
+    assert stock_clip > 0.05 * 1.05  # every update is above the first clip: the estimate rises
+
+
 def test_dp_noise_has_the_planned_standard_deviation(runtime):
     clip, noise = 0.05, 2.0
     train = dataclasses.replace(TRAIN, engine="grouped")
     model_fn = tff_model_fn(ModelConfig(kind="mlp", hidden_units=64), D, 0)
     noised, exact = (factory.build_learning_process(train, model_fn, privacy=dp_plan(clip, z)) for z in (noise, 0.0))
     datasets = [client_data.client_dataset(c, train, i) for i, c in enumerate(CLIENTS)]
-    state = noised.initialize()
 
-    def flat(process):
+    def flat(process):  # each from its own state: the DP query's state holds the noise's stddev
+        state = process.initialize()
         return np.concatenate([np.asarray(w).ravel() for w in process.next(state, datasets).state.global_model_weights.trainable])
 
     first, again, without = flat(noised), flat(noised), flat(exact)
@@ -134,12 +146,47 @@ def test_secure_sum_simulated_with_clipping_bounds_matches_stock(runtime):
     assert value_sum["secure_upper_clipped_count"] == value_sum["secure_lower_clipped_count"] == len(CLIENTS)
 
 
+def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime):
+    """Traffic's MLP (a Flatten, then Dense layers) and its MAE over the observed targets only:
+    a quarter of the targets are missing (NaN), so the per-client masked mean matters."""
+    from traffic.model import ModelConfig as TrafficModel
+    from traffic.model import tff_model_fn as traffic_model_fn
+
+    rng = np.random.default_rng(3)
+    clients = []
+    for i, n in enumerate((7, 12, 5)):
+        x = rng.standard_normal((n, 4, 3)).astype(np.float32)
+        y = (x[:, -1, :1] + 0.1 * i + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+        y[rng.random(y.shape) < 0.25] = np.nan
+        clients.append(client_data.ClientTrainData(f"d{i}", x, y))
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.01)
+    model_fn = traffic_model_fn(TrafficModel(kind="mlp", hidden_units=8), 4, 3, 2, 0)
+    finals = {}
+    for engine in ("tff", "grouped"):
+        process = factory.build_learning_process(dataclasses.replace(train, engine=engine), model_fn)
+        assert factory.engine_of(process) == engine
+        state = process.initialize()
+        initial = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+        for r in range(1, ROUNDS + 1):
+            state = process.next(state, [client_data.client_dataset(c, train, r * 10 + i) for i, c in enumerate(clients)]).state
+        finals[engine] = [np.asarray(w) for w in process.get_model_weights(state).trainable]
+    assert max_difference(finals["tff"], initial) > 1e-2
+    assert max_difference(finals["tff"], finals["grouped"]) <= TOLERANCE
+
+
+def test_auto_engine_falls_back_to_stock_where_grouped_does_not_run(runtime):
+    from traffic.model import ModelConfig as TrafficModel
+    from traffic.model import tff_model_fn as traffic_model_fn
+
+    auto = dataclasses.replace(TRAIN, engine="auto")
+    assert factory.engine_of(factory.build_learning_process(auto, tff_model_fn(MLP, D, 0))) == "grouped"
+    gru = traffic_model_fn(TrafficModel(kind="gru", hidden_units=4), 4, 3, 2, 0)
+    assert factory.engine_of(factory.build_learning_process(auto, gru)) == "tff"
+    with pytest.raises(UserError, match="is a GRU, not a Dense layer"):
+        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), gru)
+
+
 def test_grouped_engine_refuses_what_it_does_not_run():
-    train = dataclasses.replace(TRAIN, engine="grouped")
-    with pytest.raises(UserError, match="train.engine = 'grouped'.*privacy.clipping = 'fixed'"):
-        plan = dp_plan(0.1, 1.0)
-        plan.section = dataclasses.replace(plan.section, clipping="adaptive")
-        factory.build_learning_process(train, tff_model_fn(MLP, D, 0), privacy=plan)
     import tensorflow as tf
     import tensorflow_federated as tff
 

@@ -1,0 +1,154 @@
+"""The grouped engine per feature: one round at 10 / 100 / 1,000 clients (and 10,000 for the
+plain mean), against the plain loop.
+
+Run with `make bench` or:  uv run --locked python benchmarks/grouped_features_bench.py [--clients 10 100]
+Writes benchmarks/grouped_features.md and prints it.
+
+The round is `engine_bench`'s (healthcare MLP 30-64-1, 57 examples per client, batch 16, one
+local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on. The limit is the
+plain FedAvg round of `engine_bench.build_limit` (the same local SGD steps in one tf.function,
+data in memory, no clipping, noise or quantization), so a ratio above the plain mean's is the
+feature's own cost. The round time includes stacking the clients' datasets. One process per
+(feature, clients) cell: warm-up round, then the median of the timed rounds; peak RSS of the
+process tree (Python + the TFF worker) over the whole cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS_MD = ROOT / "benchmarks" / "grouped_features.md"
+
+FEATURES = ("mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "secure_simulated")
+CLIENT_COUNTS = (10, 100, 1000)
+LARGE = 10_000  # the plain mean only: a large federation's round
+TIMED_ROUNDS = {10: 5, 100: 4, 1000: 3, LARGE: 2}
+
+
+def process_for(feature: str, n_clients: int):
+    """(train section, build kwargs) of one feature."""
+    from engine_bench import BATCH, CLIENT_LR, SERVER_LR
+
+    from tff_apps.config import TrainSection
+    from tff_apps.privacy import secure_settings
+    from tff_apps.privacy.dp_config import PrivacySection
+
+    train = TrainSection(
+        batch_size=BATCH, local_epochs=1, client_learning_rate=CLIENT_LR, server_learning_rate=SERVER_LR, engine="grouped"
+    )
+    if feature == "fedprox":
+        return dataclasses.replace(train, algorithm="fedprox", proximal_strength=0.1), {}
+    if feature == "server_adam":
+        return dataclasses.replace(train, server_optimizer="adam", server_learning_rate=0.01), {}
+    if feature.startswith("dp_"):
+        section = PrivacySection(level="client", clipping=feature.removeprefix("dp_"), clip_norm=1.0)
+        plan = types.SimpleNamespace(
+            level="client", section=section, noise_multiplier=1.0, sampling=types.SimpleNamespace(participants=n_clients)
+        )
+        return train, {"privacy": plan}
+    if feature == "secure_simulated":
+        from engine_bench import EXAMPLES
+
+        rows = {f"c{i}": EXAMPLES for i in range(n_clients)}
+        return train, {"secure": secure_settings.secure_aggregation(PrivacySection(secure_aggregation="simulated"), train, rows)}
+    return train, {}
+
+
+def measure(feature: str, n_clients: int) -> dict:
+    """One cell, in this process."""
+    import tensorflow as tf
+
+    from engine_bench import FEATURES as N_FEATURES
+    from engine_bench import HIDDEN, PeakRss, build_limit, mb, permuted_arrays, round_inputs, synthetic_clients
+    from healthcare.model import ModelConfig, tff_model_fn
+    from tff_apps.learning import factory
+    from tff_apps.runtime.context import Runtime
+
+    model_cfg = ModelConfig(kind="mlp", hidden_units=HIDDEN)
+    train, kwargs = process_for(feature, n_clients)
+    clients = synthetic_clients(n_clients)
+    timed = TIMED_ROUNDS[n_clients]
+    inputs = {r: round_inputs(clients, train, r) for r in range(timed + 1)}
+    arrays = {r: permuted_arrays(clients, train, r) for r in range(timed + 1)}
+    with PeakRss(os.getpid()) as peak, Runtime():
+        process = factory.build_learning_process(train, tff_model_fn(model_cfg, N_FEATURES, 0), **kwargs)
+        round_fn, start = build_limit(model_cfg, clients)
+        state, limit_state, times = process.initialize(), start, {"grouped": [], "limit": []}
+        for r in range(timed + 1):
+            started = time.perf_counter()
+            state = process.next(state, inputs[r]).state
+            grouped_s = time.perf_counter() - started
+            x, y = arrays[r]
+            started = time.perf_counter()
+            limit_state = [w.numpy() for w in round_fn(limit_state, tf.constant(x), tf.constant(y))]
+            if r:  # round 0 warms up (tracing, the worker's compile)
+                times["grouped"].append(grouped_s)
+                times["limit"].append(time.perf_counter() - started)
+    grouped, limit = statistics.median(times["grouped"]), statistics.median(times["limit"])
+    return {
+        "feature": feature, "clients": n_clients, "grouped_s": grouped, "limit_s": limit,
+        "ratio": grouped / limit, "peak_rss_mb": mb(peak.peak), "engine": factory.engine_of(process),
+    }
+
+
+def markdown(rows: list[dict], machine: str) -> str:
+    out = [
+        "# Grouped engine per feature", "", f"Machine: {machine}", "",
+        "Median seconds per round (one process per row, after a warm-up round). Limit: the plain FedAvg "
+        "round in one tf.function (benchmarks/engine_bench.py); ratio = grouped / limit.", "",
+        "| feature | clients per round | grouped s | limit s | ratio | peak RSS MB |", "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['feature']} | {r['clients']} | error: {r['error']} ||||")
+            continue
+        out.append(
+            f"| {r['feature']} | {r['clients']} | {r['grouped_s']:.3f} | {r['limit_s']:.3f} | {r['ratio']:.2f}x | "
+            f"{r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)  # child: feature, clients
+    parser.add_argument("--clients", type=int, nargs="*", default=list(CLIENT_COUNTS))
+    parser.add_argument("--features", nargs="*", default=list(FEATURES))
+    parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True, help="the 10,000-client row")
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(measure(args.cell[0], int(args.cell[1]))))
+        return
+    from engine_bench import machine
+
+    cells = [(f, n) for f in args.features for n in args.clients] + ([("mean", LARGE)] if args.large else [])
+    rows = []
+    for feature, n in cells:
+        done = subprocess.run(
+            [sys.executable, __file__, "--cell", feature, str(n)], cwd=ROOT, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            rows.append({"feature": feature, "clients": n, "error": done.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{feature}, {n} clients: done", file=sys.stderr, flush=True)
+    text = markdown(rows, machine())
+    RESULTS_MD.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
