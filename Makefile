@@ -24,6 +24,7 @@ bench: install
 	$(UV) run --locked python benchmarks/vertical_bench.py
 	$(UV) run --locked python benchmarks/secure_aggregation_bench.py
 	$(UV) run --locked python benchmarks/engine_bench.py
+	$(UV) run --locked python benchmarks/grouped_features_bench.py
 	$(UV) run --locked python benchmarks/sites_bench.py
 
 clean:
