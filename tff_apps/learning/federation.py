@@ -144,7 +144,7 @@ def check(cfg, client_rows: Mapping[str, int] | None) -> None:
     """
     federation = of(cfg)
     if client_rows is None:
-        if getattr(cfg.train, "engine", "tff") != "tff":
+        if getattr(cfg.train, "engine", "tff") == "grouped":  # auto: the app's own engine
             raise UserError(f"config: train.engine = {cfg.train.engine!r} runs horizontal apps only; use train.engine = 'tff'")
         if not federation.is_default:
             key = changed_keys(federation)[0]

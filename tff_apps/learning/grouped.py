@@ -186,10 +186,12 @@ class GroupedProcess:
 
     def next(self, state, datasets):
         """One round; with `--workers` the clients are cut into one group per worker."""
-        from tff_apps.runtime.mergeable import spread_width
+        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
         datasets = list(datasets)
-        n_groups = max(1, min(spread_width(), len(datasets)))
+        # the runtime's context over several workers says how many (runtime/mergeable.py's `width`)
+        workers = getattr(context_stack_impl.context_stack.current, "width", 1)
+        n_groups = max(1, min(workers, len(datasets)))
         cuts = np.linspace(0, len(datasets), n_groups + 1).round().astype(int)
         return self.next_groups(state, [stack_datasets(datasets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
 

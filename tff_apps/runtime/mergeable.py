@@ -28,14 +28,6 @@ def placed_on(workers: Sequence[int]):
         context.placement = previous
 
 
-def spread_width() -> int:
-    """How many workers the current TFF context spreads a computation's clients over (1 when
-    it is a single worker's)."""
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
-    return getattr(context_stack_impl.context_stack.current, "width", 1)
-
-
 def spreading_context(
     compile_mergeable: Callable[[Any], Any], async_contexts: Sequence[Any], first: Any, pinned: bool = False,
     server: Any = None,
@@ -94,7 +86,7 @@ def spreading_context(
             self._forms: dict[Any, Any] = {}
             self._runner = async_utils.AsyncThreadRunner()
             self.placement: list[int] | None = None  # `placed_on`
-            self.width = len(async_contexts)  # `spread_width`
+            self.width = len(async_contexts)  # the grouped engine cuts a round into this many groups
 
         def invoke(self, comp: Any, arg: Any = None) -> Any:
             if server is not None and not type_analysis.contains(comp.type_signature, at_clients):
