@@ -26,6 +26,7 @@ bench: install
 	$(UV) run --locked python benchmarks/engine_bench.py
 	$(UV) run --locked python benchmarks/grouped_features_bench.py
 	$(UV) run --locked python benchmarks/sites_bench.py
+	$(UV) run --locked python benchmarks/traffic_graph_bench.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

@@ -26,6 +26,12 @@ as the window itself) and keeps the engine's plain (x, y) datasets.
 Output [batch, nodes, horizon]: every sensor's next `horizon` normalized speeds. The head
 sees the final graph-GRU state and the sensor's own window (a skip connection: the sensor's
 own recent history reaches the output without passing through the recurrence).
+
+Speed (measured, docs/traffic.md "Graph models"): with a dozen sensors a district the time
+goes to the number of small TF ops, not to arithmetic (halving the units or doubling the
+batch left the step time as it was). So the GRU reads the hour in 4 steps of 15 minutes
+(`READINGS_PER_STEP`), a graph convolution over all supports is two products (`_convolve`),
+and the Keras baselines run each step as one XLA program (traffic/app.py, `fit_forecaster`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 DIFFUSION_STEPS = 2
+# The GRU reads the hour in steps of 3 readings (15 min), their features side by side: a third
+# of the sequential steps, with the same accuracy as one step a reading (docs/traffic.md).
+# The head still sees every reading of the sensor's own hour.
+READINGS_PER_STEP = 3
 
 
 def supports(kind: str, weights: tf.Tensor) -> list[tf.Tensor]:
@@ -65,44 +75,54 @@ class GraphGRU(tf.keras.layers.Layer):
     def __init__(self, kind: str, units: int, history: int, n_features: int, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.kind, self.units, self.history, self.n_features, self.seed = kind, units, history, n_features, seed
+        self.n_supports = 1 if kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS
 
     def build(self, input_shape):
-        n_supports = 1 if self.kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS
         glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=self.seed + k)  # noqa: E731
-        # kernels split into the part acting on the inputs and the part acting on the state
-        # ([x, h] W = x W_x + h W_h): the input part of all steps is one product before the loop
-        x_in, h_in = self.n_features * n_supports, self.units * n_supports
-        self.gate_x = self.add_weight("gate_x", (x_in, 2 * self.units), initializer=glorot(10))
-        self.gate_h = self.add_weight("gate_h", (h_in, 2 * self.units), initializer=glorot(11))
+        units, wide = self.units, self.n_supports
+        # [x, h] W = x W_x + h W_h: the input part of every step is one product before the loop.
+        # Each kernel holds one block per support side by side ([in, supports * out], see `_convolve`).
+        self.input_kernel = self.add_weight("input_kernel", (self.n_features, wide * 3 * units), initializer=glorot(10))
+        self.gate_h = self.add_weight("gate_h", (units, wide * 2 * units), initializer=glorot(11))
+        self.candidate_h = self.add_weight("candidate_h", (units, wide * units), initializer=glorot(13))
         # bias 1 on the gates: start by keeping the state (as DCRNN does)
-        self.gate_bias = self.add_weight("gate_bias", (2 * self.units,), initializer=tf.keras.initializers.Ones())
-        self.candidate_x = self.add_weight("candidate_x", (x_in, self.units), initializer=glorot(12))
-        self.candidate_h = self.add_weight("candidate_h", (h_in, self.units), initializer=glorot(13))
-        self.candidate_bias = self.add_weight("candidate_bias", (self.units,), initializer="zeros")
+        self.gate_bias = self.add_weight("gate_bias", (2 * units,), initializer=tf.keras.initializers.Ones())
+        self.candidate_bias = self.add_weight("candidate_bias", (units,), initializer="zeros")
 
     def call(self, inputs):
         """[sequence [batch, nodes, history, features], graph [batch, nodes, nodes]] -> [batch, nodes, units]."""
         sequence, graph = inputs
-        mats = supports(self.kind, graph)
-        shape = tf.shape(sequence)
-        flat = tf.reshape(sequence, (shape[0], shape[1], self.history * self.n_features))
-        mixed = tf.stack([tf.matmul(m, flat) for m in mats], axis=-2)  # [batch, nodes, supports, history * features]
-        mixed = tf.reshape(mixed, (shape[0], shape[1], len(mats), self.history, self.n_features))
-        mixed = tf.reshape(tf.transpose(mixed, (0, 1, 3, 2, 4)), (shape[0], shape[1], self.history, -1))
-        gate_inputs = tf.einsum("bntf,fu->bntu", mixed, self.gate_x) + self.gate_bias
-        candidate_inputs = tf.einsum("bntf,fu->bntu", mixed, self.candidate_x) + self.candidate_bias
-        state = tf.zeros((shape[0], shape[1], self.units), sequence.dtype)
+        mixing = concatenated(supports(self.kind, graph))
+        batch, nodes, units = tf.shape(sequence)[0], tf.shape(sequence)[1], self.units
+        # every step's input part at once: the steps ride along as extra columns of the product
+        per_step = tf.einsum("bntf,fo->bnto", sequence, self.input_kernel)  # [b, n, T, supports * 3u]
+        per_step = tf.reshape(per_step, (batch, nodes, self.history, self.n_supports, 3 * units))
+        per_step = tf.reshape(tf.transpose(per_step, (0, 1, 3, 2, 4)), (batch, nodes * self.n_supports, -1))
+        per_step = tf.reshape(tf.matmul(mixing, per_step), (batch, nodes, self.history, 3 * units))
+        gate_inputs = per_step[..., : 2 * units] + self.gate_bias
+        candidate_inputs = per_step[..., 2 * units :] + self.candidate_bias
+        state = tf.zeros((batch, nodes, units), sequence.dtype)
         for t in range(self.history):
-            gates = tf.sigmoid(gate_inputs[:, :, t] + self._convolve(mats, state, self.gate_h))
+            gates = tf.sigmoid(gate_inputs[:, :, t] + self._convolve(mixing, state, self.gate_h))
             reset, update = tf.split(gates, 2, axis=-1)
-            candidate = tf.tanh(candidate_inputs[:, :, t] + self._convolve(mats, reset * state, self.candidate_h))
+            candidate = tf.tanh(candidate_inputs[:, :, t] + self._convolve(mixing, reset * state, self.candidate_h))
             state = update * state + (1.0 - update) * candidate
         return state
 
-    @staticmethod
-    def _convolve(mats, state, kernel):
-        mixed = tf.concat([tf.matmul(m, state) for m in mats], axis=-1)  # [batch, nodes, supports * units]
-        return tf.einsum("bnf,fu->bnu", mixed, kernel)
+    def _convolve(self, mixing, state, kernel):
+        """sum_k M_k state W_k in two products: state [b, n, u] @ kernel [u, supports * out] gives
+        [b, n, supports * out], read as [b, n * supports, out] (row j * supports + k: node j's
+        state through W_k), which `mixing` (row i: M_k[i, j] at column j * supports + k) sums."""
+        batch, nodes = tf.shape(state)[0], tf.shape(state)[1]
+        blocks = tf.reshape(tf.matmul(state, kernel), (batch, nodes * self.n_supports, -1))
+        return tf.matmul(mixing, blocks)
+
+
+def concatenated(mats: list[tf.Tensor]) -> tf.Tensor:
+    """[batch, nodes, nodes * supports] with M_k[i, j] at [i, j * supports + k] (see `GraphGRU._convolve`)."""
+    stacked = tf.stack(mats, axis=-1)  # [batch, nodes, nodes, supports]
+    shape = tf.shape(stacked)
+    return tf.reshape(stacked, (shape[0], shape[1], shape[2] * len(mats)))
 
 
 def build(kind: str, units: int, history: int, n_features: int, n_nodes: int, horizon: int, seed: int):
@@ -112,8 +132,9 @@ def build(kind: str, units: int, history: int, n_features: int, n_nodes: int, ho
     inputs = tf.keras.Input(shape=(n_nodes, width + n_nodes), name="x")
     windows = inputs[:, :, :width]
     graph = inputs[:, :, width:]
-    sequence = tf.reshape(windows, (-1, n_nodes, history, n_features))
-    state = GraphGRU(kind, units, history, n_features, seed, name="graph_gru")([sequence, graph])
+    per_step = READINGS_PER_STEP if history % READINGS_PER_STEP == 0 else 1
+    sequence = tf.reshape(windows, (-1, n_nodes, history // per_step, per_step * n_features))
+    state = GraphGRU(kind, units, history // per_step, per_step * n_features, seed, name="graph_gru")([sequence, graph])
     hidden = tf.keras.layers.Dense(units, activation="relu", kernel_initializer=glorot(2))(
         tf.concat([state, windows], axis=-1)
     )

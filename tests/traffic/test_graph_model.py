@@ -69,6 +69,24 @@ def test_a_neighbour_history_reaches_a_sensor_only_along_edges(kind):
         assert (np.abs(after - before).max() > 1e-3) == moves, (graph, np.abs(after - before).max())
 
 
+@pytest.mark.parametrize("kind", ["gcn_gru", "dcrnn"])
+def test_the_two_product_convolution_is_the_sum_over_supports(kind):
+    """GraphGRU._convolve (one product with the concatenated supports) against the textbook
+    sum over supports of M_k @ state @ W_k, with W_k the k-th block of the kernel."""
+    from traffic.graph_model import GraphGRU, concatenated, supports
+
+    rng = np.random.default_rng(3)
+    graph = np.stack([_chain(5), rng.uniform(size=(5, 5)) * (rng.uniform(size=(5, 5)) < 0.4)]).astype(np.float32)
+    mats = [m.numpy() for m in supports(kind, graph)]
+    layer = GraphGRU(kind, units=4, history=2, n_features=3, seed=0)
+    state = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    kernel = rng.normal(size=(4, len(mats) * 6)).astype(np.float32)
+    expected = sum(m @ state @ kernel[:, 6 * k : 6 * (k + 1)] for k, m in enumerate(mats))
+    got = layer._convolve(concatenated([np.asarray(m) for m in mats]), state, kernel).numpy()
+    assert len(mats) == (1 if kind == "gcn_gru" else 5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_graph_job_runs_through_tff_with_every_baseline(tmp_path: Path):
     job = [
         "--set", "data.n_districts=2", "--set", "data.sensors_per_district=4", "--set", "data.days=7",
