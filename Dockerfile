@@ -11,7 +11,7 @@ COPY . .
 
 # README "Install": uv from pip, then the locked environment (`make install`).
 RUN python3 -m pip install --quiet "uv==0.13.9" \
-    && uv sync --locked
+    && uv sync --locked --compile-bytecode
 
 ENV PATH="/opt/tff-apps/.venv/bin:${PATH}" \
     TF_CPP_MIN_LOG_LEVEL=3

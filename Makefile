@@ -1,6 +1,6 @@
 # The README's two commands: `make demo` and `make test`. They work on a machine with
 # only python3 and make: uv is installed with pip when it is missing, and uv builds
-# .venv from uv.lock exactly.
+# .venv from uv.lock exactly, compiled to bytecode once (below).
 UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 
@@ -10,7 +10,7 @@ install: .venv/.installed
 
 .venv/.installed: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --locked
+	$(UV) sync --locked --compile-bytecode
 	@touch $@
 
 demo: install
