@@ -5,7 +5,6 @@ foreground for `tff-apps worker`. Does not import TensorFlow.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib.util
 import logging
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import IO
@@ -57,24 +55,27 @@ POLL_INTERVAL_S = 0.02
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """Returns a preexec_fn making the kernel SIGKILL the worker when we die.
+# Sets PR_SET_PDEATHSIG in a fresh single-threaded process, then becomes the worker binary
+# (the setting survives execve). Doing it in a preexec_fn instead runs Python code between
+# fork and exec in a copy of our many-threaded TensorFlow process, which Python documents as
+# unsafe, and it did crash there (a SIGSEGV in the forked child under load).
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, sys\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    f"if libc.prctl({_PR_SET_PDEATHSIG}, {int(signal.SIGKILL)}, 0, 0, 0) != 0:\n"
+    "    sys.exit('prctl(PR_SET_PDEATHSIG) failed: errno %d' % ctypes.get_errno())\n"
+    "if os.getppid() != int(sys.argv[1]):  # the owner died before prctl took effect\n"
+    "    os._exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
-    This covers the one path no Python code sees: our process being SIGKILLed.
-    The signal fires when the *forking thread* exits, hence the main thread.
-    """
+
+def _tied_to_us(args: list[str]) -> list[str]:
+    """`args` run so that the kernel SIGKILLs the process when the calling thread's process
+    dies: the one path no Python code of ours sees (we are SIGKILLed). Linux only."""
     if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)  # resolved before fork, not in the child
-    parent_pid = os.getpid()
-
-    def preexec() -> None:
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent_pid:  # parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
+        return args
+    return [sys.executable, "-S", "-c", _PDEATHSIG_EXEC, str(os.getpid()), *args]
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
@@ -108,7 +109,7 @@ def start_worker(
         f"--max_concurrent_computation_calls={max_concurrent_computation_calls}",
     ]
     return subprocess.Popen(
-        args,
+        _tied_to_us(args),
         stdin=subprocess.DEVNULL,
         stdout=log if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
@@ -116,7 +117,6 @@ def start_worker(
         # catch it and go on); the worker is stopped by its owner, or by
         # PDEATHSIG if the owner dies.
         process_group=0,
-        preexec_fn=_pdeathsig_preexec(),
     )
 
 
