@@ -227,6 +227,7 @@ class SecAggServer:
                 mask = pairwise_mask(key, self._keys[u].mask_public_key, v, u, length, cfg)
                 # survivor u added +mask for v > u and -mask for v < u; undo that
                 total = total - mask if v > u else total + mask
+        total = cfg.reduce(total)
         try:
             return dequantize(total, cfg, n_summed=len(self._u3))
         except ValueError as error:

@@ -15,6 +15,14 @@ error is at most ``2**-scale_bits / 2`` per entry, so the dequantized sum of ``m
 clients differs from the exact sum of their clipped inputs by at most
 ``m * 2**-(scale_bits + 1)`` per entry (for k = 64, plus ``m * bound * 2**-53`` for
 converting a 64-bit integer to float64; for k = 32 the conversion is exact).
+
+Modular rings (``modular = True``): distributed DP hands the protocol integer vectors that
+are already residues mod 2^k (TFF's DistributedDpSumFactory clips them modularly into its
+field of k = `bits` bits, 20 by default), and its decoding expects their sum mod 2^k, wraps
+included. Then k is any width from 2 to 64, inputs are integers taken mod 2^k (no clipping,
+no scaling: scale_bits = 0), masks are reduced mod 2^k (a ChaCha20 word mod 2^k is uniform,
+as 2^k divides the word's range) and the sum is returned as the signed residue in
+[-2^(k-1), 2^(k-1)). Words travel in the smallest of uint32 / uint64 that holds k bits.
 """
 
 from __future__ import annotations
@@ -59,7 +67,9 @@ class SecAggConfig:
       At most n_clients - t clients may drop out.
     bound: inputs are clipped to [-bound, bound].
     scale_bits: fixed-point precision, scale = 2**scale_bits.
-    ring_bits: masks and sums live in Z_{2^ring_bits}; 32 or 64.
+    ring_bits: masks and sums live in Z_{2^ring_bits}; 32 or 64 (2..64 when modular).
+    modular: inputs are integer residues whose sum is wanted mod 2^ring_bits (module
+      docstring, "Modular rings"); scale_bits must be 0 and bound is unused.
     """
 
     n_clients: int
@@ -67,6 +77,7 @@ class SecAggConfig:
     bound: float
     scale_bits: int
     ring_bits: int = 32
+    modular: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_clients", "threshold", "scale_bits", "ring_bits"):
@@ -81,6 +92,13 @@ class SecAggConfig:
                 f"secure aggregation threshold: expected n_clients/2 < threshold <= n_clients "
                 f"({n / 2:g} < t <= {n}), got {t}"
             )
+        if self.modular:
+            if not 2 <= self.ring_bits <= 64 or self.scale_bits != 0:
+                raise UserError(
+                    f"secure aggregation (modular ring): expected 2 <= ring_bits <= 64 and scale_bits = 0, got "
+                    f"ring_bits = {self.ring_bits}, scale_bits = {self.scale_bits}"
+                )
+            return  # the sum wraps by design: no bound, no overflow check
         if self.ring_bits not in RING_BITS:
             raise UserError(f"secure aggregation ring_bits: expected 32 or 64, got {self.ring_bits}")
         if not 0 <= self.scale_bits <= self.ring_bits - 2:
@@ -115,12 +133,23 @@ class SecAggConfig:
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
-        """The ring's numpy dtype (arithmetic wraps mod 2**ring_bits)."""
-        return np.uint32 if self.ring_bits == 32 else np.uint64
+        """The ring's numpy dtype (arithmetic wraps mod 2**word bits; `reduce` then takes
+        it mod 2**ring_bits)."""
+        return np.uint32 if self.ring_bits <= 32 else np.uint64
+
+    @property
+    def word_bits(self) -> int:
+        return 32 if self.ring_bits <= 32 else 64
 
     @property
     def _signed(self) -> type[np.signedinteger]:
-        return np.int32 if self.ring_bits == 32 else np.int64
+        return np.int32 if self.ring_bits <= 32 else np.int64
+
+    def reduce(self, words: np.ndarray) -> np.ndarray:
+        """Ring words mod 2**ring_bits (a no-op for a full-word ring)."""
+        if self.ring_bits == self.word_bits:
+            return words
+        return words & self.dtype((1 << self.ring_bits) - 1)
 
 
 def quantize(x: np.ndarray, cfg: SecAggConfig) -> np.ndarray:
@@ -135,6 +164,10 @@ def quantize(x: np.ndarray, cfg: SecAggConfig) -> np.ndarray:
     bad = int(np.count_nonzero(~np.isfinite(x)))
     if bad:
         raise ValueError(f"quantize: {bad} of {x.size} values are NaN or infinite; expected finite values")
+    if cfg.modular:  # integer residues: taken mod 2^k as they are
+        if np.any(x != np.rint(x)) or np.any(np.abs(x) >= 2.0**63):
+            raise ValueError("quantize: a modular ring takes integer inputs; got a fraction or a too large value")
+        return cfg.reduce(x.astype(np.int64).view(np.uint64).astype(cfg.dtype))
     levels = np.rint(np.clip(x, -cfg.bound, cfg.bound) * cfg.scale)
     return levels.astype(cfg._signed).view(cfg.dtype)
 
@@ -152,6 +185,10 @@ def dequantize(total: np.ndarray, cfg: SecAggConfig, n_summed: int) -> np.ndarra
         )
     if not is_int(n_summed) or not 1 <= n_summed <= cfg.n_clients:
         raise ValueError(f"dequantize: expected 1 <= n_summed <= {cfg.n_clients}, got {n_summed!r}")
+    if cfg.modular:  # the sum mod 2^k as its signed residue
+        residues = cfg.reduce(total).astype(np.int64)
+        half = 1 << (cfg.ring_bits - 1)
+        return np.where(residues >= half, residues - (half << 1), residues).astype(np.float64)
     signed = total.view(cfg._signed)
     limit = n_summed * cfg.max_level
     outside = int(np.count_nonzero((signed > limit) | (signed < -limit)))
@@ -166,7 +203,9 @@ def dequantize(total: np.ndarray, cfg: SecAggConfig, n_summed: int) -> np.ndarra
 def quantization_error_bound(cfg: SecAggConfig, n_summed: int) -> float:
     """Max abs error, per entry, of the dequantized sum of `n_summed` clients against the
     exact sum of their clipped inputs: half a quantization step per client (plus float64
-    rounding of a 64-bit integer when ring_bits = 64)."""
+    rounding of a 64-bit integer when ring_bits = 64). A modular ring's sum is exact."""
+    if cfg.modular:
+        return 0.0
     conversion = n_summed * cfg.max_level * 2.0**-53 / cfg.scale if cfg.ring_bits == 64 else 0.0
     return n_summed * 0.5 / cfg.scale + conversion
 
@@ -189,8 +228,8 @@ def prg_words(seed: bytes, purpose: bytes, length: int, cfg: SecAggConfig) -> np
     key = hkdf(seed, b"/prg/" + purpose)
     # Each key expands exactly one stream, so a fixed nonce is safe.
     encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    stream = encryptor.update(bytes(length * cfg.ring_bits // 8))
-    return np.frombuffer(stream, dtype=np.dtype(cfg.dtype).newbyteorder("<")).astype(cfg.dtype)
+    stream = encryptor.update(bytes(length * cfg.word_bits // 8))
+    return cfg.reduce(np.frombuffer(stream, dtype=np.dtype(cfg.dtype).newbyteorder("<")).astype(cfg.dtype))
 
 
 def self_mask(seed: bytes, length: int, cfg: SecAggConfig) -> np.ndarray:

@@ -54,15 +54,19 @@ def loads(data: bytes, *required: str) -> dict[str, Any]:
     return obj
 
 
+_CONFIG_KEYS = {"n_clients", "threshold", "bound", "scale_bits", "ring_bits"}
+
+
 def config_to_json(cfg: SecAggConfig) -> dict[str, Any]:
-    return {"n_clients": cfg.n_clients, "threshold": cfg.threshold, "bound": cfg.bound,
-            "scale_bits": cfg.scale_bits, "ring_bits": cfg.ring_bits}
+    obj = {"n_clients": cfg.n_clients, "threshold": cfg.threshold, "bound": cfg.bound,
+           "scale_bits": cfg.scale_bits, "ring_bits": cfg.ring_bits}
+    return {**obj, "modular": True} if cfg.modular else obj
 
 
 def config_from_json(obj: Any) -> SecAggConfig:
     """The protocol's parameters; SecAggConfig validates them (a UserError when invalid)."""
-    if not isinstance(obj, dict) or set(obj) != {"n_clients", "threshold", "bound", "scale_bits", "ring_bits"}:
-        raise WireError("config: expected n_clients, threshold, bound, scale_bits, ring_bits")
+    if not isinstance(obj, dict) or set(obj) - {"modular"} != _CONFIG_KEYS or obj.get("modular", False) not in (True, False):
+        raise WireError("config: expected n_clients, threshold, bound, scale_bits, ring_bits (and modular: true or false)")
     return SecAggConfig(**obj)
 
 
@@ -119,12 +123,14 @@ def masked_to_json(masked: msg.MaskedInput) -> dict[str, Any]:
 
 
 def masked_from_json(obj: dict[str, Any], cfg: SecAggConfig) -> msg.MaskedInput:
-    if obj.get("bits") != cfg.ring_bits:
-        raise WireError(f"masked input: expected a {cfg.ring_bits}-bit ring, got {obj.get('bits')!r}")
+    if obj.get("bits") != cfg.word_bits:  # the words' width (a modular ring may be narrower)
+        raise WireError(f"masked input: expected {cfg.word_bits}-bit ring words, got {obj.get('bits')!r}")
     raw = unb64(obj["y"], "masked input")
-    if len(raw) % (cfg.ring_bits // 8):
+    if len(raw) % (cfg.word_bits // 8):
         raise WireError("masked input: its length is not a whole number of ring words")
     words = np.frombuffer(raw, dtype=np.dtype(cfg.dtype).newbyteorder("<")).astype(cfg.dtype)
+    if np.any(cfg.reduce(words) != words):
+        raise WireError(f"masked input: a word lies outside the {cfg.ring_bits}-bit ring")
     return msg.MaskedInput(int(obj["sender"]), words)
 
 

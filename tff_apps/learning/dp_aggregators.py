@@ -102,7 +102,7 @@ def ddp_parameters(
         }
 
     if z <= 0:
-        raise UserError("privacy.secure_aggregation = 'simulated' with privacy.level = 'client' needs noise > 0")
+        raise UserError("privacy.noise_multiplier: distributed DP (privacy.level = 'client' with secure aggregation) needs noise > 0")
     z_tff = z
     for _ in range(100):
         details = mechanism(z_tff)
@@ -121,6 +121,14 @@ def ddp_aggregator(l2_clip: float, clients_per_round: int, noise_multiplier: flo
     (DistributedDpSumFactory inside an UnweightedMeanFactory whose count is a SecureSumFactory)
     but with the distributed DISCRETE GAUSSIAN mechanism, a fixed L2 clip, beta = 0 and no
     adaptive zeroing, so that the accounted mechanism is the one that runs (`privacy`)."""
+    factory, details = ddp_factory(l2_clip, clients_per_round, noise_multiplier, dim)
+    return tff.aggregators.as_weighted_aggregator(factory), details
+
+
+def ddp_factory(l2_clip: float, clients_per_round: int, noise_multiplier: float, dim: int):
+    """(unweighted factory, details) of `ddp_aggregator`: the UnweightedMeanFactory whose
+    value sum is the DistributedDpSumFactory. Masked distributed DP (`ddp_rounds`) splits the
+    process it creates at its secure sums; the simulation runs it whole."""
     from tensorflow_federated.python.aggregators import distributed_dp
 
     _allow_deep_protos()
@@ -140,7 +148,7 @@ def ddp_aggregator(l2_clip: float, clients_per_round: int, noise_multiplier: flo
         value_sum_factory=value_sum,
         count_sum_factory=tff.aggregators.SecureSumFactory(1, 0),
     )
-    return tff.aggregators.as_weighted_aggregator(factory), details
+    return factory, details
 
 
 def _allow_deep_protos() -> None:

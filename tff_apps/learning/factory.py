@@ -154,10 +154,10 @@ def _build_secure_process(train: TrainSection, model_fn: ModelFn, privacy, plan,
     distributor = tff.learning.templates.build_broadcast_process(weights_type)
     finalizer = tff.learning.templates.build_apply_optimizer_finalizer(server_optimizer(train), weights_type)
     if secure.mode == "masked":
-        if level == "client":  # privacy.secure_aggregation refuses it before the run; keep the guard
-            raise UserError(
-                "privacy.secure_aggregation = 'masked' cannot carry client-level DP; use 'simulated'"
-            )
+        if level == "client":  # distributed DP, its secure sums masked (`ddp_rounds`)
+            from tff_apps.learning import ddp_rounds
+
+            return ddp_rounds.build(initial_model_weights, distributor, work, finalizer, secure, plan, privacy)
         from tff_apps.learning.secure_rounds import MaskedLearningProcess
 
         return MaskedLearningProcess(initial_model_weights, distributor, work, finalizer, secure)

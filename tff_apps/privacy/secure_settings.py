@@ -16,9 +16,12 @@ simulated  The mean's value sum and weight (or count) sum go through TFF's
            (`context.Runtime`): nothing is cryptographically protected; the mode shows what
            a deployment with a real secure-sum backend would compute, quantization included.
            With `level = "client"` this is distributed DP instead (`dp_aggregators.ddp_aggregator`).
-masked     A real protocol in this process: pairwise-masked secure aggregation after
-           Bonawitz et al. (CCS 2017), `shared/secagg.py`, run between the client phase and
-           the server phase of each round (`tff_apps/learning/secure_rounds.py`).
+masked     A real protocol: pairwise-masked secure aggregation after Bonawitz et al.
+           (CCS 2017), `shared/secagg.py`, run between the client phase and the server
+           phase of each round (`tff_apps/learning/secure_rounds.py`); in a simulation every
+           party is in this process, across sites each site's gateway masks its own update
+           (`tff_apps/sites/masked_rounds.py`). With `level = "client"` this is distributed
+           DP whose secure sum is the masked protocol (`tff_apps/learning/ddp_rounds.py`).
 
 Both secure modes clip identically, per coordinate: with weight w (examples processed this
 round, weighted FedAvg/FedProx) the weighted update w*u is clipped to +-B*W, where
@@ -51,6 +54,15 @@ discrete Gaussian). The effective noise multiplier z_eff = total stddev / Delta 
 noise scale (2e-5 relative for the healthcare model; the statement reports both), so the
 client-level accounting (Gaussian(z/2) under replace-one, `accounting`) applies unchanged and is
 conservative. Adaptive clipping with distributed DP is refused.
+
+Masked distributed DP (`level = "client"` with `secure_aggregation = "masked"`): the same TFF
+aggregator, split at its secure sums (`ddp_rounds`): each client (across sites: each site, on
+its own worker) runs the client half, its discrete Gaussian share included, and the masked
+protocol sums the integer vectors in the ring Z_{2^20} (`DDP_BITS`, the field TFF's factory
+clips into; `SecAggConfig(modular=True)`), so the server learns only the noised sum mod 2^20,
+exactly what TFF's server half decodes. Same mechanism, same accounting as "simulated". A
+round needs every sampled client's noise share: a client missing before its masked input fails
+the round (with one share fewer the noise would be below the accounted one).
 """
 
 from __future__ import annotations
@@ -83,7 +95,7 @@ class SecureAggregation:
     max_weight: float  # W
     weighted: bool
     participants: int  # m, clients per round
-    distributed_dp: bool = False  # client-level DP + simulated: DistributedDpSumFactory
+    distributed_dp: bool = False  # client-level DP: DistributedDpSumFactory (masked: split, `ddp_rounds`)
 
     @property
     def value_bound(self) -> float:
@@ -98,7 +110,10 @@ class SecureAggregation:
         return int(round(self.bound * 2.0**self.scale_bits))
 
     def ring_bits(self, n_clients: int) -> int:
-        """The smallest masking ring in which the sum of n quantized vectors cannot wrap."""
+        """The smallest masking ring in which the sum of n quantized vectors cannot wrap
+        (distributed DP: TFF's field of DDP_BITS bits, in which the sum wraps by design)."""
+        if self.distributed_dp:
+            return DDP_BITS
         for bits, limit in RING_LIMITS.items():
             if n_clients * self.max_level() <= limit:
                 return bits
@@ -110,6 +125,8 @@ class SecureAggregation:
     def secagg_config(self, n_clients: int):
         from shared.secagg_ring import SecAggConfig
 
+        if self.distributed_dp:  # integer residues mod 2^DDP_BITS (`ddp_rounds`)
+            return SecAggConfig(n_clients, self.threshold(n_clients), float(2 ** (DDP_BITS - 1)), 0, DDP_BITS, modular=True)
         return SecAggConfig(
             n_clients=n_clients,
             threshold=self.threshold(n_clients),
@@ -120,11 +137,29 @@ class SecureAggregation:
 
     def describe(self) -> dict[str, Any]:
         """The statement's `secure_aggregation` entry (see `secure_aggregation_statement`)."""
+        if self.distributed_dp and self.mode == "masked":
+            n = self.participants
+            return {
+                "mode": "masked",
+                "protocol": "distributed DP: TFF DistributedDpSumFactory (distributed discrete Gaussian) split at "
+                "its secure sums by TFF's MapReduceForm; the integer vectors summed by pairwise-masked secure "
+                "aggregation (Bonawitz et al., CCS 2017; shared/secagg.py) in the ring Z_{2^%d}" % DDP_BITS,
+                "noise_added_by": "each client, to its own clipped, rotated and rounded update, before masking "
+                "(across sites: at each site, on its own worker)",
+                "server_sees": "each client's masked vector (uniform in the ring) and only the sum mod 2^%d of the "
+                "clients' noised integer vectors, and the client count" % DDP_BITS,
+                "trust": "honest-but-curious server: it never sees an update or a noise share alone; a round "
+                "needs every sampled client's noise share, so one missing before its masked input fails the round",
+                "bits": DDP_BITS,
+                "ring_bits": DDP_BITS,
+                "threshold": f"{self.threshold(n)} of {n} clients (secure_threshold {self.threshold_fraction:g})",
+            }
         if self.distributed_dp:
             return {
                 "mode": "simulated",
                 "protocol": "distributed DP: TFF DistributedDpSumFactory (distributed discrete Gaussian) "
                 "over SecureSumFactory; TFF's open runtime runs the secure sum as a plain sum",
+                "noise_added_by": "each client, to its own clipped, rotated and rounded update, in this process",
                 "server_sees": "only the sum of the clients' clipped, rotated, rounded and locally noised "
                 "integer vectors, and the client count",
                 "bits": DDP_BITS,
@@ -188,15 +223,10 @@ def secure_aggregation(section: PrivacySection, train, client_rows) -> SecureAgg
             f"privacy.secure_aggregation = {mode!r} needs at least 2 clients per round, the job has {m}; "
             "use more clients or privacy.secure_aggregation = 'none'"
         )
-    if section.level == "client" and mode == "masked":
-        raise UserError(
-            "privacy.secure_aggregation = 'masked' cannot carry client-level DP (its noise is added after "
-            "the sum); use privacy.secure_aggregation = 'simulated' (distributed DP: clients add the noise)"
-        )
-    if section.level == "client":
+    if section.level == "client":  # distributed DP: the clients add the noise
         if section.clipping != "fixed":
             raise UserError(
-                "privacy.clipping = 'adaptive' is not supported with privacy.secure_aggregation = 'simulated' "
+                f"privacy.clipping = 'adaptive' is not supported with privacy.secure_aggregation = {mode!r} "
                 "(distributed DP): use privacy.clipping = 'fixed'"
             )
         return SecureAggregation(
@@ -242,6 +272,8 @@ def secure_aggregation_statement(
 def secure_sum_summary(section: PrivacySection, simulated_intrinsics_used: bool) -> str:
     """summary.json's `secure_sum`: the model updates' secure aggregation as run."""
     mode = section.secure_aggregation
+    if mode == "masked" and section.level == "client":
+        return "masked (distributed DP: TFF DistributedDpSumFactory split at its secure sums, pairwise masking)"
     if mode == "masked":
         return "masked (Bonawitz et al. pairwise masking, shared/secagg.py)"
     if mode == "simulated" and section.level == "client":

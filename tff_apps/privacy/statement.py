@@ -66,11 +66,12 @@ def privacy_statement(
     if plan_.statistics:
         statement.update(statistics_statement(plan_, rounds, participation, statistics_spec))
     statement["secure_aggregation"] = secure_aggregation_statement(s, secure)
-    if s.level == "client" and s.secure_aggregation == "simulated":
+    if s.level == "client" and s.secure_aggregation in ("simulated", "masked"):
         statement["mechanism"] = (
             "distributed DP-FedAvg: clipped client updates, rotated, rounded to integers and noised with "
             "discrete Gaussians by the clients; only their secure sum is seen (TFF DistributedDpSumFactory)"
         )
+        statement["noise_added_by"] = "each client, before secure aggregation: the server sees only the noised sum"
         statement["noise_accounting"] = (
             "the sum of the clients' discrete Gaussian noises is accounted as one Gaussian of the same "
             "standard deviation (Gaussian approximation, Kairouz et al. 2021); the noise multiplier is "
@@ -79,6 +80,12 @@ def privacy_statement(
     elif s.level == "client":
         statement["mechanism"] = (
             "DP-FedAvg: clipped client updates, Gaussian noise on their sum (TFF DifferentiallyPrivateFactory)"
+        )
+        # central DP: the trust it needs, in the statement (across sites the server is the coordinator)
+        statement["noise_added_by"] = (
+            "the server (the coordinator across sites), after aggregation: it sees the exact sum of the clipped "
+            "updates before noising, and each update (privacy.secure_aggregation = 'none'); trust it, or use "
+            "privacy.secure_aggregation = 'masked' (distributed DP: each client adds its noise share)"
         )
     if s.level == "client":
         statement["adjacency"] = "replace one client's data (number of clients public)"

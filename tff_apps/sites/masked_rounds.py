@@ -18,6 +18,15 @@ rounds and evaluations (`lost`). With fewer than t = ceil(secure_threshold * n) 
 round fails: `WorkerLost`, one line, no update applied; the run id resumes from its last
 checkpoint. Training metrics are the sites' own, combined here (counts summed, the rest
 averaged weighted by examples): they leave the site as in plain site mode.
+
+Distributed DP (`privacy.level = "client"`, the process a `ddp_rounds.MaskedDdpProcess`): the
+site's computation also runs the client half of TFF's distributed DP aggregator on the site's
+update (clip, rotation, scaling, stochastic rounding, the site's share of the discrete Gaussian
+noise drawn on the site's worker, modular clipping into Z_{2^20}), so what the gateway masks is
+already noised; the coordinator unmasks the sum in that ring and runs the server half
+(`DdpSplit.decode`: unscale, inverse rotation, mean). The noise is split over the round's m
+sites: a site missing before its masked input fails the round (its share would be missing),
+and later rounds do not run without it.
 """
 
 from __future__ import annotations
@@ -83,11 +92,15 @@ def site_round_computation(process, open_round, secure):
     client_phase = process._client_phase  # the same broadcast + client work as the simulator's
     state_type, result = client_phase.type_signature.parameter[0], client_phase.type_signature.result
     encode = encode_computation(result[2].member, result[3].member, secure)
+    split = getattr(process, "split", None)  # distributed DP: TFF's client half, noise included
 
     @tff.federated_computation(state_type, tff.FederatedType(open_round.type_signature.parameter, tff.CLIENTS))
     def site_round(state, refs):
         phase = client_phase(state, tff.federated_map(open_round, refs))
-        encoded = tff.federated_map(encode, tff.federated_zip((phase[2], phase[3])))
+        if split is not None:
+            encoded = split.encode(phase[2], state.aggregator)
+        else:
+            encoded = tff.federated_map(encode, tff.federated_zip((phase[2], phase[3])))
         return encoded, (phase[0], phase[1], phase[4], phase[5])
 
     return site_round
@@ -140,7 +153,9 @@ class MaskedSiteProcess:
         self._channels: dict[int, grpc.Channel] = {}
         self._run_id = run_id
         self._quorum = max(2, quorum)
+        self._open_round = open_round
         self._site_round = site_round_computation(process, open_round, self._secure)
+        self._ddp = getattr(process, "split", None) is not None
         self.lost: set[int] = set()
         self.last_dropped: list[str] = []
         # for `SiteEvaluation`: the global model's type (get_model_weights here is Python)
@@ -165,6 +180,9 @@ class MaskedSiteProcess:
         live = [(i, r) for i, r in zip(sites, references) if i not in self.lost]
         if len(live) < self._quorum:
             raise WorkerLost(self._failure(f"{len(live)} sites answer, fewer than {self._quorum}"))
+        if self._ddp and len(live) < len(sites):
+            raise WorkerLost(self._failure(f"distributed DP needs the noise share of each of the round's {len(sites)} "
+                                           f"sites, {len(live)} answer"))
         cfg = self._secure.secagg_config(len(live))
         server, session = SecAggServer(cfg), f"{self._run_id}/{secrets.token_hex(8)}"
         traffic = collections.Counter()
@@ -177,6 +195,9 @@ class MaskedSiteProcess:
                 "session": session, "keys": wire.key_list_to_json(key_list)})
             inboxes = server.route_shares([wire.upload_from_json(u) for u in uploads.values()])
             answers = self._masked_inputs(_only(parties, inboxes), state, dict(live), session, inboxes, traffic)
+            if self._ddp and len(answers) < len(live):
+                raise SecAggError(f"distributed DP needs the noise share of each of the round's {len(live)} sites, "
+                                  f"{len(answers)} sent their masked input")
             request = server.collect_masked_inputs([wire.masked_from_json(a["masked"], cfg) for a in answers.values()])
             responses = self._unmask(_only(parties, set(request.survivors)), session, request, traffic)
             total = server.unmask([wire.response_from_json(r) for r in responses.values()])
@@ -277,16 +298,18 @@ class MaskedSiteProcess:
         for raw in publics:
             value, _ = value_serialization.deserialize_value(pb.ComputeResponse.FromString(raw).value, public_type)
             parts.append(type_conversions.type_to_py_container(value, public_type))
-        mean, _, clipped = decode(total, self._secure)
         phase = ClientPhase(parts[0][0], parts[0][1], [], [], parts[0][2], combine_metrics([p[3] for p in parts]))
+        protocol = collections.OrderedDict(
+            secagg_seconds=time.perf_counter() - started, secagg_bytes=int(sum(traffic.values())),
+            secagg_survivors=len(server.survivors), secagg_dropped=len(server.dropped), secagg_where="sites",
+        )
+        if self._ddp:  # TFF's server half of distributed DP on the unmasked sum in Z_{2^bits}
+            return self._process.finish_masked(state, phase, total, secure_aggregation=protocol)
+        mean, _, clipped = decode(total, self._secure)
         return self._process.finish_round(
             state, phase, self._process.rebuild(mean), state.aggregator,
             collections.OrderedDict(secure_clipped_count=clipped),
-            secure_aggregation=collections.OrderedDict(
-                secagg_seconds=time.perf_counter() - started, secagg_bytes=int(sum(traffic.values())),
-                secagg_survivors=len(server.survivors), secagg_dropped=len(server.dropped),
-                secagg_clipped_clients=clipped, secagg_where="sites",
-            ),
+            secure_aggregation=collections.OrderedDict(**protocol, secagg_clipped_clients=clipped),
         )
 
 
@@ -353,7 +376,15 @@ def site_process(cfg, process, open_round, clients, sites, run):
 
         return SiteProcess(process, open_round, clients, [site.address for site in sites], cfg.clients.quorum)
     channels = site_channels(cfg, sites, getattr(run.privacy, "plan", None))
-    return MaskedSiteProcess(process, open_round, clients, channels, run.run_id, cfg.clients.quorum)
+    masked = MaskedSiteProcess(process, open_round, clients, channels, run.run_id, cfg.clients.quorum)
+    if masked._ddp and hasattr(run.privacy, "mechanism_details"):  # the privacy statement says where
+        run.privacy.mechanism_details["noise_added_by"] = SITE_NOISE
+    return masked
+
+
+SITE_NOISE = ("each site, on its own TFF worker, to its own clipped, rotated and rounded update (discrete Gaussian "
+              "share from TF's unseeded sampler at the site), before its gateway masked it; the coordinator sees "
+              "only the noised sum")
 
 
 def masking_entry(process) -> dict[str, Any]:
@@ -362,8 +393,10 @@ def masking_entry(process) -> dict[str, Any]:
 
 
 def describe_masking(process: MaskedSiteProcess) -> dict[str, Any]:
-    """summary.json's `masking`: where the updates were masked."""
-    return {
+    """summary.json's `masking`: where the updates were masked (and noised, distributed DP)."""
+    from tff_apps.privacy.secure_settings import DDP_BITS
+
+    described = {
         "where": "at the sites: each site's gateway masked its own update before it left the site",
         "protocol": "pairwise-masked secure aggregation (Bonawitz et al., CCS 2017; shared/secagg.py) over the "
                     "gateways' mutual-TLS gRPC (tff_apps.v1.SiteMasking)",
@@ -371,3 +404,8 @@ def describe_masking(process: MaskedSiteProcess) -> dict[str, Any]:
         "threshold_fraction": process._secure.threshold_fraction,
         "sites_lost": sorted(process._clients[i].name for i in process.lost),
     }
+    if process._ddp:
+        described["coordinator_sees"] = (f"each site's masked vector (uniform in Z_2^{DDP_BITS}) and the sum mod "
+                                         f"2^{DDP_BITS} of the sites' noised integer vectors")
+        described["noise"] = SITE_NOISE
+    return described

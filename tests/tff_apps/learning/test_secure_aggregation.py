@@ -134,7 +134,8 @@ def test_secure_aggregation_keys_defaults_and_refusals():
     assert secure_settings.secure_aggregation(PrivacySection(), train, rows) is None
 
     refused = [
-        (dict(level="client", clipping="fixed", noise_multiplier=1.0, secure_aggregation="masked"), train, "'simulated'"),
+        (dict(level="client", clipping="adaptive", noise_multiplier=1.0, secure_aggregation="masked"), train,
+         "privacy.clipping = 'fixed'"),
         (dict(level="client", clipping="adaptive", noise_multiplier=1.0, secure_aggregation="simulated"), train,
          "privacy.clipping = 'fixed'"),
         (dict(secure_aggregation="masked"), TrainSection(clients_per_round=1), "at least 2 clients"),
@@ -150,12 +151,12 @@ def test_secure_aggregation_keys_defaults_and_refusals():
 def test_a_refused_combination_exits_2_with_one_line_and_no_run_folder(tmp_path):
     result = tff_apps_in_process(
         "run", "healthcare", "--set", f'job.runs_dir="{tmp_path}"', "--run-id", "bad",
-        "--set", "privacy.level=client", "--set", "privacy.clipping=fixed", "--set", "privacy.noise_multiplier=1",
+        "--set", "privacy.level=client", "--set", "privacy.clipping=adaptive", "--set", "privacy.noise_multiplier=1",
         "--set", "privacy.secure_aggregation=masked",
     )
     assert result.returncode == 2, result.stderr[-2000:]
     message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and "privacy.secure_aggregation" in message and "'simulated'" in message
+    assert len(message.splitlines()) == 1 and "privacy.secure_aggregation" in message and "'fixed'" in message
     assert not (tmp_path / "healthcare" / "bad").exists()
 
 

@@ -10,7 +10,7 @@ import pytest
 from shared import secagg_wire as wire
 from shared.secagg import SecAggServer
 from shared.secagg_client import SecAggClient
-from shared.secagg_ring import SecAggConfig, quantization_error_bound
+from shared.secagg_ring import SecAggConfig, quantization_error_bound, quantize
 from tff_apps.sites.messages import computation_pb, named_refs, pb, update_vector
 
 
@@ -37,6 +37,25 @@ def test_the_protocol_runs_over_the_wire_encoding_with_a_dropout_after_masking()
     responses = [wire.response_from_json(over_wire(wire.response_to_json(c.unmask(request)))) for c in clients[:2]]
     total = server.unmask(responses)
     assert np.max(np.abs(total - np.sum(inputs, axis=0))) <= quantization_error_bound(cfg, 3)
+
+
+def test_distributed_dps_ring_is_its_field_and_the_sum_wraps_in_it():
+    """Masked distributed DP: integer residues in Z_{2^20} (TFF's field), 32-bit words on the
+    wire with the top 12 bits 0, the sum mod 2^20 as a signed residue, a dropout recovered."""
+    from shared.secagg import secure_sum
+
+    cfg = wire.config_from_json(wire.config_to_json(SecAggConfig(3, 2, 2.0**19, 0, 20, modular=True)))
+    assert cfg.modular and cfg.word_bits == 32
+    inputs = [np.random.default_rng(i).integers(0, 2**20, 400).astype(np.float64) for i in range(3)]
+    result = secure_sum(inputs, cfg, dropouts_after_masking=[1])
+    expected = np.mod(np.sum(inputs, axis=0), 2**20)
+    np.testing.assert_array_equal(result.total, np.where(expected >= 2**19, expected - 2**20, expected))
+    assert np.any(np.sum(inputs, axis=0) >= 2**20)  # it did wrap
+    outside = {"sender": 0, "bits": 32, "y": wire.b64(np.array([2**20], "<u4").tobytes())}
+    with pytest.raises(wire.WireError, match="outside the 20-bit ring"):
+        wire.masked_from_json(outside, cfg)
+    with pytest.raises(ValueError, match="integer inputs"):
+        quantize(np.array([0.5]), cfg)
 
 
 @pytest.mark.parametrize("message", [b"[]", b"not json", b'{"session": 1}'])
