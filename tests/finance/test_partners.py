@@ -73,9 +73,9 @@ def test_a_lender_and_two_partners_train_one_split_model(three):
     results = summary["results"]
     vertical, joined, alone = (results[m]["auc"] for m in ("vertical", "centralized", "lender_alone"))
     assert abs(vertical - joined) <= 0.01 and vertical >= alone + 0.05
-    # three partial scores (int64) go up per customer and batch, the gradient down to two partners
+    # three partial scores (int64) go up per customer and batch, the gradient down to all three parties
     per_epoch, train = summary["bytes_per_epoch"], summary["data"]["train_customers"]
-    assert per_epoch["partial_scores_up"] == 3 * train * 8 and per_epoch["gradient_down"] == 2 * train * 4
+    assert per_epoch["partial_scores_up"] == 3 * train * 8 and per_epoch["gradient_down"] == 3 * train * 4
 
 
 def test_each_party_exports_its_own_columns_and_the_lender_names_no_partners(three):

@@ -21,7 +21,7 @@ float32 arrays in Keras Dense order: logistic [kernel (d,1), bias (1,)], mlp
 Glorot-uniform kernels from `default_rng([seed, 0, party_index])`, zero biases.
 
 Roles and messages, per mini-batch of n aligned rows (TFF places the parties as CLIENTS and
-the coordinator as SERVER)
+the coordinator as SERVER; `vertical_epoch` runs them)
 -----------------------------------------------------------------------------------------
 1. forward (federated): each party computes s_p on its rows, a partner adds its own noise
    N(0, partial_noise_std^2) if asked, clips to +-B and encodes in fixed point:
@@ -30,20 +30,24 @@ the coordinator as SERVER)
    go through `tff.federated_secure_sum_bitwidth` with bitwidth = bit_length(2K) (the range
    of one party's value; 23 bits for B = 32); the coordinator decodes z = (sum - P*K) * 2^-F
    (float32, exact for |z| < 2^(24-F) = 256) and sees only that sum.
-2. lender step (a `tff.tensorflow.computation` run for the lender alone): the coordinator
-   sends z to the lender only (a broadcast would give partners the lender's score). The
-   lender computes the batch loss and g = dL/dz = (sigmoid(z) - y) / n.
-   With label protection it releases g~ = g + N(0, (sigma / n)^2): flipping one label y_i
-   changes exactly one entry, g_i, by exactly 1/n (the sigmoid term does not depend on
-   y_i), so the L2 sensitivity is s = 1/n of the batch actually drawn (the last batch of an
-   epoch may be smaller). The noise is drawn with unseeded OS randomness (DP noise must not
-   be predictable from the job seed; everything else is seeded).
+2. gradient: g = dL/dz = (sigmoid(z) - y) / n. With label protection the released gradient
+   is g~ = g + N(0, (sigma / n)^2): flipping one label y_i changes exactly one entry, g_i,
+   by exactly 1/n (the sigmoid term does not depend on y_i), so the L2 sensitivity is 1/n of
+   the batch actually drawn (the last batch of an epoch may be smaller). The label enters
+   additively, g~ = sigmoid(z)/n + u with u = -y/n + noise, so the lender releases u (its own
+   computation, before the epoch, `vertical_epoch.EpochComputations.lender_release`) and the
+   coordinator adds sigmoid(z)/n once it has decoded z: TFF has no intrinsic that sends z
+   to the lender alone inside a computation, and a broadcast would give it to the partners.
+   The coordinator's view (z, u) and (z, g~) are functions of each other. The noise is drawn
+   with unseeded OS randomness (DP noise must not be predictable from the job seed;
+   everything else is seeded). After the batches, the coordinator hands the lender every z
+   (its training loss, `lender_loss`).
 3. backward (federated): the coordinator broadcasts g~ (SERVER -> CLIENTS); every party
    updates its own weights with a tf.GradientTape on its bottom model
    (output_gradients = g~) plus its l2 term, by SGD or Adam (optimizer state party-held).
-   To save a call, backward of batch k and forward of batch k+1 are one computation.
-   TFF calls per mini-batch: 2 (lender step; backward+forward), plus one forward-only call
-   at the start of training; the very last batch runs backward only.
+   Steps 1-3 of up to `vertical_epoch.CHUNK_BATCHES` consecutive batches run in one TFF call
+   (a federated computation whose traced loop holds a secure sum per batch); TFF calls per
+   epoch: ceil(batches / CHUNK_BATCHES) + 2 (the lender's release and loss).
 4. evaluation (federated, `evaluate`): the forward of step 1 without partial noise, on each
    party's own held-out rows; the coordinator passes the decoded z to the lender, which
    scores it against its own labels. Scoring (`SecureScoreSum`): each party's exported model
@@ -290,24 +294,6 @@ class VerticalComputations(SecureScoreSum):
 
     # -- computations --
 
-    def _build_forward(self, n):
-        vec = tff.TensorType(np.float32, [n])
-
-        @tff.tensorflow.computation(self.weight_type, self._x(n), vec)
-        def encode(w, x, noise):
-            return self._encode(w, x, noise)
-
-        decode = self._decoder(n)
-
-        @tff.federated_computation(
-            self._clients(self.weight_type), self._clients(self._x(n)), self._clients(vec)
-        )
-        def forward(w, x, noise):
-            encoded = tff.federated_map(encode, (w, x, noise))
-            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
-
-        return forward
-
     def _build_evaluate(self, n):
         # Step 1 without noise: metrics need the model's own z, and no label is involved.
         @tff.tensorflow.computation(self.weight_type, self._x(n))
@@ -323,81 +309,11 @@ class VerticalComputations(SecureScoreSum):
 
         return evaluate
 
-    def _build_backward(self, n):
-        vec = tff.TensorType(np.float32, [n])
-
-        @tff.tensorflow.computation(self.weight_type, self.opt_type, self._x(n), vec)
-        def update(w, opt, x, g):
-            return self._update(w, opt, x, g)
-
-        @tff.federated_computation(
-            tff.FederatedType(vec, tff.SERVER), self._clients(self.weight_type),
-            self._clients(self.opt_type), self._clients(self._x(n)),
-        )
-        def backward(g, w, opt, x):
-            out = tff.federated_map(update, (w, opt, x, tff.federated_broadcast(g)))
-            return out[0], out[1]
-
-        return backward
-
-    def _build_backward_forward(self, n, n_next):
-        vec, vec_next = tff.TensorType(np.float32, [n]), tff.TensorType(np.float32, [n_next])
-
-        @tff.tensorflow.computation(
-            self.weight_type, self.opt_type, self._x(n), vec, self._x(n_next), vec_next
-        )
-        def update_and_encode(w, opt, x, g, x_next, noise_next):
-            new_w, new_opt = self._update(w, opt, x, g)
-            return new_w, new_opt, self._encode(new_w, x_next, noise_next)
-
-        decode = self._decoder(n_next)
-
-        @tff.federated_computation(
-            tff.FederatedType(vec, tff.SERVER), self._clients(self.weight_type),
-            self._clients(self.opt_type), self._clients(self._x(n)),
-            self._clients(self._x(n_next)), self._clients(vec_next),
-        )
-        def backward_forward(g, w, opt, x, x_next, noise_next):
-            out = tff.federated_map(
-                update_and_encode, (w, opt, x, tff.federated_broadcast(g), x_next, noise_next)
-            )
-            total = tff.federated_secure_sum_bitwidth(out[2], self.bitwidth)
-            return out[0], out[1], tff.federated_map(decode, total)
-
-        return backward_forward
-
-    def _build_lender_step(self, n):
-        vec = tff.TensorType(np.float32, [n])
-
-        @tff.tensorflow.computation(vec, vec, vec)
-        def lender_step(z, y, noise):
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=z))
-            return loss, (tf.sigmoid(z) - y) / float(n) + noise
-
-        return lender_step
-
     # -- calls (each one TFF call) --
-
-    def forward(self, w, x, noise):
-        self.calls += 1
-        return self._get("forward", len(noise[0]))(w, x, noise)
-
-    def lender_step(self, z, y, noise):
-        self.calls += 1
-        loss, g = self._get("lender_step", len(y))(z, y, noise)
-        return float(loss), np.asarray(g, np.float32)
 
     def evaluate(self, w, x):
         self.eval_calls += 1
         return np.asarray(self._get("evaluate", len(x[0]))(w, x), np.float32)
-
-    def backward(self, g, w, opt, x):
-        self.calls += 1
-        return self._get("backward", len(g))(g, w, opt, x)
-
-    def backward_forward(self, g, w, opt, x, x_next, noise_next):
-        self.calls += 1
-        return self._get("backward_forward", len(g), len(noise_next[0]))(g, w, opt, x, x_next, noise_next)
 
 
 def pad_weights(weights: list[np.ndarray], width: int) -> list[np.ndarray]:

@@ -19,8 +19,9 @@ sequence of releases, so an epsilon would not be honest. Per-example clipping of
 updates (DP-SGD at the partner) would be needed for one.
 
 Bytes exchanged, counted from the payloads as sent (per batch of n rows, P parties):
-partial_scores_up P*n*8 (int64), sum_to_lender n*4, gradient_up n*4 (lender -> coordinator),
-gradient_down (P-1)*n*4 (coordinator -> partners), loss_up 4 per epoch (lender -> coordinator).
+partial_scores_up P*n*8 (int64), sum_to_lender n*4 (z, handed to the lender after the
+epoch's batches), gradient_up n*4 (u, lender -> coordinator), gradient_down P*n*4 (g~,
+broadcast to every party, the lender included), loss_up 4 per epoch (lender -> coordinator).
 An evaluation of m held-out rows sends partial_scores_up P*m*8 and sum_to_lender m*4, counted
 apart (`VerticalResult.eval_bytes_total`). Weights, features and labels are never sent.
 
@@ -30,10 +31,10 @@ scores from its exported model) return only the decoded sum z, in calls of at mo
 `EVAL_ROWS` rows. The lender's metrics are functions of z and its own labels.
 
 Checkpoints (`checkpoint_every` epochs, `vertical_checkpoints`): each party's weights,
-optimizer state and noise-generator state as they were at the end of the epoch (the
-generators before the next batch's partial noise is drawn), then the coordinator's state. A
-resumed run starts the next epoch with a forward call and replays the same batches and noise,
-so it ends with an uninterrupted run's weights and releases nothing the killed attempt did not.
+optimizer state and noise-generator state as they were at the end of the epoch (every noise
+of the epoch drawn, none of the next), then the coordinator's state. A resumed run starts the
+next epoch and replays the same batches and noise, so it ends with an uninterrupted run's
+weights and releases nothing the killed attempt did not.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from tff_apps.learning.vertical import (
     validate_inputs,
     validate_matrices,
 )
+from tff_apps.learning.vertical_epoch import CHUNK_BATCHES, EpochComputations, chunk_shape, split_chunk, stack_batches
 from tff_apps.privacy import accounting
 from tff_apps.program.metrics_log import MetricsLog
 from tff_apps.program.vertical_checkpoints import PartyCheckpoint, VerticalCheckpoints, party_checkpoint, restore_party
@@ -163,7 +165,7 @@ class _Training:
         self.s = settings
         self.rows, self.n_parties = len(labels), len(parties)
         width = max(x.shape[1] for x in parties)
-        self.comps = _checked_bitwidth(VerticalComputations(settings, self.n_parties, width))
+        self.comps = _checked_bitwidth(EpochComputations(settings, self.n_parties, width))
         self.states = [
             PartyState(
                 name=names[p], index=p, width=x.shape[1],
@@ -186,56 +188,59 @@ class _Training:
     # -- the loop --
 
     def epochs(self, first_epoch: int, evaluate):
-        schedule = [
-            (epoch, rows)
-            for epoch in range(first_epoch, self.s.epochs + 1)
-            for rows in batch_indices(self.rows, self.s.batch_size, epoch, self.s.seed)
-        ]
-        if not schedule:
-            return
-        z = self.comps.forward(
-            [s.weights for s in self.states], [s.features[schedule[0][1]] for s in self.states],
-            [_partial_noise(s, self.s, len(schedule[0][1])) for s in self.states],
-        )
-        epoch_bytes, epoch_loss, epoch_started = dict.fromkeys(MESSAGE_KINDS, 0), 0.0, time.perf_counter()
-        for k, (epoch, rows) in enumerate(schedule):
-            next_rows = schedule[k + 1][1] if k + 1 < len(schedule) else None
-            ends_epoch = next_rows is None or schedule[k + 1][0] != epoch
-            loss, z = self._batch(z, rows, next_rows, ends_epoch)
-            epoch_loss += loss * len(rows)
-            _count(epoch_bytes, len(rows), self.n_parties)
-            if not ends_epoch:
-                continue
-            yield self._end_epoch(epoch, epoch_bytes, epoch_loss, epoch_started, evaluate)
-            epoch_bytes, epoch_loss, epoch_started = dict.fromkeys(MESSAGE_KINDS, 0), 0.0, time.perf_counter()
-
-    def _batch(self, z, rows, next_rows, ends_epoch: bool):
-        """One mini-batch: the lender's step on z, then every party's update (and the next
-        batch's forward in the same call). Returns (the lender's loss, the next z)."""
-        lender, n = self.states[0], len(rows)
-        # coordinator -> lender: z; lender: loss and the gradient it releases.
-        label_noise = (
-            draw_noise(lender.noise_rng, self.s.label_noise_multiplier / n, n)
-            if self.s.label_noise_multiplier > 0 else np.zeros(n, np.float32)
-        )
-        loss, g = self.comps.lender_step(z, lender.labels[rows], label_noise)
-        if ends_epoch:  # the epoch's checkpoint: this batch's label noise drawn, the next batch's partial noise not yet
+        """Runs the given epochs; yields one record per epoch. An epoch: the lender releases u
+        of every batch (one call), the parties and the coordinator run the batches in chunks
+        of at most CHUNK_BATCHES (one call each, `vertical_epoch`), the coordinator hands the
+        lender every batch's z and the lender computes its loss (one call)."""
+        for epoch in range(first_epoch, self.s.epochs + 1):
+            started, lender = time.perf_counter(), self.states[0]
+            batches = batch_indices(self.rows, self.s.batch_size, epoch, self.s.seed)
+            sizes = np.array([len(rows) for rows in batches])
+            order, batch_of_row = np.concatenate(batches), np.repeat(np.arange(len(batches), dtype=np.int32), sizes)
+            y = lender.labels[order]
+            u = self.comps.lender_release(y, self._label_noise(batches), np.repeat(sizes, sizes).astype(np.float32))
+            z, done = [], 0
+            for start in range(0, len(batches), CHUNK_BATCHES):
+                chunk = batches[start : start + CHUNK_BATCHES]
+                rows = sum(len(r) for r in chunk)
+                z.append(self._chunk(chunk, u[done : done + rows]))
+                done += rows
+            losses = self.comps.lender_loss(np.concatenate(z), y, batch_of_row, len(batches))
+            epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
+            for n in sizes:
+                _count(epoch_bytes, int(n), self.n_parties)
+            # the epoch's checkpoint: every noise of this epoch drawn, none of the next one
             self.noise_at_epoch_end = self._noise_states()
-        # coordinator -> every party: g; each party updates; (next batch's forward).
-        weights, opts = [s.weights for s in self.states], [s.optimizer_state for s in self.states]
-        x = [s.features[rows] for s in self.states]
-        if next_rows is not None:
-            weights, opts, z = self.comps.backward_forward(
-                g, weights, opts, x, [s.features[next_rows] for s in self.states],
-                [_partial_noise(s, self.s, len(next_rows)) for s in self.states],
-            )
-        else:
-            weights, opts = self.comps.backward(g, weights, opts, x)
-        for s, w, o in zip(self.states, weights, opts):
+            epoch_loss = float(np.dot(losses.astype(np.float64), sizes))  # sum over batches of n * mean loss
+            yield self._end_epoch(epoch, epoch_bytes, epoch_loss, started, evaluate)
+
+    def _label_noise(self, batches: list[np.ndarray]) -> np.ndarray:
+        """The lender's DP noise of each batch, N(0, (sigma/n)^2) for a batch of n, in batch order."""
+        sigma, lender = self.s.label_noise_multiplier, self.states[0]
+        if sigma <= 0:
+            return np.zeros(sum(len(rows) for rows in batches), np.float32)
+        return np.concatenate([draw_noise(lender.noise_rng, sigma / len(rows), len(rows)) for rows in batches])
+
+    def _chunk(self, chunk: list[np.ndarray], u: np.ndarray) -> np.ndarray:
+        """Consecutive mini-batches in one TFF call; `u` is what the lender released for their
+        rows. Each party gives its own rows and its own noise, drawn one batch after the other
+        as the per-batch protocol drew them. Returns the z the coordinator decoded, in order."""
+        shape = chunk_shape(chunk)
+        rows = [split_chunk(state.features, chunk) for state in self.states]
+        noise = [
+            stack_batches(np.concatenate([_partial_noise(state, self.s, len(batch)) for batch in chunk]), shape)
+            for state in self.states
+        ]
+        parties, (z, z_last, _) = self.comps.chunk(
+            shape, [s.weights for s in self.states], [s.optimizer_state for s in self.states],
+            [r[0] for r in rows], [r[1] for r in rows], [v[0] for v in noise], [v[1] for v in noise],
+            *stack_batches(u, shape),
+        )
+        for s, (w, o) in zip(self.states, parties):
             s.weights = [np.asarray(a, np.float32) for a in w]
             s.optimizer_state = [np.asarray(a, np.float32) for a in o]
-        self.coordinator.step += 1
-        return loss, z
+        self.coordinator.step += len(chunk)
+        return np.concatenate([np.asarray(z, np.float32).reshape(-1), np.asarray(z_last, np.float32)])
 
     def _end_epoch(self, epoch, epoch_bytes, epoch_loss, epoch_started, evaluate) -> dict[str, Any]:
         # the lender reports its mean loss (one float32) to the coordinator.
@@ -391,7 +396,7 @@ def _count(counter: dict[str, int], n: int, n_parties: int) -> None:
     counter["partial_scores_up"] += n_parties * n * np.dtype(np.int64).itemsize
     counter["sum_to_lender"] += n * np.dtype(np.float32).itemsize
     counter["gradient_up"] += n * np.dtype(np.float32).itemsize
-    counter["gradient_down"] += (n_parties - 1) * n * np.dtype(np.float32).itemsize
+    counter["gradient_down"] += n_parties * n * np.dtype(np.float32).itemsize
 
 
 def _count_evaluation(counter: dict[str, int], m: int, n_parties: int) -> None:
@@ -421,7 +426,10 @@ def _label_dp_report(settings: VerticalSettings) -> dict[str, Any] | None:
         "epochs": settings.epochs,
         "accountant": settings.accountant,
         "adjacency": "one customer's label",
-        "mechanism": "g + N(0, (noise_multiplier/batch_rows)^2) on dL/dz, L2 sensitivity 1/batch_rows, once per epoch",
+        "mechanism": (
+            "g + N(0, (noise_multiplier/batch_rows)^2) on dL/dz, L2 sensitivity 1/batch_rows, once per epoch "
+            "(the lender releases u = -y/batch_rows + the noise; the coordinator adds sigmoid(z)/batch_rows)"
+        ),
         "not_covered": "the training loss the lender reports; evaluation metrics",
     }
 

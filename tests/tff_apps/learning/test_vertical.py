@@ -264,11 +264,12 @@ def padded(x, width):
 
 
 def test_each_computation_gets_only_its_partys_inputs(logistic_run, data, held_out):
-    """Replays every recorded TFF call of the run (training and evaluation). Party p's CLIENTS
-    slot must hold exactly party p's own weights, optimizer state and rows (the replay knows
-    each from the previous call's outputs); the only SERVER input is the gradient the lender
-    released; the lender's computation gets the decoded sum z and its own labels; each
-    evaluation gets each party's current weights and own held-out rows, and the lender's
+    """Replays every recorded TFF call of the run (training and evaluation). An epoch is one
+    chunk here (7 batches). The lender's own computations get only its labels, its noise and
+    the batch sizes (`lender_release`) and the z the coordinator decoded (`lender_loss`). In a
+    chunk, party p's CLIENTS slots hold exactly party p's own weights, optimizer state, rows of
+    the epoch's batches and (zero) noise; the only SERVER inputs are the u the lender released.
+    Each evaluation gets each party's current weights and own held-out rows, and the lender's
     evaluate callback only the z that evaluation returned."""
     (parties, y), (held_x, _) = data, held_out
     result, _, evaluated, calls = logistic_run
@@ -279,52 +280,55 @@ def test_each_computation_gets_only_its_partys_inputs(logistic_run, data, held_o
         for p, d in enumerate(WIDTHS)
     ]
     opts = [[np.zeros((), np.float32)] for _ in WIDTHS]
-    batches = [
-        rows for epoch in range(1, LOGISTIC.epochs + 1) for rows in vertical.batch_indices(ROWS, 64, epoch, LOGISTIC.seed)
-    ]
-    epoch_ends = np.cumsum([len(vertical.batch_indices(ROWS, 64, e, LOGISTIC.seed)) for e in range(1, LOGISTIC.epochs + 1)])
-    k, z, g, evaluations = 0, None, None, 0
+    epoch, u, z, evaluations = 0, None, None, 0
     for call in calls:
-        if call.name == "lender_step":  # run by the lender alone
-            assert {n: where for n, (where, _) in call.inputs.items()} == {"z": None, "y": None, "noise": None}
-            assert same(call.inputs["z"][1], z)  # what the coordinator decoded, nothing else
-            assert same(call.inputs["y"][1], y[batches[k]].astype(np.float32))
-            assert not np.any(call.inputs["noise"][1])
-            g = np.asarray(call.output[1])
+        where = {n: w for n, (w, _) in call.inputs.items()}
+        given = {n: v for n, (_, v) in call.inputs.items()}
+        if call.name in ("lender_release", "lender_loss"):  # run by the lender alone
+            epoch += call.name == "lender_release"
+            batches = vertical.batch_indices(ROWS, 64, epoch, LOGISTIC.seed)
+            order = np.concatenate(batches)
+            assert set(where.values()) == {None}
+            assert same(given["y"], y[order].astype(np.float32))
+            if call.name == "lender_release":
+                assert not np.any(given["noise"])
+                assert same(given["batch_rows"], np.repeat([len(r) for r in batches], [len(r) for r in batches]).astype(np.float32))
+                u = np.asarray(call.output)
+                assert same(u, -y[order].astype(np.float32) / given["batch_rows"])
+            else:
+                assert same(given["z"], z)  # what the coordinator decoded, nothing else
             continue
-        server = {n: v for n, (where, v) in call.inputs.items() if where == "SERVER"}
-        assert set(server) == ({"g"} if call.name.startswith("backward") else set())
-        if server:  # the coordinator forwards the lender's released gradient, nothing of a party
-            assert same(server["g"], g)
-        rows, next_rows = (batches[min(i, len(batches) - 1)] for i in (k, k + 1))  # (evaluation follows the last)
-        own = [
-            {
-                "w": weights[p], "opt": opts[p],
-                "x": eval_x[p] if call.name == "evaluate" else train_x[p][rows],
-                "x_next": train_x[p][next_rows],
-                "noise": np.zeros(len(rows), np.float32), "noise_next": np.zeros(len(next_rows), np.float32),
-            }
-            for p in range(n_parties)
-        ]
-        clients = {n: v for n, (where, v) in call.inputs.items() if where == "CLIENTS"}
-        assert set(clients) | set(server) == set(call.inputs)
+        clients = {n: v for n, v in given.items() if where[n] == "CLIENTS"}
+        server = {n: v for n, v in given.items() if where[n] == "SERVER"}
+        assert set(clients) | set(server) == set(given)
+        if call.name == "evaluate":
+            assert not server
+            own = [{"w": weights[p], "x": eval_x[p]} for p in range(n_parties)]
+        else:
+            assert call.name == "chunk" and set(server) == {"u", "u_last"}
+            assert same(server["u"], u[:-len(batches[-1])].reshape(len(batches) - 1, 64)) and same(server["u_last"], u[-len(batches[-1]):])
+            own = [
+                {
+                    "w": weights[p], "opt": opts[p],
+                    "x": np.stack([train_x[p][rows] for rows in batches[:-1]]), "x_last": train_x[p][batches[-1]],
+                    "noise": np.zeros((len(batches) - 1, 64), np.float32), "noise_last": np.zeros(len(batches[-1]), np.float32),
+                }
+                for p in range(n_parties)
+            ]
         for name, slots in clients.items():
             assert len(slots) == n_parties
             for p in range(n_parties):
                 assert same(slots[p], own[p][name]), f"{call.name}: party {p}'s {name} slot holds another value"
         if call.name == "evaluate":
-            assert k in epoch_ends  # after an epoch's last update
             assert same(evaluated[evaluations], call.output)  # the lender's code gets z only
             evaluations += 1
-        elif call.name == "forward":
-            z = call.output
-        else:  # backward(_forward): each party's slot of the output is its new weights and state
-            weights = [[np.asarray(a) for a in w] for w in call.output[0]]
-            opts = [[np.asarray(a) for a in o] for o in call.output[1]]
-            z = call.output[2] if call.name == "backward_forward" else None
-            k += 1
-    assert k == len(batches) and evaluations == len(evaluated) == LOGISTIC.epochs
-    assert [c.name for c in calls].count("lender_step") == len(batches)
+        else:  # each party's slot of the output is its new weights and state; then the chunk's z
+            parties_out, (z_stacked, z_last, _) = call.output
+            weights = [[np.asarray(a) for a in w] for w, _ in parties_out]
+            opts = [[np.asarray(a) for a in o] for _, o in parties_out]
+            z = np.concatenate([np.asarray(z_stacked).reshape(-1), np.asarray(z_last)])
+    assert epoch == LOGISTIC.epochs and evaluations == len(evaluated) == LOGISTIC.epochs
+    assert [c.name for c in calls].count("chunk") == LOGISTIC.epochs  # 7 batches: one chunk an epoch
     for p, d in enumerate(WIDTHS):
         assert same(vertical.unpad_weights(weights[p], d), result.party_weights[p])
 
@@ -441,14 +445,14 @@ def test_bytes_per_epoch_equal_the_payload_sizes(logistic_run):
     expected = {
         "partial_scores_up": parties * n * 8,  # int64 fixed-point scores, every party
         "sum_to_lender": n * 4,  # float32 sum, coordinator -> lender
-        "gradient_up": n * 4,  # float32 g, lender -> coordinator
-        "gradient_down": (parties - 1) * n * 4,  # float32 g, coordinator -> each partner
+        "gradient_up": n * 4,  # float32 u (the label's part of g~), lender -> coordinator
+        "gradient_down": parties * n * 4,  # float32 g~, coordinator -> every party (broadcast)
         "loss_up": 4,  # the lender's epoch loss
     }
     assert result.bytes_per_epoch == {**expected, "total": sum(expected.values())}
     assert result.bytes_total["total"] == LOGISTIC.epochs * sum(expected.values())
     assert all(r["bytes"] == sum(expected.values()) for r in result.history)
-    assert result.tff_calls == 2 * LOGISTIC.epochs * 7 + 1  # 2 per batch + the first forward (evaluation apart)
+    assert result.tff_calls == 3 * LOGISTIC.epochs  # an epoch: the lender's release, one chunk, its loss
 
 
 def test_same_seed_same_result(runtime, data, logistic_run):
