@@ -2,10 +2,13 @@
 plain mean), against the plain loop.
 
 Run with `make bench` or:  uv run --locked python benchmarks/grouped_features_bench.py [--clients 10 100]
-Writes benchmarks/grouped_features.md and prints it.
+[--features median quantize] [--timed 2] [--out FILE]. Writes benchmarks/grouped_features.md (or FILE)
+and prints it.
 
 The round is `engine_bench`'s (healthcare MLP 30-64-1, 57 examples per client, batch 16, one
-local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on. The limit is the
+local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on ([robustness] and
+[communication]: median, trimmed_mean 0.2, clip_zero, scaled_update with a tenth of the clients
+bad, 8-bit quantize / hadamard / dft). The limit is the
 plain FedAvg round of `engine_bench.build_limit` (the same local SGD steps in one tf.function,
 data in memory, no clipping, noise or quantization), so a ratio above the plain mean's is the
 feature's own cost. The round time includes stacking the clients' datasets. One process per
@@ -33,6 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS_MD = ROOT / "benchmarks" / "grouped_features.md"
 
 FEATURES = ("mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "secure_simulated")
+# [robustness] and [communication] (grouped_robust.py): a tenth of the clients bad for scaled_update
+ROBUST_FEATURES = ("median", "trimmed_mean", "clip_zero", "scaled_update", "quantize", "hadamard", "dft")
 CLIENT_COUNTS = (10, 100, 1000)
 LARGE = 10_000  # the plain mean only: a large federation's round
 TIMED_ROUNDS = {10: 5, 100: 4, 1000: 3, LARGE: 2}
@@ -59,6 +64,8 @@ def process_for(feature: str, n_clients: int):
             level="client", section=section, noise_multiplier=1.0, sampling=types.SimpleNamespace(participants=n_clients)
         )
         return train, {"privacy": plan}
+    if feature in ROBUST_FEATURES:
+        return train, {"federation": federation_for(feature, n_clients), "client_names": [f"c{i}" for i in range(n_clients)]}
     if feature == "secure_simulated":
         from engine_bench import EXAMPLES
 
@@ -67,7 +74,18 @@ def process_for(feature: str, n_clients: int):
     return train, {}
 
 
-def measure(feature: str, n_clients: int) -> dict:
+def federation_for(feature: str, n_clients: int):
+    from tff_apps.learning.federation import CommunicationSection, Federation, RobustnessSection
+
+    if feature in ("quantize", "hadamard", "dft"):
+        return Federation(communication=CommunicationSection(compression=feature, bits=8))
+    if feature == "scaled_update":
+        bad = max(1, n_clients // 10)
+        return Federation(robustness=RobustnessSection(bad_clients=bad, bad_client_mode="scaled_update"))
+    return Federation(robustness=RobustnessSection(aggregation=feature, trim_fraction=0.2))
+
+
+def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
     """One cell, in this process."""
     import tensorflow as tf
 
@@ -75,12 +93,13 @@ def measure(feature: str, n_clients: int) -> dict:
     from engine_bench import HIDDEN, PeakRss, build_limit, mb, permuted_arrays, round_inputs, synthetic_clients
     from healthcare.model import ModelConfig, tff_model_fn
     from tff_apps.learning import factory
+    from tff_apps.program.round_loop import next_round
     from tff_apps.runtime.context import Runtime
 
     model_cfg = ModelConfig(kind="mlp", hidden_units=HIDDEN)
     train, kwargs = process_for(feature, n_clients)
     clients = synthetic_clients(n_clients)
-    timed = TIMED_ROUNDS[n_clients]
+    timed = timed or TIMED_ROUNDS[n_clients]
     inputs = {r: round_inputs(clients, train, r) for r in range(timed + 1)}
     arrays = {r: permuted_arrays(clients, train, r) for r in range(timed + 1)}
     with PeakRss(os.getpid()) as peak, Runtime():
@@ -89,7 +108,7 @@ def measure(feature: str, n_clients: int) -> dict:
         state, limit_state, times = process.initialize(), start, {"grouped": [], "limit": []}
         for r in range(timed + 1):
             started = time.perf_counter()
-            state = process.next(state, inputs[r]).state
+            state = next_round(process, state, inputs[r], [c.name for c in clients]).state
             grouped_s = time.perf_counter() - started
             x, y = arrays[r]
             started = time.perf_counter()
@@ -126,11 +145,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)  # child: feature, clients
     parser.add_argument("--clients", type=int, nargs="*", default=list(CLIENT_COUNTS))
-    parser.add_argument("--features", nargs="*", default=list(FEATURES))
+    parser.add_argument("--features", nargs="*", default=list(FEATURES + ROBUST_FEATURES))
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True, help="the 10,000-client row")
+    parser.add_argument("--timed", type=int, default=0, help="timed rounds per cell (0: TIMED_ROUNDS)")
+    parser.add_argument("--out", type=Path, default=RESULTS_MD)
     args = parser.parse_args()
     if args.cell:
-        print(json.dumps(measure(args.cell[0], int(args.cell[1]))))
+        print(json.dumps(measure(args.cell[0], int(args.cell[1]), args.timed or None)))
         return
     from engine_bench import machine
 
@@ -138,7 +159,8 @@ def main() -> None:
     rows = []
     for feature, n in cells:
         done = subprocess.run(
-            [sys.executable, __file__, "--cell", feature, str(n)], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, __file__, "--cell", feature, str(n), "--timed", str(args.timed)],
+            cwd=ROOT, capture_output=True, text=True,
         )
         if done.returncode != 0:
             rows.append({"feature": feature, "clients": n, "error": done.stderr.strip().splitlines()[-1:]})
@@ -146,7 +168,7 @@ def main() -> None:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{feature}, {n} clients: done", file=sys.stderr, flush=True)
     text = markdown(rows, machine())
-    RESULTS_MD.write_text(text)
+    args.out.write_text(text)
     print(text)
 
 

@@ -8,6 +8,9 @@ estimate of the clients' max values, times 2) and adds adaptive zeroing and L2 c
 Fixed bounds make "simulated" and "masked" clip identically (the masked protocol's ring and
 fixed point must be fixed before the round), so the two modes give the same model up to
 quantization; the bound is a documented config value instead of a hidden estimate.
+
+The grouped engine reproduces these in its group computation (`grouped_aggregation` for the
+means and secure sums, `grouped_robust` for clip_zero and compression).
 """
 
 from __future__ import annotations

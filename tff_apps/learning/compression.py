@@ -16,6 +16,9 @@ Rounding is deterministic (nearest level): TFF's stochastic rounding draws from 
 The rotation's signs come from a fixed seed advanced every round (TFF draws it from the
 clock); they need independence across rounds, not secrecy.
 
+The grouped engine (`grouped_robust`) runs the same encoder and rotations per client slice of
+its group, with this seed and rounding, so both engines compute the same decoded sum.
+
 `upload_bytes` measures one client's message by running the same encoder on a vector of the
 update's length: the sizes depend on the length and bits only, not on the values.
 """

@@ -57,7 +57,7 @@ def build_learning_process(
     TFF call (`grouped.GroupedProcess`; `federation.check_engine` refuses what it does not run).
     `"auto"`: grouped where it runs the job, else the stock process (the reason logged).
     """
-    grouped_process = _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation)
+    grouped_process = _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation, client_names)
     if grouped_process is not None:
         return grouped_process
     if federation is not None and federation_lib.needs_split_rounds(federation):
@@ -106,7 +106,7 @@ def build_learning_process(
     )
 
 
-def _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation):
+def _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation, client_names=None):
     """The grouped engine's process for `engine = "grouped"`, and for `"auto"` when it runs the
     job (its refusal, a UserError, names why not: logged, and the stock process runs)."""
     engine = getattr(train, "engine", "tff")
@@ -114,11 +114,8 @@ def _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, feder
         return None
     from tff_apps.learning import grouped
 
-    if engine == "auto" and federation is not None and federation_lib.needs_split_rounds(federation):
-        _log.info("train.engine = 'auto': TFF's stock engine (robust aggregation runs in Python)")
-        return None
     try:
-        return grouped.build_grouped_process(train, model_fn, None, privacy, secure, federation)
+        return grouped.build_grouped_process(train, model_fn, None, privacy, secure, federation, client_names)
     except UserError as refusal:
         if engine == "grouped":
             raise

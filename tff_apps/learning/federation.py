@@ -245,12 +245,6 @@ def check_robustness(cfg, federation: Federation, client_rows: dict[str, int]) -
                 "robustness.bad_client_mode = 'scaled_update' needs every update in the clear (no privacy.level "
                 "and no privacy.secure_aggregation); use bad_client_mode = 'label_flip' or turn privacy off"
             )
-    if needs_split_rounds(federation) and getattr(cfg.train, "engine", "tff") == "grouped":  # auto: stock
-        raise UserError(
-            f"train.engine = {cfg.train.engine!r} cannot run robustness.aggregation = {section.aggregation!r} "
-            f"with bad_client_mode = {section.bad_client_mode!r} (the updates are aggregated in Python); "
-            "set train.engine = 'tff'"
-        )
 
 
 def _check_clip_zero(cfg, federation: Federation) -> None:
@@ -365,16 +359,14 @@ def check_personalization(cfg, federation: Federation, client_rows: dict[str, in
 
 def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> None:
     """`train.engine = "grouped"` (tff_apps/learning/grouped.py) runs the plain (un)weighted mean, client-level
-    DP with fixed clipping and the "simulated" secure-sum mean; anything else is refused rather
-    than computed differently. (Its model must be a chain of Keras Dense layers: checked when the
-    process is built.)"""
+    DP with fixed or adaptive clipping, the "simulated" secure-sum mean, every robustness.aggregation
+    and bad-client mode, and communication.compression (grouped_robust.py); anything else is refused
+    rather than computed differently. (Its model must be a chain of Keras Dense layers: checked
+    when the process is built.)"""
     if getattr(cfg.train, "engine", "tff") != "grouped":
         return
     privacy = cfg.privacy
     refused = {
-        "communication.compression": federation.communication.compression != "none",
-        "robustness.aggregation": federation.robustness.aggregation != "mean",
-        "robustness.bad_clients": needs_split_rounds(federation),  # label flips are data: any engine
         "privacy.level": privacy.level == "record",
         "privacy.secure_aggregation": privacy.secure_aggregation == "masked"
         or (privacy.secure_aggregation == "simulated" and privacy.level == "client"),

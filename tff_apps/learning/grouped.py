@@ -25,33 +25,37 @@ equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to 
   client-level DP `DifferentiallyPrivateFactory.gaussian_fixed` (each update clipped to L2
   norm C, summed, N(0, (zC)^2) noise added, divided by the fixed clients_per_round), and
   the secure-sum "simulated" mean (`aggregators.secure_mean_factory`: TFF's SecureSumFactory
-  clipping and 32-bit quantization, reusing TFF's own quantization functions);
+  clipping and 32-bit quantization, reusing TFF's own quantization functions) (these in
+  `grouped_aggregation`); [robustness] (median and trimmed mean from the clients' updates
+  stacked instead of summed, clip_zero, scaled bad updates) and [communication] (TFF's
+  quantizing encoder and rotations per client), in `grouped_robust` (equivalence:
+  tests/tff_apps/learning/test_grouped_robust.py);
 - server: TFF's apply-optimizer finalizer (it rejects a non-finite aggregate).
 
 What it does not run is refused: `federation.check_engine` refuses configs (UserError
-before the run folder); `build_grouped_process` refuses models other than a chain of Keras
-Dense layers with a per-example loss (`read_dense_chain`).
+before the run folder: record-level DP-SGD, masked secure aggregation, distributed DP);
+`build_grouped_process` refuses models other than a chain of Keras Dense layers with a
+per-example loss (`read_dense_chain`).
 """
 
 from __future__ import annotations
 
 import collections
 import collections.abc
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.aggregators import differential_privacy, primitives
+from tensorflow_federated.python.aggregators import differential_privacy
 from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
-# Keras 2.14 exports neither base class under tf.keras
-from shared.errors import UserError
 from tff_apps.config import TrainSection
 from tff_apps.learning.dense_chain import (
     ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
 )
+from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
+from tff_apps.learning.grouped_robust import RobustAggregation, concatenating_sum
 
 
 def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
@@ -99,76 +103,6 @@ def _client_rows(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]
     return np.concatenate([bx for bx, _ in batches]), np.concatenate([by for _, by in batches]), size
 
 
-@dataclass(frozen=True)
-class Aggregation:
-    """Which stock aggregator the round reproduces."""
-
-    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure"
-    weighted: bool = True
-    query: Any = field(default=None, compare=False)  # dp: the DP query TFF's DifferentiallyPrivateFactory runs
-    value_bound: float = 0.0  # secure: each coordinate of w*u (or of u) clipped to +-bound
-    max_weight: float = 0.0  # secure, weighted: the weight's upper bound
-
-
-def aggregation_of(train: TrainSection, plan, secure) -> Aggregation:
-    from tff_apps.learning.optimizers import is_weighted
-
-    level = plan.level if plan is not None else "none"
-    if level == "record" or (secure is not None and (secure.mode != "simulated" or level != "none")):
-        raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
-    if level == "client":  # fixed or adaptive clipping: the very query of the stock aggregator
-        from tff_apps.learning.dp_aggregators import client_dp_factory
-
-        factory = client_dp_factory(plan.section, plan.sampling.participants, plan.noise_multiplier)
-        return Aggregation("dp", weighted=False, query=factory._query)
-    if secure is not None:
-        bound = secure.value_bound if secure.weighted else secure.bound
-        return Aggregation("secure", weighted=secure.weighted, value_bound=float(bound), max_weight=float(secure.max_weight))
-    return Aggregation("mean" if is_weighted(train) else "unweighted", weighted=is_weighted(train))
-
-
-def _per_client_sums(aggregation: Aggregation, updates: list[tf.Tensor], weights: tf.Tensor, params=None):
-    """updates [clients, ...] (zeroed if non-finite), weights [clients] -> (value sum, weight sum),
-    each client's contribution prepared the way the stock aggregator prepares it at the client."""
-    clients = tf.shape(weights)[0]
-    if aggregation.kind == "dp":
-        # the query's record of each client (clipped update; adaptive: and its clip indicator),
-        # summed: TFF's DifferentiallyPrivateFactory sums the records with a plain SumFactory
-        records = tf.vectorized_map(lambda update: aggregation.query.preprocess_record(params, list(update)), updates)
-        return tf.nest.map_structure(lambda r: tf.reduce_sum(r, 0), records), tf.cast(clients, tf.float32)
-    if aggregation.weighted:
-        updates = [u * tf.reshape(weights, [-1] + [1] * (u.shape.rank - 1)) for u in updates]  # MeanFactory's _mul
-    if aggregation.kind == "secure":
-        upper = tf.constant(aggregation.value_bound, tf.float32)
-        quantized = [
-            tf.reduce_sum(primitives._client_tensor_shift_for_secure_sum(u, -upper, upper), 0) for u in updates
-        ]
-        if aggregation.weighted:
-            top = tf.constant(aggregation.max_weight, tf.float32)
-            weight = tf.reduce_sum(primitives._client_tensor_shift_for_secure_sum(weights, tf.constant(0.0), top))
-        else:
-            weight = tf.cast(clients, tf.int64)  # the count's SecureSumFactory(1, 0) is exact
-        return quantized, weight
-    if aggregation.weighted:
-        return [tf.reduce_sum(u, 0) for u in updates], tf.reduce_sum(weights)
-    return [tf.reduce_sum(u, 0) for u in updates], tf.cast(clients, tf.float32)
-
-
-def _finish_mean(aggregation: Aggregation, value_sum, weight_sum, clients):
-    """The server's end of the stock aggregator (but DP's, `_dp_computations`): dequantize, divide."""
-    if aggregation.kind == "secure":
-        upper = tf.constant(aggregation.value_bound, tf.float32)
-        value_sum = [
-            primitives._server_tensor_shift_for_secure_sum(clients, v, -upper, upper, tf.float32) for v in value_sum
-        ]
-        if aggregation.weighted:
-            top = tf.constant(aggregation.max_weight, tf.float32)
-            weight_sum = primitives._server_tensor_shift_for_secure_sum(
-                clients, weight_sum, tf.constant(0.0), top, tf.float32
-            )
-    return [tf.math.divide(v, tf.cast(weight_sum, v.dtype)) for v in value_sum]
-
-
 class GroupedProcess:
     """The learning process of the grouped engine, with the interface `round_loop.run_rounds`
     uses: `initialize()`, `next(state, datasets)` (one tf.data.Dataset per client, as for
@@ -177,23 +111,38 @@ class GroupedProcess:
     finalizer's part is the server optimizer's state), and `output.metrics` has its
     `client_work.train` metrics."""
 
-    def __init__(self, initialize_fn, next_fn):
+    def __init__(self, initialize_fn, next_fn, robust=None, bad_clients=(), bad_update_scale: float = 1.0):
         self.initialize_fn = initialize_fn
         self.next_fn = next_fn  # federated: (state@SERVER, groups@CLIENTS) -> (state, metrics)@SERVER
+        self.robust = robust  # grouped_robust.RobustSpec, or None (the plain mean, DP, secure sum)
+        self.bad_clients = frozenset(bad_clients)  # scaled_update: these clients' updates are scaled
+        self.bad_update_scale = float(bad_update_scale)
+        self.wants_client_names = bool(robust is not None and robust.scaled)  # round_loop.next_round
 
     def initialize(self):
         return self.initialize_fn()
 
-    def next(self, state, datasets):
-        """One round; with `--workers` the clients are cut into one group per worker."""
+    def next(self, state, datasets, client_names=None):
+        """One round; with `--workers` the clients are cut into one group per worker.
+        `client_names` (scaled_update): which of the round's clients are bad."""
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
         datasets = list(datasets)
+        bad = [name in self.bad_clients for name in (client_names or [None] * len(datasets))]
+        if len(bad) != len(datasets):
+            raise ValueError(f"{len(bad)} client names for {len(datasets)} datasets")
         # the runtime's context over several workers says how many (runtime/mergeable.py's `width`)
         workers = getattr(context_stack_impl.context_stack.current, "width", 1)
         n_groups = max(1, min(workers, len(datasets)))
         cuts = np.linspace(0, len(datasets), n_groups + 1).round().astype(int)
-        return self.next_groups(state, [stack_datasets(datasets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])])
+        groups = [stack_datasets(datasets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        if self.wants_client_names:
+            for group, a, b in zip(groups, cuts[:-1], cuts[1:]):
+                group["scale"] = np.where(bad[a:b], self.bad_update_scale, 1.0).astype(np.float32)
+        output = self.next_groups(state, groups)
+        if self.robust is not None and self.robust.split_rounds_metrics:  # the stock split_rounds' entry
+            output.metrics["robustness"] = collections.OrderedDict(bad_clients_in_round=int(sum(bad)))
+        return output
 
     def next_group(self, state, group: collections.OrderedDict):
         """One round on data already stacked by `stack_datasets`."""
@@ -201,9 +150,12 @@ class GroupedProcess:
 
     def next_groups(self, state, groups: list[collections.OrderedDict]):
         """One round on groups of clients, each stacked by `stack_datasets` (each group's
-        training runs where TFF places that client slot: one per worker with `--workers`)."""
+        training runs where TFF places that client slot: one per worker with `--workers`);
+        the robust aggregations' fields (`_robust_fields`) are added where missing."""
+        if self.robust is not None:
+            groups = _robust_fields(self.robust, groups)
         new_state, metrics = self.next_fn(state, groups)
-        return tff.learning.templates.LearningProcessOutput(new_state, metrics)
+        return tff.learning.templates.LearningProcessOutput(new_state, collections.OrderedDict(metrics))
 
     @staticmethod
     def get_model_weights(state) -> tff.learning.models.ModelWeights:
@@ -214,31 +166,51 @@ class GroupedProcess:
         return state._replace(global_model_weights=weights)
 
 
+def _robust_fields(spec, groups: list[collections.OrderedDict]) -> list[collections.OrderedDict]:
+    """The groups with the `scale` [clients] that `grouped_robust` reads for scaled bad
+    updates (1 = a good client) where it is missing."""
+    if not spec.scaled:
+        return groups
+    return [
+        g if "scale" in g else collections.OrderedDict(g, scale=np.ones(len(g["mask"]), np.float32)) for g in groups
+    ]
+
+
 def build_grouped_process(
-    train: TrainSection, model_fn, aggregator_factory=None, privacy=None, secure=None, federation=None
+    train: TrainSection, model_fn, aggregator_factory=None, privacy=None, secure=None, federation=None,
+    client_names=None,
 ) -> GroupedProcess:
-    """`factory.build_learning_process` for `train.engine = "grouped"` (same arguments)."""
+    """`factory.build_learning_process` for `train.engine = "grouped"` (same arguments;
+    `client_names`: the federation's clients in order, for scaled bad updates)."""
     from tff_apps.learning import optimizers
+    from tff_apps.learning.federation import bad_client_names
 
     if aggregator_factory is not None:
         raise ValueError(f"{ENGINE_KEY} = 'grouped' builds its own aggregation; pass no aggregator_factory")
-    if federation is not None and (
-        federation.communication.compression != "none" or federation.robustness.aggregation != "mean"
-    ):
-        raise UserError(f"{ENGINE_KEY} = 'grouped' runs the plain mean only; use {ENGINE_KEY} = 'tff'")
     plan = getattr(privacy, "plan", privacy)
     if secure is None:
         secure = getattr(privacy, "secure", None)
-    aggregation = aggregation_of(train, plan, secure)
+    aggregation = aggregation_of(train, plan, secure, federation)
+    spec = aggregation.robust
+    bad = ()
+    if spec is not None and spec.scaled:
+        if len(client_names or ()) <= federation.robustness.bad_clients:
+            raise ValueError(f"scaled bad updates need the federation's client names, got {client_names}")
+        bad = bad_client_names(federation, client_names)
     chain = read_dense_chain(model_fn)
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = _group_type(input_spec, chain.flatten)
+    group_type = _group_type(input_spec, chain.flatten, spec)
     optimizer = optimizers.client_optimizer(train)
     proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
-    dp = _dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
+    dp = dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
     params_type = dp.derive_params.type_signature.result if dp else None
+    robust = None
+    if spec is not None:
+        robust = RobustAggregation(spec, tff.types.type_to_tf_tensor_specs(weights_type.trainable))
+        aggregation = dataclasses.replace(aggregation, query=robust)
+        params_type = tff.tensorflow.computation(robust.initial_state).type_signature.result
     train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type, params_type)
     server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
         weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
@@ -249,7 +221,8 @@ def build_grouped_process(
         model = model_fn()
         return tff.learning.templates.LearningAlgorithmState(
             global_model_weights=tff.learning.models.ModelWeights.from_model(model),
-            distributor=(), client_work=(), aggregator=dp.initial_state() if dp else (), finalizer=server_init(),
+            distributor=(), client_work=(), finalizer=server_init(),
+            aggregator=dp.initial_state() if dp else robust.initial_state() if robust else (),
         )
 
     @tff.federated_computation
@@ -258,15 +231,26 @@ def build_grouped_process(
 
     sums_type = train_group.type_signature.result
 
-    if dp is None:
+    if dp is None and robust is None:
         @tff.tensorflow.computation(sums_type)
         def finish(sums):
-            mean = _finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
+            mean = finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
             return mean, _finalize_metrics(chain, sums["metrics"])
+
+    if robust is not None:
+        @tff.tensorflow.computation(sums_type, params_type)
+        def robust_finish(sums, robust_state):
+            update, new_state, measurements = robust.finish(sums["value"], robust_state, sums["clients"])
+            return update, new_state, measurements, _finalize_metrics(chain, sums["metrics"])
 
     def aggregate(state, groups):
         """(mean update, aggregator state, aggregator measurements, train metrics), at SERVER."""
         weights = tff.federated_broadcast(state.global_model_weights)
+        if robust is not None:  # the estimators' state and the rotation's seed go to the clients
+            params = tff.federated_broadcast(state.aggregator)
+            group_sums = tff.federated_map(train_group, (weights, params, groups))
+            sums = concatenating_sum(group_sums) if robust.spec.stacks else tff.federated_sum(group_sums)
+            return tff.federated_map(robust_finish, (sums, state.aggregator))
         if dp is None:
             sums = tff.federated_sum(tff.federated_map(train_group, (weights, groups)))
             update, train_metrics = tff.federated_map(finish, sums)
@@ -305,10 +289,10 @@ def build_grouped_process(
         ))
         return new_state, metrics
 
-    return GroupedProcess(initialize_fn, next_fn)
+    return GroupedProcess(initialize_fn, next_fn, spec, bad, federation.robustness.bad_update_scale if bad else 1.0)
 
 
-def _group_type(input_spec, flatten: bool = False) -> tff.StructType:
+def _group_type(input_spec, flatten: bool = False, spec=None) -> tff.StructType:
     if not isinstance(input_spec, collections.abc.Mapping) or set(input_spec) != {"x", "y"}:
         refuse_model("the model's input_spec is not a mapping of x and y")
     if any(input_spec[key].dtype != tf.float32 for key in ("x", "y")):
@@ -316,62 +300,34 @@ def _group_type(input_spec, flatten: bool = False) -> tff.StructType:
     dims = {key: input_spec[key].shape.as_list()[1:] for key in ("x", "y")}
     if (len(dims["x"]) != 1 and not flatten) or None in dims["x"] + dims["y"]:
         refuse_model("the model's input is not a vector per example (nor flattened by its first layer)")
-    return tff.types.StructWithPythonType(
-        [
-            ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
-            ("y", tff.TensorType(np.float32, [None, None, None, *dims["y"]])),
-            ("mask", tff.TensorType(np.float32, [None, None, None])),
-        ],
-        collections.OrderedDict,
-    )
+    fields = [
+        ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
+        ("y", tff.TensorType(np.float32, [None, None, None, *dims["y"]])),
+        ("mask", tff.TensorType(np.float32, [None, None, None])),
+    ]
+    if spec is not None and spec.scaled:
+        fields.append(("scale", tff.TensorType(np.float32, [None])))
+    return tff.types.StructWithPythonType(fields, collections.OrderedDict)
 
 
 def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type, params_type=None):
-    """(weights, [DP query's sample params,] group) -> the group's sums."""
+    """(weights, [DP query's sample params or the robust aggregation's state,] group) -> the group's sums."""
 
     def sums(weights, group, params=None):
         start = [tf.convert_to_tensor(w) for w in weights.trainable]
         updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
-        value, weight = _per_client_sums(aggregation, updates, client_weights, params)
-        return collections.OrderedDict(
-            value=value, weight=weight, clients=tf.shape(group["mask"], out_type=tf.int64)[0], metrics=metrics
-        )
+        clients = tf.shape(group["mask"], out_type=tf.int64)[0]
+        if aggregation.kind == "robust":  # grouped_robust's sums (weight sum included)
+            value = aggregation.query.client_sums(updates, client_weights, params, group)
+            return collections.OrderedDict(value=value, clients=clients, metrics=metrics)
+        value, weight = per_client_sums(aggregation, updates, client_weights, params)
+        return collections.OrderedDict(value=value, weight=weight, clients=clients, metrics=metrics)
 
     if params_type is None:
         return tff.tensorflow.computation(lambda weights, group: sums(weights, group), weights_type, group_type)
     return tff.tensorflow.computation(
         lambda weights, params, group: sums(weights, group, params), weights_type, params_type, group_type
     )
-
-
-@dataclass
-class _DpComputations:
-    derive_params: Any  # query state -> sample params (the clip)
-    noised_mean: Any  # (summed records, query state) -> (mean update, new query state, DP event, query metrics)
-    initial_state: Any  # () -> the aggregator's initial DPAggregatorState (call inside a TF computation)
-
-
-def _dp_computations(query, weights_type) -> _DpComputations:
-    """The server's part of TFF's DifferentiallyPrivateFactory with the same query: its state
-    (`DPAggregatorState`, the round's DP event included) and its noised result."""
-    specs = tff.types.type_to_tf_tensor_specs(weights_type.trainable)
-    query_state_type = tff.tensorflow.computation(query.initial_global_state).type_signature.result
-    derive_params = tff.tensorflow.computation(query.derive_sample_params, query_state_type)
-    record_type = tff.tensorflow.computation(
-        query.preprocess_record, derive_params.type_signature.result, weights_type.trainable
-    ).type_signature.result
-
-    @tff.tensorflow.computation(record_type, query_state_type)
-    def noised_mean(records, query_state):
-        mean, new_state, event = query.get_noised_result(records, query_state)
-        return mean, new_state, event.to_named_tuple(), query.derive_metrics(new_state)
-
-    def initial_state():
-        state = query.initial_global_state()
-        _, _, event = query.get_noised_result(query.initial_sample_state(specs), state)
-        return differential_privacy.DPAggregatorState(state, (), event.to_named_tuple(), True)
-
-    return _DpComputations(derive_params, noised_mean, initial_state)
 
 
 def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[tf.Tensor], group):

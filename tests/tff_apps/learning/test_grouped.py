@@ -215,8 +215,6 @@ def grouped_input_spec():
     "override, key",
     [
         ("privacy.level=record", "privacy.level"),
-        ("communication.compression=quantize", "communication.compression"),
-        ("robustness.aggregation=clip_zero", "robustness.aggregation"),
         ("privacy.secure_aggregation=masked", "privacy.secure_aggregation"),
     ],
 )
