@@ -2,8 +2,9 @@
 machine gives, workers stop cleanly on SIGTERM, and bad or unreachable workers are one-line
 errors.
 
-Everything runs as the user would run it (subprocesses in their own sessions). The two
-jobs (one machine, two workers) run side by side to keep the module short.
+The job over two workers and the workers run as the user would run them (subprocesses in
+their own sessions); the one-machine job and the refused one run meanwhile through the CLI's
+entry point in this process, to keep the module short.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from tests.cli import tff_apps, user_environment
+from tests.cli import tff_apps, tff_apps_in_process, user_environment
 
 SHORT = [
     "--set", "train.rounds=2", "--set", "evaluate.centralized_baseline=false",
@@ -79,6 +80,10 @@ def job(runs: Path, run_id: str, *extra: str) -> subprocess.Popen:
     )
 
 
+def in_process_job(runs: Path, run_id: str, *extra: str) -> subprocess.CompletedProcess:
+    return tff_apps_in_process("run", "healthcare", *SHORT, "--set", f'job.runs_dir="{runs}"', "--run-id", run_id, *extra)
+
+
 def final_state(run_dir: Path) -> list[np.ndarray]:
     import tensorflow as tf
 
@@ -93,12 +98,14 @@ def cluster(tmp_path_factory) -> SimpleNamespace:
     workers = [Worker(base, portpicker.pick_unused_port()) for _ in range(2)]
     try:
         nobody = portpicker.pick_unused_port()
-        jobs = {
-            "one": job(runs, "one"),
-            "two": job(runs, "two", "--workers", ",".join(w.address for w in workers)),
-            "refused": job(runs, "refused", "--workers", f"127.0.0.1:{nobody}"),
+        two = job(runs, "two", "--workers", ",".join(w.address for w in workers))  # as the user runs it
+        # meanwhile, in this process (no second TensorFlow import): one machine, and a worker nobody runs
+        in_process = {
+            "one": in_process_job(runs, "one"),
+            "refused": in_process_job(runs, "refused", "--workers", f"127.0.0.1:{nobody}"),
         }
-        results = {name: (*p.communicate(timeout=240), p.returncode) for name, p in jobs.items()}
+        results = {"two": (*two.communicate(timeout=240), two.returncode)}
+        results.update({name: (r.stdout, r.stderr, r.returncode) for name, r in in_process.items()})
         in_use = tff_apps("worker", "--port", str(workers[0].port), timeout=60)
         stop_codes = [w.stop() for w in workers]
     finally:
