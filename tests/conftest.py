@@ -2,23 +2,29 @@
 
 `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: every file goes whole
 to one worker (its module fixtures run once), in the order collected here. The files below
-each start real `tff-apps` processes (10-17 s of TensorFlow import apiece on these machines)
-and take one to three minutes; handed out first, they overlap, and the many short files fill
-the gaps. Longest first, as measured by `--durations`; every other file keeps its place.
+each start real `tff-apps` processes or several jobs and take half a minute to two minutes
+of CPU; handed out first, they overlap, and the many short files fill the gaps. Longest first, as measured; every other file keeps its place.
 """
 
 from __future__ import annotations
 
-LONGEST_FIRST = (
-    "tests/healthcare/test_app.py",
-    "tests/tff_apps/program/test_audit.py",
-    "tests/tff_apps/program/test_resume.py",
-    "tests/tff_apps/runtime/test_workers.py",
-    "tests/healthcare/test_privacy_jobs.py",
-    "tests/finance/test_app.py",
-    "tests/traffic/test_app.py",
-    "tests/tff_apps/runtime/test_runtime.py",
-    "tests/healthcare/test_own_files.py",
+LONGEST_FIRST = (  # CPU seconds per file, measured 2026-12-02 (per-test getrusage, children included)
+    "tests/healthcare/test_sites_served.py",  # 114
+    "tests/healthcare/test_sites.py",  # 80
+    "tests/tff_apps/program/test_resume.py",  # 64
+    "tests/healthcare/test_app.py",  # 62
+    "tests/healthcare/test_privacy_jobs.py",  # 55
+    "tests/tff_apps/learning/test_grouped.py",  # 54
+    "tests/healthcare/test_sites_masked.py",  # 52
+    "tests/tff_apps/program/test_audit.py",  # 48
+    "tests/tff_apps/learning/test_grouped_robust.py",  # 47
+    "tests/tff_apps/learning/test_secure_aggregation.py",  # 35
+    "tests/tff_apps/runtime/test_workers.py",  # 30
+    "tests/traffic/test_sites.py",  # 28
+    "tests/finance/test_resume.py",  # 27
+    "tests/traffic/test_app.py",  # 27
+    "tests/finance/test_app.py",  # 24
+    "tests/traffic/test_graph_model.py",  # 24
 )
 
 
