@@ -11,15 +11,17 @@ secure-sum "simulated" weighted mean with a bound that clips (FedProx clients).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import types
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from healthcare.model import ModelConfig, tff_model_fn
 from shared.errors import UserError
-from tff_apps.learning import dense_chain
+from tff_apps.learning import dense_chain, grouped
 from tff_apps.privacy import secure_settings
 from tff_apps.learning import factory
 from tff_apps.learning import client_data
@@ -229,3 +231,24 @@ def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
     cfg = resolve(app.default_config, app.sections, None, ["train.engine=grouped", override])
     with pytest.raises(UserError, match=f"train.engine = 'grouped' does not run {key} = .*use train.engine = 'tff'"):
         federation.check(cfg, rows)
+
+
+def test_stacked_clients_hold_each_batch_in_order_with_a_mask_of_its_rows():
+    rng = np.random.default_rng(0)
+
+    def batched(rows: int, batch: int) -> tf.data.Dataset:
+        data = collections.OrderedDict(
+            x=rng.normal(size=(rows, 3)).astype(np.float32), y=rng.normal(size=(rows, 1)).astype(np.float32)
+        )
+        return tf.data.Dataset.from_tensor_slices(data).batch(batch)
+
+    # the group's batch size (3) in one copy per client, a smaller one (2) batch by batch
+    datasets = [batched(7, 3), batched(5, 2), batched(1, 3), batched(9, 3)]
+    stacked = grouped.stack_datasets(datasets)
+    assert stacked["x"].shape == (4, 3, 3, 3) and stacked["mask"].sum() == 7 + 5 + 1 + 9
+    for c, dataset in enumerate(datasets):
+        for s, batch in enumerate(dataset.as_numpy_iterator()):
+            n = len(batch["x"])
+            np.testing.assert_array_equal(stacked["x"][c, s, :n], batch["x"])
+            np.testing.assert_array_equal(stacked["y"][c, s, :n], batch["y"])
+            assert stacked["mask"][c, s, :n].all() and not stacked["mask"][c, s, n:].any()
