@@ -235,6 +235,7 @@ def run_baselines(cfg: JobConfig, prepared: Prepared) -> dict[str, dict]:
         batch_size=cfg.train.batch_size,
         learning_rate=cfg.train.client_learning_rate,
         seed=cfg.job.seed,
+        fitter=evaluate.KerasFitter(),  # one model, traced once, for every baseline
     )
     reports = {}
     if cfg.evaluate.centralized_baseline:

@@ -222,7 +222,8 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         federation=settings, client_names=[c.name for c in clients],
     )
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed, n_nodes)
-    validation = district_splits(cfg, data, bounds, evaluate_on="validation")
+    stats = {s.name: (s.mean, s.std) for s in splits}  # the test splits' normalization and training windows
+    validation = district_splits(cfg, data, bounds, evaluate_on="validation", stats=stats, reuse=splits)
 
     def evaluate_round(weights) -> dict[str, float]:
         weights.assign_weights_to(global_model)
@@ -321,8 +322,8 @@ def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str
     return {d.name: (float(m.mean[0]), float(np.sqrt(m.var[0]))) for d, m in zip(data.districts, own)}
 
 
-def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str = "test", stats=None):
-    """Per district: training windows (every `window_stride`-th) and evaluation windows."""
+def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str = "test", stats=None, reuse=None):
+    """Per district: training windows (every `window_stride`-th; `reuse`'s if given) and evaluation windows."""
     from traffic.evaluate import DistrictSplit
     from traffic.windows import epoch_seconds, make_windows
 
@@ -331,10 +332,10 @@ def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str 
     # graph models: every district padded to the largest one's sensors (TFF needs one input shape)
     n_nodes = max(len(d.sensor_ids) for d in data.districts) if cfg.model.kind in GRAPH_KINDS else 0
     splits = []
-    for district in data.districts:
+    for i, district in enumerate(data.districts):
         mean, std = stats[district.name]
         normalized = (district.speeds - mean) / std
-        train = make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
+        train = reuse[i].train if reuse else make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
         held_out = make_windows(normalized, seconds, bounds[evaluate_on], HISTORY, HORIZON)
         graph = district.graph if district.graph is not None else np.zeros((len(district.sensor_ids),) * 2)
         splits.append(DistrictSplit(district.name, train, held_out, mean, std, graph, n_nodes))
@@ -361,16 +362,17 @@ def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str
             evaluate.historical_average_fn({d.name: d.speeds for d in data.districts}, bounds["train"][1]),
         ),
     }
+    fitter = baseline_fitter(cfg, splits[0].n_nodes)  # one model, traced once, for every Keras baseline
     if cfg.evaluate.local_baseline:
         own_stats = normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
         local_splits = district_splits(cfg, data, bounds, stats=own_stats)
-        forecasts = {
-            s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), cfg.job.seed + i))(s)
+        forecasts = {  # each forecast is made before the next fit resets the model
+            s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), cfg.job.seed + i, fitter))(s)
             for i, s in enumerate(local_splits)
         }
         reports["local_only"] = evaluate.evaluate_districts(local_splits, lambda s: forecasts[s.name])
     if cfg.evaluate.centralized_baseline:
-        model = fit_forecaster(cfg, splits, sum(steps_of(cfg, s) for s in splits), cfg.job.seed)
+        model = fit_forecaster(cfg, splits, sum(steps_of(cfg, s) for s in splits), cfg.job.seed, fitter)
         reports["centralized"] = evaluate.evaluate_districts(splits, keras_forecaster(model))
     return reports
 
@@ -381,34 +383,32 @@ def steps_of(cfg: JobConfig, split) -> int:
     return cfg.train.rounds * per_round
 
 
-def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int):
+def baseline_fitter(cfg: JobConfig, n_nodes: int):
+    """The model, optimizer and loss of federated training (graph models: one XLA program a step)."""
+    import tensorflow as tf
+
+    from traffic.evaluate import KerasBaselines
+    from traffic.model import build_keras_model, masked_mae
+    from traffic.windows import N_FEATURES
+
+    optimizer = tf.keras.optimizers.Adam if cfg.train.client_optimizer == "adam" else tf.keras.optimizers.SGD
+    build = lambda seed: build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed, n_nodes)  # noqa: E731
+    return KerasBaselines(build, optimizer(cfg.train.client_learning_rate), masked_mae, cfg.model.kind in GRAPH_KINDS)
+
+
+def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int, fitter):
     """CENTRALIZED BASELINE when given several districts: pools their training windows.
 
     The same model, optimizer, batch size and number of steps as federated training
     (a district alone: its own steps; pooled: the sum over districts).
     """
-    import tensorflow as tf
-
-    from traffic.model import build_keras_model, masked_mae
-    from traffic.windows import N_FEATURES
-
     pairs = [s.examples("train") for s in splits]
     x = np.concatenate([p[0] for p in pairs])
     y = np.concatenate([p[1] for p in pairs])
     rng = np.random.default_rng(seed)
     wanted = steps * cfg.train.batch_size
     order = np.concatenate([rng.permutation(len(x)) for _ in range(-(-wanted // len(x)))])[:wanted]
-    tf.keras.utils.set_random_seed(seed)
-    model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed, splits[0].n_nodes)
-    optimizer = (
-        tf.keras.optimizers.Adam(cfg.train.client_learning_rate)
-        if cfg.train.client_optimizer == "adam"
-        else tf.keras.optimizers.SGD(cfg.train.client_learning_rate)
-    )
-    # graph models: one XLA program a step (their small recurrent ops' per-op cost dominates otherwise)
-    model.compile(optimizer=optimizer, loss=masked_mae, jit_compile=cfg.model.kind in GRAPH_KINDS)
-    model.fit(x[order], y[order], batch_size=cfg.train.batch_size, epochs=1, shuffle=False, verbose=0)
-    return model
+    return fitter.fit(x, y, order, cfg.train.batch_size, seed)
 
 
 def export_forecaster(
