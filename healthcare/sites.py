@@ -55,17 +55,14 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 
 def check_supported(cfg: JobConfig) -> None:
     """What does not run across sites yet, refused before anything starts."""
-    refusals = {
-        "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
-        "train.engine = 'grouped' (it stacks the clients' rows in one process)": cfg.train.engine == "grouped",
+    from tff_apps.sites.connect import refuse_what_sites_do_not_run
+
+    refuse_what_sites_do_not_run(cfg, "healthcare", "the clients' rows", {
         "preprocess.normalization = 'per_site' (no single serving preprocessing)":
             cfg.preprocess.normalization != "federated",
         "privacy.preprocessing / privacy.profiles = 'dp' (DP statistics are not released at the sites yet)":
             "dp" in (cfg.privacy.preprocessing, cfg.privacy.profiles),
-    }
-    for what, refused in refusals.items():
-        if refused:
-            raise UserError(f"job.sites: {what} is not available across sites; remove it or run a simulation")
+    })
 
 
 def _common_schema(sites, manifests) -> dict[str, Any]:

@@ -114,17 +114,14 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 
 def check_supported(cfg: JobConfig) -> None:
     """What does not run across sites yet, refused before anything starts."""
-    refusals = {
-        "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
-        "train.engine = 'grouped' (it stacks the districts' windows in one process)": cfg.train.engine == "grouped",
+    from tff_apps.sites.connect import refuse_what_sites_do_not_run
+
+    refuse_what_sites_do_not_run(cfg, "traffic", "the districts' windows", {
         "preprocess.normalization = 'per_site' (no single serving normalization)":
             cfg.preprocess.normalization != "federated",
         "privacy.preprocessing = 'dp' (DP statistics are not released at the sites yet)":
             cfg.privacy.preprocessing == "dp",
-    }
-    for what, refused in refusals.items():
-        if refused:
-            raise UserError(f"job.sites: {what} is not available across sites for traffic; remove it or run a simulation")
+    })
 
 
 def _check_aligned(sites, manifests) -> None:

@@ -99,3 +99,17 @@ def sites_and_manifests(cfg) -> tuple[list[SiteRef], list[dict]]:
     with site_runtime(cfg, sites, planned):
         manifests = read_manifests([site.data for site in sites])
     return sites, manifests
+
+
+def refuse_what_sites_do_not_run(cfg, app: str, stacked: str, app_refusals: dict[str, bool]) -> None:
+    """What does not run across sites yet, refused in one line before anything starts: the
+    refusals every app shares (`stacked` names what the grouped engine would pool in one
+    process) and the app's own."""
+    refusals = {
+        "robustness.bad_clients (a simulation's evaluation mode)": cfg.robustness.bad_clients > 0,
+        f"train.engine = 'grouped' (it stacks {stacked} in one process)": cfg.train.engine == "grouped",
+        **app_refusals,
+    }
+    for what, refused in refusals.items():
+        if refused:
+            raise UserError(f"job.sites: {what} is not available across sites for {app}; remove it or run a simulation")
