@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.cli import tff_apps, user_environment
+from tests.cli import tff_apps, tff_apps_in_process, user_environment
 from tests.tff_apps.program.test_metrics_log import event_steps
 from tff_apps.privacy import dp_events
 from tff_apps.privacy import accounting
@@ -221,7 +221,7 @@ def test_two_processes_on_one_run_id_one_is_refused_and_a_finished_id_is_not_ret
     run_dir = ops.runs / "healthcare" / "full"
     summary_file = run_dir / "summary.json"
     stamp = summary_file.stat().st_mtime_ns
-    again = tff_apps("run", "healthcare", *SMALL, "--set", f'job.runs_dir="{ops.runs}"', "--run-id", "full")
+    again = tff_apps_in_process("run", "healthcare", *SMALL, "--set", f'job.runs_dir="{ops.runs}"', "--run-id", "full")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already finished; not retrained" in again.stdout
     assert summary_file.stat().st_mtime_ns == stamp and len(rounds_of(run_dir)) == 6
