@@ -14,6 +14,7 @@ scores its own rows and the scores are summed by the same secure sum (`finance.s
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +65,20 @@ class FinanceApp:
     default_config = Path(__file__).with_name("default.toml")
     sections = {"data": DataConfig, "model": ModelConfig}
     horizontal = False  # vertical FL: [communication], [clients], [robustness], [personalization] do not apply
+    supports_sites = True  # job.sites: each party's site (finance/sites.py)
+
+    def write_site_folder(self, cfg: JobConfig, out: Path, site: str = "") -> dict[str, Any]:
+        """`site prepare finance --site PARTY`: the party's own CSV into its site folder."""
+        from finance.site_folder import write_party_folder
+
+        return write_party_folder(cfg, Path(out), site)
+
+    @staticmethod
+    def site_party(folder: Path):
+        """The party at its own site, for its gateway (`tff_apps.sites.vertical_party`)."""
+        from finance.site_folder import PartySite
+
+        return PartySite(folder)
 
     def prepare(self, cfg: JobConfig) -> Prepared:
         check_privacy(cfg)
@@ -72,6 +87,10 @@ class FinanceApp:
                 f"job.init_from = {cfg.job.init_from!r}: warm start is not supported for finance yet "
                 "(a split model); set job.init_from = \"\""
             )
+        if cfg.job.sites:  # each party at its own site: PSI and encoding run there
+            from finance import sites
+
+            return sites.prepare(cfg)
         data = load(cfg.data, cfg.job.seed)
         alignment = align(data)
         parties = aligned(data, alignment)
@@ -83,10 +102,12 @@ class FinanceApp:
             )
         return Prepared(data, alignment, parties, train_rows, test_rows)
 
-    def client_rows(self, cfg: JobConfig, prepared: Prepared) -> dict[str, int]:
-        return dict.fromkeys(prepared.names, len(prepared.train_rows))
+    def client_rows(self, cfg: JobConfig, prepared) -> dict[str, int]:
+        return dict.fromkeys(prepared.names, getattr(prepared, "n_train", None) or len(prepared.train_rows))
 
-    def fingerprint(self, prepared: Prepared) -> str:
+    def fingerprint(self, prepared) -> str:
+        if cfg_sites(prepared):  # the sites' manifests: counts, never a row
+            return data_fingerprint([json.dumps(m, sort_keys=True) for m in prepared.manifests])
         return data_fingerprint([party.fingerprint() for party in prepared.data.parties])
 
     def public_config(self, cfg: JobConfig) -> dict[str, Any]:
@@ -98,6 +119,8 @@ class FinanceApp:
         from finance.model import PartyEncoder
         from tff_apps.program import vertical_rounds
 
+        if cfg_sites(prepared):
+            return train_across_sites(cfg, prepared, run)
         train_rows, test_rows = prepared.train_rows, prepared.test_rows
         # Each party fits its encoder on its own training rows and encodes only its own columns.
         encoders = {p.name: PartyEncoder.fit(p.features.iloc[train_rows], p.categorical) for p in prepared.parties}
@@ -118,7 +141,8 @@ class FinanceApp:
         # The last epoch is always evaluated: its z is the final model's.
         reports = {"vertical": evaluate.vertical_metrics(result.eval_logits, y_test)}
         reports.update(run_baselines(cfg, train_x, test_x, y_train, y_test))
-        summary = training_summary(prepared, result, reports, cfg, evaluate.HEADLINE)
+        data = describe_data(prepared, len(train_rows), len(test_rows))
+        summary = training_summary(data, result, reports, cfg, evaluate.HEADLINE)
         if cfg.export.enabled:
             export_parties(run, cfg, summary, encoders, dict(zip(prepared.names, result.party_weights)))
             summary["export"] = str(run.export_dir)
@@ -143,6 +167,30 @@ class FinanceApp:
             )
         exports = {p: resolve_export(export_dir / card["servables"][p]) for p in parties}
         return score_vertical(exports, {p: inputs[p] for p in parties}, id_column or card.get("id_column", "id"), output)
+
+
+def cfg_sites(prepared) -> bool:
+    """Whether `prepared` is a run across the parties' sites (`finance.sites.SitesPrepared`)."""
+    return hasattr(prepared, "manifests")
+
+
+def train_across_sites(cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
+    """`finance.sites`: training and evaluation at the parties' sites; the summary and report
+    are the lender's (no partner column named, counts only)."""
+    from finance import evaluate, sites
+
+    result, final = sites.train(cfg, prepared, run)
+    reports = {"vertical": final}
+    data = {
+        "source": f"{len(prepared.sites)} party sites", "parties": {
+            name: {"customers": count} for name, count in prepared.alignment["customers"].items()},
+        "alignment": prepared.alignment, "train_customers": prepared.n_train, "test_customers": prepared.n_test,
+    }
+    summary = training_summary(data, result, reports, cfg, evaluate.HEADLINE)
+    summary["baselines"] = sites.NOT_ACROSS_SITES
+    write_text_atomic(run.dir / "report.md", reporting.results_table(reports, METHOD_COLUMNS))
+    summary["report"] = str(run.dir / "report.md")
+    return summary
 
 
 def check_privacy(cfg: JobConfig) -> None:
@@ -205,9 +253,9 @@ def privacy_statement(cfg: JobConfig, result) -> dict[str, Any]:
     }
 
 
-def training_summary(prepared: Prepared, result, reports: dict, cfg: JobConfig, headline: str) -> dict[str, Any]:
+def training_summary(data: dict[str, Any], result, reports: dict, cfg: JobConfig, headline: str) -> dict[str, Any]:
     return {
-        "data": describe_data(prepared, len(prepared.train_rows), len(prepared.test_rows)),
+        "data": data,
         "rounds": len(result.history),
         "epochs": len(result.history),
         "training_seconds": round(result.seconds, 3),

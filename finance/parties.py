@@ -36,7 +36,7 @@ from finance.csv_columns import column_listing, lender_labels, parse_names, part
 from shared.errors import UserError
 from shared.tabular import read_csv
 
-__all__ = ["LENDER", "PARTNER", "PartySpec", "party_specs", "load_party", "check_shared_categorical", "party_view"]
+__all__ = ["LENDER", "PARTNER", "PartySpec", "party_spec", "party_specs", "load_party", "check_shared_categorical", "party_view"]
 
 LENDER = "lender"  # the active party (labels); also its PSI and servable name
 PARTNER = "partner"  # the partner of the two-party shorthand keys
@@ -69,14 +69,7 @@ class PartySpec:
 def party_specs(cfg: Any) -> list[PartySpec]:
     """The parties of a csv job (a `finance.data.DataConfig`), lender first, partners in
     the order of the config; a malformed party table is a one-line UserError naming it."""
-    tables = _shorthand_tables(cfg)
-    for name, table in cfg.parties.items():
-        _check_table(name, table)
-        entry = tables.setdefault(name, {"key": f"data.parties.{name}"})
-        for item, value in table.items():
-            if item in entry:
-                raise UserError(f"data.parties.{name}.{item} and the shorthand key for the {name} are both set; keep one")
-            entry[item] = value
+    tables = _tables(cfg)
     if LENDER not in tables:
         raise UserError(
             "data.source = 'csv' needs the lender's table: [data.parties.lender] with csv = \"FILE\" "
@@ -87,6 +80,27 @@ def party_specs(cfg: Any) -> list[PartySpec]:
     shared = tuple(parse_names(cfg.categorical_columns, "categorical_columns"))
     order = [LENDER] + [name for name in tables if name != LENDER]
     return [_spec(name, tables[name], shared) for name in order]
+
+
+def party_spec(cfg: Any, name: str) -> PartySpec:
+    """One party's spec alone (`site prepare` at that party: the other parties are not its to check)."""
+    tables = _tables(cfg)
+    if name not in tables:
+        listed = ", ".join(tables) or "none"
+        raise UserError(f"--site {name!r} is not a party of the config's [data.parties] (it lists {listed})")
+    return _spec(name, tables[name], tuple(parse_names(cfg.categorical_columns, "categorical_columns")))
+
+
+def _tables(cfg: Any) -> dict[str, dict[str, Any]]:
+    tables = _shorthand_tables(cfg)
+    for name, table in cfg.parties.items():
+        _check_table(name, table)
+        entry = tables.setdefault(name, {"key": f"data.parties.{name}"})
+        for item, value in table.items():
+            if item in entry:
+                raise UserError(f"data.parties.{name}.{item} and the shorthand key for the {name} are both set; keep one")
+            entry[item] = value
+    return tables
 
 
 def _shorthand_tables(cfg: Any) -> dict[str, dict[str, Any]]:

@@ -128,9 +128,10 @@ def command_site_prepare(args) -> None:
 
     app, cfg = resolve_job(args.app, args.config, args.overrides)
     manifest = prepare_site(app, cfg, args.out, args.site)
-    rows = manifest["rows"]
-    print(f"[{app.name}] site {manifest['site']}: {rows['train']} training and {rows['test']} test rows in {args.out}")
-    print(f"[{app.name}] schema fingerprint {manifest['schema_fingerprint']}")
+    rows = ", ".join(f"{count} {kind}" for kind, count in manifest["rows"].items())
+    print(f"[{app.name}] site {manifest['site']}: {rows} in {args.out}")
+    if "schema_fingerprint" in manifest:  # a vertical party's columns are its own: no schema is shared
+        print(f"[{app.name}] schema fingerprint {manifest['schema_fingerprint']}")
 
 
 def command_apps(_args) -> None:

@@ -79,14 +79,20 @@ class EpochComputations(VerticalComputations):
         def chunk(w, opt, x, x_last, noise, noise_last, u, u_last):
             state = tff.federated_map(party.first, (w, opt, x, x_last, noise, noise_last))
             served = tff.federated_map(coordinator.start, (u, u_last))
-            for k in range(batches):
-                total = tff.federated_secure_sum_bitwidth(tff.federated_map(party.scores(k < m), state), self.bitwidth)
-                served = tff.federated_map(coordinator.full if k < m else coordinator.last, (total, served))
-                g = tff.federated_broadcast(tff.federated_map(coordinator.gradient(k < m), served))
-                state = tff.federated_map(party.step(k, m), (state, g))
-            return state, served  # every party's (weights, optimizer state); the chunk's z
+            return self._batches(party, coordinator, state, served, batches)
 
         return chunk
+
+    def _batches(self, party: "_PartySteps", coordinator: "_CoordinatorSteps", state, served, batches: int):
+        """The chunk's traced loop (module docstring): every party's (weights, optimizer state)
+        at the end, and the coordinator's (the chunk's z stacked, the last batch's z, its g~)."""
+        m = batches - 1
+        for k in range(batches):
+            total = tff.federated_secure_sum_bitwidth(tff.federated_map(party.scores(k < m), state), self.bitwidth)
+            served = tff.federated_map(coordinator.full if k < m else coordinator.last, (total, served))
+            g = tff.federated_broadcast(tff.federated_map(coordinator.gradient(k < m), served))
+            state = tff.federated_map(party.step(k, m), (state, g))
+        return state, served
 
     def _build_lender_release(self, rows: int):
         vec = tff.TensorType(np.float32, [rows])

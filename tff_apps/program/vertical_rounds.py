@@ -131,7 +131,15 @@ def train_vertical(
     held_out = _eval_matrices(eval_parties, parties, evaluate)
     names = resolve_party_names(party_names, len(parties))
     training = _Training(parties, labels, held_out, names, settings)
-    checkpoints = VerticalCheckpoints(_run_dir(run_dir), checkpoint_every, names) if run_dir is not None else None
+    return drive(training, names, evaluate, run_dir, progress, checkpoint_every, started)
+
+
+def drive(training: "_Training", checkpointed: list[str], evaluate, run_dir, progress: bool, checkpoint_every: int,
+          started: float) -> VerticalResult:
+    """`train_vertical`'s loop over `training`'s epochs: metrics log, checkpoints (each party in
+    `checkpointed` its own file, and the coordinator's), resume, progress bar."""
+    settings = training.s
+    checkpoints = VerticalCheckpoints(_run_dir(run_dir), checkpoint_every, checkpointed) if run_dir is not None else None
     first_epoch = training.restore(checkpoints.load_latest()) + 1 if checkpoints is not None else 1
     log = MetricsLog(_run_dir(run_dir)) if run_dir is not None else None
     history = log.keep_rounds_up_to(first_epoch - 1) if log is not None else []
@@ -193,19 +201,18 @@ class _Training:
         of at most CHUNK_BATCHES (one call each, `vertical_epoch`), the coordinator hands the
         lender every batch's z and the lender computes its loss (one call)."""
         for epoch in range(first_epoch, self.s.epochs + 1):
-            started, lender = time.perf_counter(), self.states[0]
+            started = time.perf_counter()
             batches = batch_indices(self.rows, self.s.batch_size, epoch, self.s.seed)
             sizes = np.array([len(rows) for rows in batches])
             order, batch_of_row = np.concatenate(batches), np.repeat(np.arange(len(batches), dtype=np.int32), sizes)
-            y = lender.labels[order]
-            u = self.comps.lender_release(y, self._label_noise(batches), np.repeat(sizes, sizes).astype(np.float32))
+            u = self._release(batches, order, np.repeat(sizes, sizes).astype(np.float32), epoch)
             z, done = [], 0
             for start in range(0, len(batches), CHUNK_BATCHES):
                 chunk = batches[start : start + CHUNK_BATCHES]
                 rows = sum(len(r) for r in chunk)
-                z.append(self._chunk(chunk, u[done : done + rows]))
+                z.append(self._chunk(chunk, u[done : done + rows], (epoch, start, len(batches))))
                 done += rows
-            losses = self.comps.lender_loss(np.concatenate(z), y, batch_of_row, len(batches))
+            losses = self._losses(np.concatenate(z), order, batch_of_row, len(batches))
             epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
             for n in sizes:
                 _count(epoch_bytes, int(n), self.n_parties)
@@ -214,6 +221,15 @@ class _Training:
             epoch_loss = float(np.dot(losses.astype(np.float64), sizes))  # sum over batches of n * mean loss
             yield self._end_epoch(epoch, epoch_bytes, epoch_loss, started, evaluate)
 
+    def _release(self, batches: list[np.ndarray], order: np.ndarray, batch_rows: np.ndarray, epoch: int) -> np.ndarray:
+        """The lender's u of the epoch's rows in batch order (one call, its own)."""
+        y = self.states[0].labels[order]
+        return self.comps.lender_release(y, self._label_noise(batches), batch_rows)
+
+    def _losses(self, z: np.ndarray, order: np.ndarray, batch_of_row: np.ndarray, batches: int) -> np.ndarray:
+        """The lender's mean loss of each batch at the epoch's z (one call, its own)."""
+        return self.comps.lender_loss(z, self.states[0].labels[order], batch_of_row, batches)
+
     def _label_noise(self, batches: list[np.ndarray]) -> np.ndarray:
         """The lender's DP noise of each batch, N(0, (sigma/n)^2) for a batch of n, in batch order."""
         sigma, lender = self.s.label_noise_multiplier, self.states[0]
@@ -221,7 +237,7 @@ class _Training:
             return np.zeros(sum(len(rows) for rows in batches), np.float32)
         return np.concatenate([draw_noise(lender.noise_rng, sigma / len(rows), len(rows)) for rows in batches])
 
-    def _chunk(self, chunk: list[np.ndarray], u: np.ndarray) -> np.ndarray:
+    def _chunk(self, chunk: list[np.ndarray], u: np.ndarray, where: tuple[int, int, int]) -> np.ndarray:
         """Consecutive mini-batches in one TFF call; `u` is what the lender released for their
         rows. Each party gives its own rows and its own noise, drawn one batch after the other
         as the per-batch protocol drew them. Returns the z the coordinator decoded, in order."""

@@ -105,11 +105,47 @@ def spreading_context(
             if arg is None:
                 arg_list = [None] * len(contexts)
             else:
-                arg_list = mcec.MergeableCompExecutionContextValue(
-                    arg, form.up_to_merge.type_signature.parameter, len(contexts)
-                ).value()
+                arg_list = split_clients(arg, form.up_to_merge.type_signature.parameter, len(contexts))
             result = self._runner.run_coro_and_return_result(run_form(form, arg_list, contexts))
             result = type_conversions.type_to_py_container(result, form.after_merge.type_signature.result)
             return tensorflow_computation.transform_result(result)
 
     return SpreadingContext()
+
+
+def split_clients(value: Any, type_spec: Any, parts: int) -> list[Any]:
+    """`value` (a computation's argument) as `parts` arguments, each with one contiguous slice
+    of every CLIENTS-placed value (sizes as TFF's: ceil of the remaining clients over the
+    remaining parts), everything else replicated; fewer than `parts` if there are fewer clients.
+
+    Not TFF 0.87's `MergeableCompExecutionContextValue`: its partitioning of a struct carries on
+    from the struct's LAST element, so an argument <CLIENTS value, SERVER value> gave every
+    worker the first slice of the clients (each site the first site's inputs).
+    """
+    from tensorflow_federated.python.core.impl.types import placements
+    from tensorflow_federated.python.core.impl.executors.cardinalities_utils import infer_cardinalities
+
+    clients = infer_cardinalities(value, type_spec).get(placements.CLIENTS)
+    if clients is None:
+        return [value] * parts
+    bounds, start = [], 0
+    for remaining_parts in range(parts, 0, -1):
+        if start >= clients and bounds:
+            break
+        size = -(-(clients - start) // remaining_parts)
+        bounds.append((start, start + size))
+        start += size
+    return [_clients_slice(value, type_spec, lo, hi) for lo, hi in bounds]
+
+
+def _clients_slice(value: Any, type_spec: Any, lo: int, hi: int) -> Any:
+    from tensorflow_federated.python.common_libs import structure
+    from tensorflow_federated.python.core.impl.types import computation_types, placements
+
+    if isinstance(type_spec, computation_types.StructType):
+        elements = zip(structure.iter_elements(structure.from_container(value)), structure.iter_elements(type_spec))
+        return structure.Struct([(name, _clients_slice(v, t, lo, hi)) for (_, v), (name, t) in elements])
+    if (isinstance(type_spec, computation_types.FederatedType) and type_spec.placement is placements.CLIENTS
+            and not type_spec.all_equal):
+        return value[lo:hi]
+    return value

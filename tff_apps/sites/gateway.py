@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 from shared.errors import UserError
 from tff_apps.runtime.worker import GRPC_CHANNEL_OPTIONS
 from tff_apps.sites.certs import Credentials
-from tff_apps.sites import site_masking
+from tff_apps.sites import site_masking, vertical_party
 from tff_apps.sites.messages import METHODS, SERVICE, computation_hashes, named_refs, release_refusal
 from tff_apps.sites.policy import BadJob, Job, Refused, SitePolicy, parse_job
 
@@ -127,6 +127,7 @@ class Gateway:
         host: str = "[::]",
         max_workers: int = 16,
         budget=None,
+        party=None,
     ) -> None:
         self.policy = policy
         self._budget = budget  # site_budget.SiteBudget with `[policy] lifetime_epsilon`
@@ -143,6 +144,7 @@ class Gateway:
         self._upstream: dict[str, Any] = {}
         self._private_refs: set[str] = set()  # the masked rounds' values: no caller may name them
         self._masking: site_masking.MaskingService | None = None
+        self._party = party  # vertical_party.VerticalPartyService at a vertical-FL party's site
 
     def start(self) -> int:
         if not _can_listen(self._address):
@@ -155,12 +157,16 @@ class Gateway:
         # No serializers: requests and responses pass through as the bytes the peers sent.
         self._upstream = {m: self._channel.unary_unary(f"/{SERVICE}/{m}") for m in METHODS}
         self._masking = site_masking.MaskingService(self.policy.site, self._upstream, self._private_refs)
-        handlers = {m: grpc.unary_unary_rpc_method_handler(self._handler(m)) for m in METHODS}
-        masking = {m: grpc.unary_unary_rpc_method_handler(self._handler(m, masking=True)) for m in site_masking.METHODS}
+        services = {SERVICE: (METHODS, None), site_masking.SERVICE: (site_masking.METHODS, "SiteMasking")}
+        if self._party is not None:
+            services[vertical_party.SERVICE] = (vertical_party.METHODS, "VerticalParty")
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="site-gateway"),
-            handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers),
-                      grpc.method_handlers_generic_handler(site_masking.SERVICE, masking)],
+            handlers=[
+                grpc.method_handlers_generic_handler(
+                    name, {m: grpc.unary_unary_rpc_method_handler(self._handler(m, service)) for m in methods})
+                for name, (methods, service) in services.items()
+            ],
             # gRPC sets SO_REUSEPORT by default: a second process could then share (and
             # answer on) the gateway's port. Off, a port in use is an error instead.
             options=[*GRPC_CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
@@ -196,16 +202,17 @@ class Gateway:
 
     # -- one call ----------------------------------------------------------
 
-    def _handler(self, method: str, masking: bool = False):
+    def _handler(self, method: str, service: str | None):
         def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
-            return self._serve(method, request, context, masking)
+            return self._serve(method, request, context, service)
 
         return handle
 
-    def _serve(self, method: str, request: bytes, context: grpc.ServicerContext, masking: bool = False) -> bytes:
-        call = _Call(f"SiteMasking.{method}" if masking else method, request, context)
+    def _serve(self, method: str, request: bytes, context: grpc.ServicerContext, service: str | None) -> bytes:
+        """`service`: None for TFF's executor methods, else the site's own protocol service."""
+        call = _Call(f"{service}.{method}" if service else method, request, context)
         try:
-            forward = self._mask if masking else self._forward
+            forward = {None: self._forward, "SiteMasking": self._mask, "VerticalParty": self._vertical}[service]
             response = forward(method, request, call, context)
         except Refused as err:
             self._abort(context, call, grpc.StatusCode.PERMISSION_DENIED, str(err))
@@ -216,8 +223,8 @@ class Gateway:
         except DecodeError:
             self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT,
                         f"site {self.policy.site}: the {method} message is not a valid TFF executor message")
-        except Exception as err:  # the masking protocol's own refusals; anything else is a bug
-            code = site_masking.refusal_code(err)
+        except Exception as err:  # the site protocols' own refusals; anything else is a bug
+            code = site_masking.refusal_code(err) or vertical_party.refusal_code(err)
             if code is None:
                 raise
             self._abort(context, call, getattr(grpc.StatusCode, code), f"site {self.policy.site}: {err}")
@@ -250,6 +257,13 @@ class Gateway:
         if self._budget is not None:
             self._spend_budget("Compute" if method == "MaskedInput" else method, job, context)
         response = self._masking.handle(method, request, job, _timeout(context))
+        call.record["bytes_out"] = len(response)
+        return response
+
+    def _vertical(self, method: str, request: bytes, call: _Call, context: grpc.ServicerContext) -> bytes:
+        """A vertical-FL party's PSI or alignment step, played by the site (`vertical_party`)."""
+        job = self._admit(call)
+        response = self._party.handle(method, request, job, _timeout(context))
         call.record["bytes_out"] = len(response)
         return response
 

@@ -67,7 +67,8 @@ def serve_site(
         except StartInterrupted:
             return 0
         gateway = Gateway(policy=policy, credentials=credentials, upstream=worker.target,
-                          audit_path=audit_path, port=port, host=host, budget=site_budget(policy, audit_path))
+                          audit_path=audit_path, port=port, host=host, budget=site_budget(policy, audit_path),
+                          party=party_service(data, policy.site))
         bound = gateway.start()
         _check_upstream(worker)
         print(f"site {policy.site} listening on {host}:{bound} (worker pid {worker.pid}, "
@@ -84,6 +85,21 @@ def serve_site(
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def party_service(data: Path, site: str):
+    """At a vertical-FL party's site (an app with `site_party`): its PSI and alignment steps."""
+    import json
+
+    from tff_apps.registry import load_app
+    from tff_apps.sites.vertical_party import VerticalPartyService
+
+    path = data / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if "role" not in manifest:  # a horizontal site: no party steps (and no app import here)
+        return None
+    open_party = getattr(load_app(manifest.get("app", "")), "site_party", None)
+    return VerticalPartyService(site, open_party(data)) if open_party is not None else None
 
 
 def _checked_inputs(data_dir: Path | str, port: int) -> Path:

@@ -1,0 +1,137 @@
+"""A finance party's site folder (`tff-apps site prepare finance --site PARTY`) and what the
+party does at its own site for a run across sites: its part of the PSI (its IDs), and, once
+the customers are aligned, encoding its own columns for the TFF computations its worker runs.
+
+Layout (format `tff-apps-site-v1`, app "finance"):
+
+- `party.csv`: the party's CSV as its owner gave it (the loader's checks passed at prepare).
+- `party.json`: the party's own column choices (`PartySpec`), the ID and label column: read
+  only at the site, never by the coordinator (column names are the party's own).
+- `manifest.json`: app, site (= party name), role (lender or partner), customer count. The
+  coordinator reads it through a computation at the site; it names no column.
+
+Per run, the site's gateway (`tff_apps.sites.vertical_party`) writes `runs/<run id>/` in the
+folder: `train_x.f32`, `test_x.f32` (the party's encoded rows of the aligned training and
+held-out customers, float32 little-endian, its own width), at the lender `train_y.f32` and
+`test_y.f32`, `encoder.json` (for its export) and `noise_seed` (its DP noise stream's secret
+seed); the TFF computations of `finance.site_training` write its weights there. Imports
+neither TensorFlow nor TFF: the gateway runs this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finance.model import PartyEncoder
+from finance.parties import PartySpec, load_party, party_spec
+from finance.tables import PartyTable
+from shared.errors import UserError
+from shared.files import write_text_atomic
+
+FORMAT = "tff-apps-site-v1"
+RUNS = "runs"
+
+
+def write_party_folder(cfg, out: Path, site: str) -> dict[str, Any]:
+    """`site prepare finance --site PARTY`: checks the party's own file with the simulation's
+    loader and writes the folder (nothing on a refusal)."""
+    spec = _site_spec(cfg, site)
+    data = cfg.data
+    table = load_party(spec, data.id_column.strip() or "id", data.label_column.strip(), data.positive_label)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shutil.copyfile(spec.csv, staging / "party.csv")
+        own = {"spec": dataclasses.asdict(spec), "id_column": data.id_column.strip() or "id",
+               "label_column": data.label_column.strip(), "positive_label": data.positive_label}
+        write_text_atomic(staging / "party.json", json.dumps(own, indent=2))
+        manifest = {
+            "format": FORMAT, "app": "finance", "site": spec.name, "role": "lender" if spec.is_lender else "partner",
+            "rows": {"customers": len(table)}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2))
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _site_spec(cfg, site: str) -> PartySpec:
+    if cfg.data.source != "csv":
+        raise UserError(f"site prepare finance: data.source = {cfg.data.source!r}; a party prepares its own CSV "
+                        "(data.source = \"csv\" with [data.parties.NAME] csv = \"FILE\")")
+    spec = party_spec(cfg.data, site)
+    if spec.is_lender and not cfg.data.label_column.strip():
+        raise UserError("data.label_column is empty; name the lender's column that says whether a customer defaulted")
+    return dataclasses.replace(spec, csv=str(Path(spec.csv).resolve()) if spec.csv else "")
+
+
+class PartySite:
+    """The party at its own site: its table (loaded with the prepare-time checks) and run folders."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        manifest = json.loads((self.folder / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("app") != "finance":
+            raise UserError(f"--data {folder}: a {manifest.get('app')!r} folder, not a finance party's")
+        self.name, self.is_lender = manifest["site"], manifest["role"] == "lender"
+        self._table: PartyTable | None = None
+
+    @property
+    def table(self) -> PartyTable:
+        if self._table is None:
+            own = json.loads((self.folder / "party.json").read_text(encoding="utf-8"))
+            spec = PartySpec(**{**own["spec"], "columns": tuple(own["spec"]["columns"]),
+                                "categorical": tuple(own["spec"]["categorical"]),
+                                "shared_categorical": tuple(own["spec"]["shared_categorical"]),
+                                "csv": str(self.folder / "party.csv")})
+            self._table = load_party(spec, own["id_column"], own["label_column"], own["positive_label"])
+        return self._table
+
+    def run_dir(self, run_id: str) -> Path:
+        folder = self.folder / RUNS / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def split(self, rows: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """At the lender: the simulation's held-out split of the aligned customers (`rows`, its own)."""
+        from finance.alignment import split_aligned
+
+        return split_aligned(self.table.labels[rows], test_fraction, seed)
+
+    def encode(self, run_id: str, rows: np.ndarray, train: np.ndarray, test: np.ndarray) -> dict[str, Any]:
+        """Writes the run's encoded matrices (and labels at the lender): `rows` are the party's
+        rows of the aligned customers in the common order, `train`/`test` positions in it.
+        Returns what the coordinator needs: the encoded width and the row counts."""
+        table, folder = self.table.subset(rows), self.run_dir(run_id)
+        encoder = PartyEncoder.fit(table.features.iloc[train], table.categorical)
+        for split, positions in (("train", train), ("test", test)):
+            _write_f32(folder / f"{split}_x.f32", encoder.transform(table.features.iloc[positions]))
+            if self.is_lender:
+                _write_f32(folder / f"{split}_y.f32", table.labels[positions].astype(np.float32))
+        write_text_atomic(folder / "encoder.json", json.dumps(encoder.to_dict()))
+        seed = folder / "noise_seed"
+        if not seed.exists():  # kept across attempts: a resumed run replays the same noise
+            _write_bytes(seed, np.frombuffer(os.urandom(16), np.int64).tobytes())
+        return {"width": encoder.n_outputs, "train": len(train), "test": len(test)}
+
+
+def _write_f32(path: Path, matrix: np.ndarray) -> None:
+    _write_bytes(path, np.ascontiguousarray(matrix, dtype="<f4").tobytes())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)

@@ -1,0 +1,165 @@
+"""Finance across sites (`job.sites`): the lender and each partner run `tff-apps site serve`
+next to their own folder (`tff-apps site prepare finance --site PARTY`); this coordinator
+relays and sums, it never reads a row, an ID or a column name.
+
+1. Manifests (through a computation at each site): each site's party and role, its customer count.
+2. PSI between the party sites: for each partner, the coordinator relays the lender's and the
+   partner's PSI messages between their gateways (`tff_apps.sites.vertical_party`): each party
+   blinds its own IDs at its site, the coordinator sees blinded values and counts only.
+3. Alignment: the lender's gateway keeps the customers every partner shares, sends each
+   partner its kept bits and the held-out split (positions) through the coordinator; each
+   party encodes its own columns of the aligned customers into its run folder at its site.
+4. Training and evaluation: `tff_apps.program.vertical_site_rounds` (TFF computations on each
+   party's worker; weights stay at the sites).
+
+What differs from a simulation of the same files: the DP noise comes from each party's own
+secret seed at its site (so runs with noise differ from a simulation's draws); evaluation
+metrics come from the lender's score histograms (exact to 1/4096 of the score); the joined-table
+baseline cannot exist and the lender-alone baseline is not trained across sites yet; no export
+is written yet (each party's weights stay in its run folder at its site).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from finance.parties import LENDER
+from shared import secagg_wire as wire
+from shared.errors import UserError
+from tff_apps.config import JobConfig
+
+RUNS = "runs"
+NOT_ACROSS_SITES = ("n/a across sites: the joined-table baseline would pool the parties' columns; the lender-alone "
+                    "baseline is not trained at the lender's site yet")
+PSI_TIMEOUT_S = 600.0
+
+
+@dataclass
+class SitesPrepared:
+    sites: list  # tff_apps.sites.sites_config.SiteRef, the lender first
+    manifests: list[dict[str, Any]]
+    widths: list[int]
+    n_train: int
+    n_test: int
+    alignment: dict[str, Any]
+
+    @property
+    def names(self) -> list[str]:
+        return [site.name for site in self.sites]
+
+
+def prepare(cfg: JobConfig) -> SitesPrepared:
+    """Manifests, PSI between the party sites, alignment and encoding at each site."""
+    from tff_apps.sites.connect import sites_and_manifests
+
+    sites, manifests = sites_and_manifests(cfg)
+    _check_parties(sites, manifests)
+    relay = _Relay(cfg, sites)
+    started = time.perf_counter()
+    shared = {site.name: relay.psi(site.name) for site in sites[1:]}
+    aligned = relay.align(cfg)
+    widths = [aligned[site.name]["width"] for site in sites]
+    counts = aligned[LENDER]
+    alignment = {
+        "protocol": "ECDH-PSI on ristretto255 between the party sites, relayed by the coordinator",
+        "customers": {site.name: m["rows"]["customers"] for site, m in zip(sites, manifests)},
+        "pairwise_match_count": shared, "match_count": counts["train"] + counts["test"],
+        "seconds": round(time.perf_counter() - started, 3), "bytes_exchanged": relay.bytes,
+    }
+    return SitesPrepared(sites, manifests, widths, counts["train"], counts["test"], alignment)
+
+
+def _check_parties(sites, manifests) -> None:
+    for site, manifest in zip(sites, manifests):
+        if manifest.get("app") != "finance" or "role" not in manifest:
+            raise UserError(f"site {site.name}: its data folder {site.data} is not a finance party's "
+                            "(make it with tff-apps site prepare finance --site NAME)")
+        if manifest["site"] != site.name:
+            raise UserError(f"site {site.name}: its folder holds party {manifest['site']!r}; name the site as its party")
+        if not site.tls:
+            raise UserError(f"job.sites: site {site.name} has no ca, cert and key; a finance party's PSI runs in its "
+                            "gateway (serve it with tff-apps site serve and give the certificates)")
+    lenders = [site.name for site, m in zip(sites, manifests) if m["role"] == "lender"]
+    if lenders != [sites[0].name] or len(sites) < 2:
+        raise UserError(f"job.sites: finance needs the lender's site first (named {LENDER!r}) and at least one partner "
+                        f"site; the file lists {', '.join(s.name for s in sites)} (lender sites: {lenders or 'none'})")
+
+
+class _Relay:
+    """The coordinator's calls to the parties' gateways (`tff_apps.v1.VerticalParty`)."""
+
+    def __init__(self, cfg: JobConfig, sites) -> None:
+        from tff_apps.sites.masked_rounds import site_channels
+
+        self._sites, self._channel = sites, site_channels(cfg, sites, None)
+        self._channels: dict[int, Any] = {}
+        self.bytes = 0
+
+    def call(self, index: int, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        import grpc
+
+        from tff_apps.sites.vertical_party import SERVICE
+
+        if index not in self._channels:
+            self._channels[index] = self._channel(index)
+        request = wire.dumps(body)
+        try:
+            answer = self._channels[index].unary_unary(f"/{SERVICE}/{method}")(request, timeout=PSI_TIMEOUT_S)
+        except grpc.RpcError as err:
+            site = self._sites[index].name
+            line = (err.details() or err.code().name).splitlines()[0]
+            raise UserError(line if line.startswith(f"site {site}") else f"site {site}: {method}: {line}") from None
+        self.bytes += len(request) + len(answer)
+        return wire.loads(answer)
+
+    def psi(self, partner: str) -> int:
+        """One PSI between the lender (site 0) and `partner`, each step at both sites in parallel."""
+        index = [site.name for site in self._sites].index(partner)
+        parties, peers = (0, index), (partner, LENDER)
+        messages = self._both(parties, peers, "salt", (None, None))
+        for step in ("blinded", "double_blind", "finish"):
+            answers = self._both(parties, peers, step, (messages[1], messages[0]))
+            messages = answers
+        counts = {int(answer["shared"]) for answer in messages}
+        if len(counts) != 1:
+            raise RuntimeError(f"PSI: the lender and {partner} disagree on the intersection size ({counts})")
+        return counts.pop()
+
+    def _both(self, parties, peers, step: str, incoming) -> list[Any]:
+        def ask(k: int):
+            body = {"peer": peers[k], "step": step}
+            if incoming[k] is not None:
+                body["message"] = incoming[k]
+            return self.call(parties[k], "Psi", body)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = list(pool.map(ask, (0, 1)))
+        return [answer.get("message", answer) if step != "finish" else answer for answer in answers]
+
+    def align(self, cfg: JobConfig) -> dict[str, dict[str, int]]:
+        partners = [site.name for site in self._sites[1:]]
+        lender = self.call(0, "Align", {"partners": partners, "test_fraction": cfg.evaluate.test_fraction,
+                                        "seed": cfg.job.seed})
+        encoded = {LENDER: lender["encoded"]}
+        for index, name in enumerate(partners, start=1):
+            answer = self.call(index, "Align", {"keep": lender["keep"][name], "train": lender["train"],
+                                                "test": lender["test"]})
+            encoded[name] = answer["encoded"]
+        return encoded
+
+
+def train(cfg: JobConfig, prepared: SitesPrepared, run) -> tuple[Any, dict[str, Any]]:
+    """Split-model training at the sites; (the result, the lender's final metrics)."""
+    from finance import evaluate
+    from finance.app import vertical_settings
+    from tff_apps.program.vertical_site_rounds import SiteParty, train_vertical_at_sites
+
+    parties = [SiteParty(site.name, f"{site.data}/{RUNS}/{run.run_id}", width)
+               for site, width in zip(prepared.sites, prepared.widths)]
+    return train_vertical_at_sites(
+        parties, prepared.n_train, prepared.n_test, vertical_settings(cfg), metrics=evaluate.binary_metrics,
+        run_dir=run.dir, checkpoint_every=cfg.train.checkpoint_every,
+    )
