@@ -185,9 +185,12 @@ def train_across_sites(cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
         "source": f"{len(prepared.sites)} party sites", "parties": {
             name: {"customers": count} for name, count in prepared.alignment["customers"].items()},
         "alignment": prepared.alignment, "train_customers": prepared.n_train, "test_customers": prepared.n_test,
+        "encoded_widths": dict(zip(prepared.names, prepared.widths)),  # as the simulation's padding shows them
     }
     summary = training_summary(data, result, reports, cfg, evaluate.HEADLINE)
     summary["baselines"] = sites.NOT_ACROSS_SITES
+    if cfg.export.enabled:
+        summary["exports_at_sites"] = sites.export_at_sites(cfg, prepared, run, summary)
     write_text_atomic(run.dir / "report.md", reporting.results_table(reports, METHOD_COLUMNS))
     summary["report"] = str(run.dir / "report.md")
     return summary

@@ -38,6 +38,7 @@ from shared.files import write_text_atomic
 
 FORMAT = "tff-apps-site-v1"
 RUNS = "runs"
+EXPORT_TIMEOUT_S = 600
 
 
 def write_party_folder(cfg, out: Path, site: str) -> dict[str, Any]:
@@ -125,6 +126,24 @@ class PartySite:
         if not seed.exists():  # kept across attempts: a resumed run replays the same noise
             _write_bytes(seed, np.frombuffer(os.urandom(16), np.int64).tobytes())
         return {"width": encoder.n_outputs, "train": len(train), "test": len(test)}
+
+
+    def export(self, run_id: str, request: dict[str, Any]) -> str:
+        """Writes the party's SavedModel at its site from its final weights there
+        (`finance.site_export`, a child process: the gateway does not import TensorFlow)."""
+        import subprocess
+        import sys
+
+        folder = self.run_dir(run_id)
+        order = folder / "export-request.json"
+        write_text_atomic(order, json.dumps({**request, "folder": str(self.folder), "run_id": run_id,
+                                             "party": self.name}))
+        done = subprocess.run([sys.executable, "-m", "finance.site_export", str(order)], capture_output=True,
+                              text=True, timeout=EXPORT_TIMEOUT_S)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"site {self.name}: its export failed ({last})")
+        return done.stdout.strip().splitlines()[-1]
 
 
 def _write_f32(path: Path, matrix: np.ndarray) -> None:

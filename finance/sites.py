@@ -15,8 +15,8 @@ relays and sums, it never reads a row, an ID or a column name.
 What differs from a simulation of the same files: the DP noise comes from each party's own
 secret seed at its site (so runs with noise differ from a simulation's draws); evaluation
 metrics come from the lender's score histograms (exact to 1/4096 of the score); the joined-table
-baseline cannot exist and the lender-alone baseline is not trained across sites yet; no export
-is written yet (each party's weights stay in its run folder at its site).
+baseline cannot exist and the lender-alone baseline is not trained across sites yet; each party's
+export is written at its own site (`finance.site_export`), the coordinator's run folder has none.
 """
 
 from __future__ import annotations
@@ -57,17 +57,18 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
 
     sites, manifests = sites_and_manifests(cfg)
     _check_parties(sites, manifests)
-    relay = _Relay(cfg, sites)
+    calls = GatewayCalls(cfg, sites)
+    relay = Relay(calls, [site.name for site in sites])
     started = time.perf_counter()
     shared = {site.name: relay.psi(site.name) for site in sites[1:]}
-    aligned = relay.align(cfg)
+    aligned = relay.align(cfg.evaluate.test_fraction, cfg.job.seed)
     widths = [aligned[site.name]["width"] for site in sites]
     counts = aligned[LENDER]
     alignment = {
         "protocol": "ECDH-PSI on ristretto255 between the party sites, relayed by the coordinator",
         "customers": {site.name: m["rows"]["customers"] for site, m in zip(sites, manifests)},
         "pairwise_match_count": shared, "match_count": counts["train"] + counts["test"],
-        "seconds": round(time.perf_counter() - started, 3), "bytes_exchanged": relay.bytes,
+        "seconds": round(time.perf_counter() - started, 3), "bytes_exchanged": calls.bytes,
     }
     return SitesPrepared(sites, manifests, widths, counts["train"], counts["test"], alignment)
 
@@ -88,8 +89,9 @@ def _check_parties(sites, manifests) -> None:
                         f"site; the file lists {', '.join(s.name for s in sites)} (lender sites: {lenders or 'none'})")
 
 
-class _Relay:
-    """The coordinator's calls to the parties' gateways (`tff_apps.v1.VerticalParty`)."""
+class GatewayCalls:
+    """The coordinator's calls to the parties' gateways (`tff_apps.v1.VerticalParty`), one
+    mutual-TLS channel per site carrying the job's descriptor; a refusal is one line."""
 
     def __init__(self, cfg: JobConfig, sites) -> None:
         from tff_apps.sites.masked_rounds import site_channels
@@ -98,7 +100,7 @@ class _Relay:
         self._channels: dict[int, Any] = {}
         self.bytes = 0
 
-    def call(self, index: int, method: str, body: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, index: int, method: str, body: dict[str, Any]) -> dict[str, Any]:
         import grpc
 
         from tff_apps.sites.vertical_party import SERVICE
@@ -115,9 +117,17 @@ class _Relay:
         self.bytes += len(request) + len(answer)
         return wire.loads(answer)
 
+
+class Relay:
+    """The coordinator's part in PSI and alignment: it passes each party's messages to the
+    other and keeps only counts. `call(index, method, body)` reaches party `index` (the lender 0)."""
+
+    def __init__(self, call, names: list[str]) -> None:
+        self.call, self._names = call, names
+
     def psi(self, partner: str) -> int:
         """One PSI between the lender (site 0) and `partner`, each step at both sites in parallel."""
-        index = [site.name for site in self._sites].index(partner)
+        index = self._names.index(partner)
         parties, peers = (0, index), (partner, LENDER)
         messages = self._both(parties, peers, "salt", (None, None))
         for step in ("blinded", "double_blind", "finish"):
@@ -139,10 +149,10 @@ class _Relay:
             answers = list(pool.map(ask, (0, 1)))
         return [answer.get("message", answer) if step != "finish" else answer for answer in answers]
 
-    def align(self, cfg: JobConfig) -> dict[str, dict[str, int]]:
-        partners = [site.name for site in self._sites[1:]]
-        lender = self.call(0, "Align", {"partners": partners, "test_fraction": cfg.evaluate.test_fraction,
-                                        "seed": cfg.job.seed})
+    def align(self, test_fraction: float, seed: int) -> dict[str, dict[str, int]]:
+        """Each party's encoded width and row counts, once it has written its aligned rows."""
+        partners = self._names[1:]
+        lender = self.call(0, "Align", {"partners": partners, "test_fraction": test_fraction, "seed": seed})
         encoded = {LENDER: lender["encoded"]}
         for index, name in enumerate(partners, start=1):
             answer = self.call(index, "Align", {"keep": lender["keep"][name], "train": lender["train"],
@@ -163,3 +173,23 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run) -> tuple[Any, dict[str, 
         parties, prepared.n_train, prepared.n_test, vertical_settings(cfg), metrics=evaluate.binary_metrics,
         run_dir=run.dir, checkpoint_every=cfg.train.checkpoint_every,
     )
+
+
+def export_at_sites(cfg: JobConfig, prepared: SitesPrepared, run, summary: dict[str, Any]) -> dict[str, str]:
+    """Each party's SavedModel written at its own site from its final weights there; returns
+    where (party -> "site NAME: PATH", a path on the site's machine)."""
+    from finance.parties import party_view
+
+    calls = GatewayCalls(cfg, prepared.sites)
+    card = {
+        "app": "finance", "run_id": run.run_id, "task": "probability of default = sigmoid(sum of every party's "
+        "partial score)", "metrics": summary["results"]["vertical"], "privacy": summary["privacy"],
+        "trained_across_sites": prepared.names,
+    }
+    model = {"tag": f"e{cfg.train.rounds}", "kind": cfg.model.kind, "width": max(prepared.widths),
+             "hidden_units": cfg.model.hidden_units, "score_bound": cfg.model.score_bound}
+    where = {}
+    for index, name in enumerate(prepared.names):
+        body = {**model, "card": {**card, "config": party_view(cfg, name).to_dict()}}
+        where[name] = f"site {name}: {calls(index, 'Export', body)['export']}"
+    return where

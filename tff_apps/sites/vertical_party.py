@@ -17,9 +17,12 @@ The coordinator relays, it does not compute: each request and answer is one JSON
                                 Each party then encodes its own rows of the aligned customers
                                 into the run's folder at the site; the answer is its width
                                 and row counts.
+  Export {tag, model, card}     the party's SavedModel, written at its site from its final
+                                weights there (`finance.site_export`); the answer is its path.
 
 What leaves a site: PSI messages (blinded values, the shared count), at the lender the kept
-bits and the split positions (which the partners need), and each party's encoded width.
+bits and the split positions (which the partners need), each party's encoded width and
+the path of its export at the site.
 No ID, row or column name leaves. Blinding scalars and the pairwise rows stay in this
 process's memory, per run, until the alignment is written. Does not import TensorFlow.
 """
@@ -39,7 +42,7 @@ from shared.psi import Message, PsiParty
 from tff_apps.sites.policy import Job
 
 SERVICE = "tff_apps.v1.VerticalParty"
-METHODS = ("Psi", "Align")
+METHODS = ("Psi", "Align", "Export")
 LENDER = "lender"
 _RUNS_KEPT = 8
 _ELEMENT_BYTES = 32
@@ -102,7 +105,8 @@ class VerticalPartyService:
         """One call; raises wire.WireError / ProtocolError / UserError (refusals)."""
         body = wire.loads(request)
         run = self._run(job.run_id)
-        handlers: dict[str, Callable[[_Run, dict, Job], dict]] = {"Psi": self._psi, "Align": self._align}
+        handlers: dict[str, Callable[[_Run, dict, Job], dict]] = {
+            "Psi": self._psi, "Align": self._align, "Export": self._export}
         if method not in handlers:
             raise ProtocolError(f"site {self._site}: no method {method!r}")
         return wire.dumps(handlers[method](run, body, job))
@@ -154,6 +158,13 @@ class VerticalPartyService:
         encoded = party.encode(job.run_id, rows[keep], positions(body.get("train"), "train"),
                                positions(body.get("test"), "test"))
         return {"encoded": encoded}
+
+    def _export(self, run: _Run, body: dict, job: Job) -> dict:
+        """The party's export, written at its site from its final weights there."""
+        needed = {"tag", "kind", "width", "hidden_units", "score_bound", "card"}
+        if not needed <= set(body):
+            raise wire.WireError(f"Export: the message needs {', '.join(sorted(needed))}")
+        return {"export": self._party.export(job.run_id, {key: body[key] for key in needed})}
 
     def _align_lender(self, run: _Run, body: dict, job: Job) -> dict:
         partners = body.get("partners")
