@@ -73,6 +73,17 @@ class FinanceApp:
 
         return write_party_folder(cfg, Path(out), site)
 
+    def site_demo_folders(self, cfg: JobConfig, base: Path) -> list[str]:
+        """`demo --sites`: each party of the embedded data as its own CSV and site folder."""
+        from finance.site_folder import write_demo_parties
+
+        return write_demo_parties(load(cfg.data, cfg.job.seed), cfg, Path(base))
+
+    @staticmethod
+    def check_sites(cfg: JobConfig) -> None:
+        """What finance refuses across sites, before any site starts (`demo --sites`)."""
+        check_privacy(cfg)
+
     @staticmethod
     def site_party(folder: Path):
         """The party at its own site, for its gateway (`tff_apps.sites.vertical_party`)."""
@@ -191,8 +202,7 @@ def train_across_sites(cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
     summary["baselines"] = sites.NOT_ACROSS_SITES
     if cfg.export.enabled:
         summary["exports_at_sites"] = sites.export_at_sites(cfg, prepared, run, summary)
-    write_text_atomic(run.dir / "report.md", reporting.results_table(reports, METHOD_COLUMNS))
-    summary["report"] = str(run.dir / "report.md")
+    write_reports(run, summary, reports)
     return summary
 
 

@@ -78,6 +78,23 @@ def _site_spec(cfg, site: str) -> PartySpec:
     return dataclasses.replace(spec, csv=str(Path(spec.csv).resolve()) if spec.csv else "")
 
 
+def write_demo_parties(data, cfg, base: Path) -> list[str]:
+    """The parties of `data` (a `finance.data.FinanceData`) written as their own CSVs (id, the
+    lender's label "default", their columns) and prepared as site folders; returns their names."""
+    parties = {}
+    for party in data.parties:
+        frame = party.features.copy()
+        if party.labels is not None:
+            frame.insert(0, "default", party.labels)
+        frame.insert(0, "id", party.ids)
+        frame.to_csv(base / f"{party.name}.csv", index=False)
+        parties[party.name] = {"csv": str(base / f"{party.name}.csv"), "categorical": list(party.categorical)}
+    csv_cfg = cfg.replace("data", source="csv", parties=parties, label_column="default", id_column="id")
+    for name in parties:
+        write_party_folder(csv_cfg, base / name, name)
+    return list(parties)
+
+
 class PartySite:
     """The party at its own site: its table (loaded with the prepare-time checks) and run folders."""
 

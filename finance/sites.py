@@ -64,10 +64,12 @@ def prepare(cfg: JobConfig) -> SitesPrepared:
     aligned = relay.align(cfg.evaluate.test_fraction, cfg.job.seed)
     widths = [aligned[site.name]["width"] for site in sites]
     counts = aligned[LENDER]
+    customers = {site.name: m["rows"]["customers"] for site, m in zip(sites, manifests)}
+    matched = counts["train"] + counts["test"]
     alignment = {
         "protocol": "ECDH-PSI on ristretto255 between the party sites, relayed by the coordinator",
-        "customers": {site.name: m["rows"]["customers"] for site, m in zip(sites, manifests)},
-        "pairwise_match_count": shared, "match_count": counts["train"] + counts["test"],
+        "customers": customers, "match_rate": {name: matched / n for name, n in customers.items()},
+        "pairwise_match_count": shared, "match_count": matched,
         "seconds": round(time.perf_counter() - started, 3), "bytes_exchanged": calls.bytes,
     }
     return SitesPrepared(sites, manifests, widths, counts["train"], counts["test"], alignment)

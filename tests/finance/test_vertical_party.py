@@ -5,12 +5,13 @@ them. What each party writes for training must be exactly the simulation's encod
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from finance.alignment import align, aligned, split_aligned
 from finance.data import load
 from finance.model import PartyEncoder
-from finance.site_folder import PartySite, write_party_folder
+from finance.site_folder import PartySite, write_demo_parties, write_party_folder
 from finance.sites import Relay
 from shared import secagg_wire as wire
 from shared.errors import UserError
@@ -101,3 +102,17 @@ def test_steps_out_of_order_and_no_shared_customer_are_refused_in_one_line(parti
         relay.psi("partner")
         relay.align(0.3, 0)
     assert "\n" not in str(refused.value)
+
+
+def test_the_demos_party_folders_hold_each_partys_own_table_as_loaded(tmp_path):
+    _, cfg = resolve_job("finance", None, ["data.partners=2"])
+    data = load(cfg.data, cfg.job.seed)
+    names = write_demo_parties(data, cfg, tmp_path)
+    assert names == data.names == ["lender", "partner", "partner2"]
+    for party in data.parties:
+        table = PartySite(tmp_path / party.name).table
+        assert list(table.ids) == list(party.ids) and table.categorical == party.categorical
+        assert (table.labels is None) == (party.labels is None)
+        if party.labels is not None:
+            np.testing.assert_array_equal(table.labels, party.labels)
+        pd.testing.assert_frame_equal(table.features, party.features, check_dtype=False)

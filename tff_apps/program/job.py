@@ -99,9 +99,16 @@ def resolve_job(
     cfg = config_lib.resolve(app.default_config, app.sections, config_file, overrides)
     if cfg.job.app and cfg.job.app != app.name:
         raise UserError(f"config: job.app = {cfg.job.app!r} but the command runs app {app.name!r}")
-    if cfg.job.sites and cfg.train.engine == "auto":  # each site trains its own client on its own worker
-        cfg = cfg.replace("train", engine="tff")
+    if cfg.job.sites:
+        cfg = with_sites(cfg, cfg.job.sites)
     return app, cfg.replace("job", app=app.name)
+
+
+def with_sites(cfg: config_lib.JobConfig, sites: str) -> config_lib.JobConfig:
+    """The job across the sites of `sites` (a sites.toml): each site trains its own client on its
+    own worker, so `train.engine = "auto"` means stock TFF there."""
+    cfg = cfg.replace("job", sites=sites)
+    return cfg.replace("train", engine="tff") if cfg.train.engine == "auto" else cfg
 
 
 def new_run(app: App, cfg: config_lib.JobConfig) -> Run:

@@ -1,5 +1,6 @@
-"""`tff-apps demo --sites`: three loopback sites with test certificates, each app that runs
-across sites trained across them, then the sites stopped.
+"""`tff-apps demo --sites`: loopback sites with test certificates (three hospitals or road
+districts; finance: the lender and its partner), each app that runs across sites trained
+across them, then the sites stopped.
 
 Each site is a real `tff-apps site serve` process (its worker in a private network
 namespace when this machine allows it, else on loopback with `--isolation none`) holding the
@@ -30,13 +31,11 @@ READY_TIMEOUT_S = 60
 def loopback_sites(app, cfg, base: Path):
     """Prepares and serves one site per client of `cfg` (N_SITES of them); yields the path of
     a sites.toml naming them; stops every site on the way out."""
-    data = app.prepare(cfg).data  # one site per client of the embedded data: hospitals, road districts
-    names = [client.name for client in getattr(data, "clients", None) or data.districts]
+    names = _prepare_folders(app, cfg, base)
     make_test_pki(base / "certs", names)
     served = []
     try:
         for name in names:
-            prepare_site(app, cfg, base / name, name)
             served.append(_serve(base, name))
         sites = base / "sites.toml"
         sites.write_text("".join(
@@ -48,6 +47,19 @@ def loopback_sites(app, cfg, base: Path):
     finally:
         for process, _ in served:
             _stop(process)
+
+
+def _prepare_folders(app, cfg, base: Path) -> list[str]:
+    """Each site's data folder under `base`; returns the site names. An app whose sites are not
+    its clients (finance: one site per party) makes its own (`site_demo_folders`)."""
+    make_own = getattr(app, "site_demo_folders", None)
+    if make_own is not None:
+        return make_own(cfg, base)
+    data = app.prepare(cfg).data  # one site per client of the embedded data: hospitals, road districts
+    names = [client.name for client in getattr(data, "clients", None) or data.districts]
+    for name in names:
+        prepare_site(app, cfg, base / name, name)
+    return names
 
 
 def _serve(base: Path, name: str) -> tuple[subprocess.Popen, int]:
@@ -79,7 +91,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 def site_demo(apps, runs_dir: str, overrides: list[str], run_and_print) -> list[tuple[str, str]]:
     """Runs each app that supports sites across three loopback sites."""
-    from tff_apps.program.job import resolve_job
+    from tff_apps.program.job import resolve_job, with_sites
     from tff_apps.registry import load_app
 
     reports = []
@@ -89,10 +101,15 @@ def site_demo(apps, runs_dir: str, overrides: list[str], run_and_print) -> list[
         if not getattr(app, "supports_sites", False):
             print(f"[demo] {name}: does not run across sites yet; skipped", flush=True)
             continue
+        try:  # an app that refuses the demo's overrides across sites (e.g. finance and masking) is skipped
+            getattr(app, "check_sites", lambda _cfg: None)(cfg)
+        except UserError as refused:
+            print(f"[demo] {name}: skipped: {refused}", flush=True)
+            continue
         cfg = cfg.replace("data", n_clients=N_SITES) if hasattr(cfg.data, "n_clients") else cfg
         with tempfile.TemporaryDirectory(prefix=f"tff-sites-{name}-") as folder, \
                 loopback_sites(app, cfg, Path(folder)) as sites:
-            summary = run_and_print(app, cfg.replace("job", sites=str(sites)))
+            summary = run_and_print(app, with_sites(cfg, str(sites)))
         if summary.get("masking"):  # privacy.secure_aggregation = "masked": say where it ran
             print(f"[demo] {name}: secure aggregation masked {summary['masking']['where']}", flush=True)
         reports.append((name, summary.get("report_html") or summary.get("report", "")))
