@@ -80,6 +80,13 @@ class FinanceApp:
         return write_demo_parties(load(cfg.data, cfg.job.seed), cfg, Path(base))
 
     @staticmethod
+    def score_across_sites(sites_toml: str, run_id: str, inputs: Mapping[str, str], output: str) -> dict:
+        """`tff-apps score RUN_ID --sites sites.toml`: each party's export scores at its site."""
+        from finance.site_scoring import score_across_sites
+
+        return score_across_sites(sites_toml, run_id, inputs, output)
+
+    @staticmethod
     def check_sites(cfg: JobConfig) -> None:
         """What finance refuses across sites, before any site starts (`demo --sites`)."""
         check_privacy(cfg)

@@ -1,8 +1,9 @@
 """A party's export, written at its own site from the weights its worker kept there.
 
-`python -m finance.site_export REQUEST.json`, started by the party's gateway
+`python -m finance.site_export export REQUEST.json`, started by the party's gateway
 (`tff_apps.sites.vertical_party`, method Export) so that the gateway itself never imports
-TensorFlow. The request names the party's site folder, the run, the state tag of the final
+TensorFlow; `... score REQUEST.json` scores the party's own CSV with that export for
+`tff-apps score` across sites. The request names the party's site folder, the run, the state tag of the final
 weights, the model (kind, hidden units, common width, score bound) and the card the
 coordinator adds (run id, task, metrics, privacy statement, the party's view of the config).
 The SavedModel goes to `<folder>/runs/<run>/export/finance_<party>/1`, as in a simulation's
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from finance.model import PartyEncoder, build_bottom_model, export_party
+from shared.errors import UserError
 from shared.split_model import weight_shapes
 
 
@@ -56,5 +58,26 @@ def export_at_site(request: dict[str, Any]) -> Path:
     return root
 
 
+def partial_scores_at_site(request: dict[str, Any]) -> str:
+    """`tff-apps score` across sites: the party's export scores every row of its own CSV (at the
+    site); the scores go to `<folder>/runs/<session>/score_partial.f64`, in file order. Prints
+    the row count and the export's score bound (public: the trained model's clip)."""
+    from finance.scoring import load_party
+    from shared.tabular import read_csv
+
+    export = Path(request["folder"]) / "runs" / request["model_run"] / "export" / f"finance_{request['party']}" / "1"
+    if not export.is_dir():
+        raise SystemExit(f"site {request['party']}: run {request['model_run']} has no export here ({export})")
+    scorer = load_party(export)
+    scores = scorer(read_csv(request["input"]), request["input"])
+    out = Path(request["folder"]) / "runs" / request["session"] / "score_partial.f64"
+    scores.astype("<f8").tofile(out)
+    return json.dumps({"rows": len(scores), "score_bound": float(scorer.card.get("score_bound", 0.0))})
+
+
 if __name__ == "__main__":
-    print(export_at_site(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))))
+    task = {"export": export_at_site, "score": partial_scores_at_site}[sys.argv[1]]
+    try:
+        print(task(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))))
+    except UserError as err:  # one line for the gateway to pass on
+        raise SystemExit(str(err)) from None

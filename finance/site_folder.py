@@ -146,20 +146,59 @@ class PartySite:
 
 
     def export(self, run_id: str, request: dict[str, Any]) -> str:
-        """Writes the party's SavedModel at its site from its final weights there
-        (`finance.site_export`, a child process: the gateway does not import TensorFlow)."""
+        """Writes the party's SavedModel at its site from its final weights there."""
+        return self._site_task("export", run_id, request)
+
+    def open_scoring(self, session: str, model_run: str, input_csv: str) -> tuple[np.ndarray, float]:
+        """`tff-apps score` across sites: the party's own CSV (a path at its site) scored by its
+        export of `model_run`; returns the file's customer IDs (for the PSI) and the export's
+        score bound."""
+        from finance.csv_columns import require_id_column
+        from shared.tabular import read_csv
+
+        own = json.loads((self.folder / "party.json").read_text(encoding="utf-8"))
+        frame = read_csv(input_csv)
+        require_id_column(frame, own["id_column"], input_csv)
+        opened = json.loads(self._site_task("score", session, {"model_run": model_run, "input": input_csv,
+                                                                  "session": session}))
+        self._scoring = frame[own["id_column"]].to_numpy(dtype=object), own["id_column"]
+        return self._scoring[0], opened["score_bound"]
+
+    def align_scoring(self, session: str, rows: np.ndarray) -> int:
+        """Its partial scores of the aligned customers, for the secure sum at its worker."""
+        folder = self.run_dir(session)
+        scores = np.fromfile(folder / "score_partial.f64", "<f8")
+        _write_bytes(folder / "score_aligned.f64", np.ascontiguousarray(scores[rows], "<f8").tobytes())
+        self._scoring_rows = rows
+        return len(rows)
+
+    def write_scores(self, session: str, z: np.ndarray, output: str) -> int:
+        """At the lender: its IDs of the scored customers and sigmoid(z), written at its site."""
+        import pandas as pd
+
+        from shared.split_model import sigmoid
+
+        ids, id_column = self._scoring
+        out = pd.DataFrame({id_column: ids[self._scoring_rows], "probability": sigmoid(np.asarray(z, np.float64))})
+        if not Path(output).parent.is_dir():
+            raise UserError(f"site {self.name}: --output {output}: folder {Path(output).parent} does not exist here")
+        write_text_atomic(Path(output), out.to_csv(index=False))
+        return len(out)
+
+    def _site_task(self, task: str, run_id: str, request: dict[str, Any]) -> str:
+        """`python -m finance.site_export TASK` in a child process (the gateway does not import
+        TensorFlow); its last output line, or its one-line error as a UserError."""
         import subprocess
         import sys
 
-        folder = self.run_dir(run_id)
-        order = folder / "export-request.json"
+        order = self.run_dir(run_id) / f"{task}-request.json"
         write_text_atomic(order, json.dumps({**request, "folder": str(self.folder), "run_id": run_id,
                                              "party": self.name}))
-        done = subprocess.run([sys.executable, "-m", "finance.site_export", str(order)], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "finance.site_export", task, str(order)], capture_output=True,
                               text=True, timeout=EXPORT_TIMEOUT_S)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"site {self.name}: its export failed ({last})")
+            raise UserError(last if last.startswith(f"site {self.name}") else f"site {self.name}: its {task} failed ({last})")
         return done.stdout.strip().splitlines()[-1]
 
 

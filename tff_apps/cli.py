@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--output", required=True, metavar="CSV")
     score.add_argument("--id-column", default="", help="the ID column of both CSVs (default: the job's)")
+    score.add_argument("--sites", metavar="SITES.toml",
+                       help="score at the parties' sites: MODEL_DIR is then the run id, each CSV and --output "
+                            "a path at its party's site (the output at the lender's)")
 
     audit = commands.add_parser(
         "audit", help="membership-inference audit of a finished run's exported model"
@@ -255,6 +258,8 @@ def command_score(args) -> None:
         if not sep or not party or not path:
             raise UserError(f"score --input {item!r}: expected PARTY=CSV, e.g. --input lender=lender.csv")
         inputs[party] = path
+    if args.sites:
+        return _score_at_sites(args, inputs)
     model_dir = Path(args.model_dir)
     app = load_app(read_model_card(model_dir).get("app", ""))
     if not hasattr(app, "score"):
@@ -264,6 +269,18 @@ def command_score(args) -> None:
         f"scored {result['rows_written']} shared customers (match rate {result['match_rate_lender']:.3f} of "
         f"the lender's rows) in {result['seconds']:.1f} s -> {args.output}"
     )
+
+
+def _score_at_sites(args, inputs: dict[str, str]) -> None:
+    """`score --sites`: the one installed app that scores at its parties' sites."""
+    from tff_apps.registry import app_names, load_app
+
+    apps = [app for app in map(load_app, app_names()) if hasattr(app, "score_across_sites")]
+    if len(apps) != 1:
+        raise UserError(f"score --sites: {len(apps)} installed apps score across sites; expected one")
+    result = apps[0].score_across_sites(args.sites, args.model_dir, inputs, args.output)
+    print(f"scored {result['rows_written']} shared customers (match rate {result['match_rate_lender']:.3f} of "
+          f"the lender's rows) in {result['seconds']:.1f} s -> {result['output']}")
 
 
 def command_audit(args) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import portpicker
 import pytest
 import tensorflow as tf
@@ -120,11 +121,19 @@ def across_sites(tmp_path_factory):
         final = {s.name: s.read(f"runs/sites/state-e{EPOCHS}") for s in sites}
         cards = {s.name: json.loads(s.read(f"runs/sites/export/finance_{s.name}/1/model_card.json")) for s in sites}
         seen_by_coordinator = [sorted(p.name for p in s.folder.iterdir()) for s in sites]
+        (base / "out").mkdir()  # the lender writes its scores here (outside its private folder, for the test)
+        scored = tff_apps_in_process("score", "sites", "--sites", str(base / "sites.toml"), "--output",
+                                     str(base / "out" / "scores.csv"),
+                                     *[f"--input={name}={base / 'csv' / name}.csv" for name in NAMES])
     finally:
         codes = [site.stop() for site in sites]
     simulated = tff_apps_in_process(*common, "--run-id", "simulated")
+    scored_simulated = tff_apps_in_process("score", str(runs / "finance" / "simulated" / "export"), "--output",
+                                           str(base / "out" / "simulated.csv"),
+                                           *[f"--input={name}={base / 'csv' / name}.csv" for name in NAMES])
     return SimpleNamespace(base=base, runs=runs, killed=killed, resumed=resumed, simulated=simulated, codes=codes,
-                           summary=summary, widths=widths, final=final, cards=cards, seen=seen_by_coordinator)
+                           summary=summary, widths=widths, final=final, cards=cards, seen=seen_by_coordinator,
+                           scored=scored, scored_simulated=scored_simulated)
 
 
 def test_killed_and_resumed_at_the_sites_the_parties_end_with_the_simulations_weights(across_sites):
@@ -190,3 +199,15 @@ def test_sites_that_cannot_train_together_are_refused_in_one_line(sites, manifes
     with pytest.raises(UserError, match=message) as refused:
         _check_parties(sites, manifests)
     assert "\n" not in str(refused.value)
+
+
+def test_score_at_the_sites_gives_the_simulated_exports_probabilities(across_sites):
+    f = across_sites
+    assert f.scored.returncode == 0, f.scored.stderr[-3000:]
+    assert f.scored_simulated.returncode == 0, f.scored_simulated.stderr[-3000:]
+    assert "-> site lender: " in f.scored.stdout
+    at_sites = pd.read_csv(f.base / "out" / "scores.csv")
+    simulated = pd.read_csv(f.base / "out" / "simulated.csv")
+    assert list(at_sites["id"]) == list(simulated["id"]) and len(at_sites) == 320 - 20 - 10  # every party's customers
+    # the weights agree to 1e-5 and each sum is within 2^-17 per party of the plain sum
+    assert np.max(np.abs(at_sites["probability"] - simulated["probability"])) < 1e-4

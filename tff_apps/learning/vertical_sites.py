@@ -266,3 +266,26 @@ class SiteEpochComputations(EpochComputations):
     def site_histograms(self, sites) -> np.ndarray:
         self.eval_calls += 1
         return np.asarray(self._get("site_histograms", len(sites[0][2]))(sites), np.int64)
+
+
+def site_score_sum(n_parties: int, score_bound: float, folders: list[str], rows: int) -> np.ndarray:
+    """`tff-apps score` across sites: each party's worker reads its partial scores of the aligned
+    customers (`score_aligned.f64` in its folder), clipped and encoded as in training, and the
+    secure sum's decoded z comes back (one TFF call)."""
+    from tff_apps.learning.vertical import SecureScoreSum
+
+    summer = SecureScoreSum(n_parties, score_bound)
+
+    @tff.tensorflow.computation(_STR)
+    def encode(folder):
+        scores = tf.io.decode_raw(tf.io.read_file(_file(folder, "score_aligned.f64")), tf.float64)
+        return summer._fixed_point(tf.ensure_shape(scores, [rows]))
+
+    decode = summer._decoder(rows)
+
+    @tff.federated_computation(tff.FederatedType(_STR, tff.CLIENTS))
+    def score_sum(paths):
+        encoded = tff.federated_map(encode, paths)
+        return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, summer.bitwidth))
+
+    return np.asarray(score_sum(folders), np.float32)

@@ -19,6 +19,11 @@ The coordinator relays, it does not compute: each request and answer is one JSON
                                 and row counts.
   Export {tag, model, card}     the party's SavedModel, written at its site from its final
                                 weights there (`finance.site_export`); the answer is its path.
+  Score  {step, ...}            `tff-apps score` across sites: open -> the party's own CSV
+                                (a path at its site) scored by its export, its IDs the set of
+                                the session's PSI (then Align keeps the shared customers' scores
+                                for the secure sum); write (lender) -> its IDs and sigmoid(z)
+                                written to a CSV at its site.
 
 What leaves a site: PSI messages (blinded values, the shared count), at the lender the kept
 bits and the split positions (which the partners need), each party's encoded width and
@@ -42,7 +47,7 @@ from shared.psi import Message, PsiParty
 from tff_apps.sites.policy import Job
 
 SERVICE = "tff_apps.v1.VerticalParty"
-METHODS = ("Psi", "Align", "Export")
+METHODS = ("Psi", "Align", "Export", "Score")
 LENDER = "lender"
 _RUNS_KEPT = 8
 _ELEMENT_BYTES = 32
@@ -88,6 +93,7 @@ def positions(obj: Any, what: str) -> np.ndarray:
 
 class _Run:
     def __init__(self) -> None:
+        self.ids: np.ndarray | None = None  # a scoring session's IDs (else the party's table's)
         self.psi: dict[str, PsiParty] = {}
         self.shared: dict[str, np.ndarray] = {}  # peer -> own rows shared with it, common order
 
@@ -106,7 +112,7 @@ class VerticalPartyService:
         body = wire.loads(request)
         run = self._run(job.run_id)
         handlers: dict[str, Callable[[_Run, dict, Job], dict]] = {
-            "Psi": self._psi, "Align": self._align, "Export": self._export}
+            "Psi": self._psi, "Align": self._align, "Export": self._export, "Score": self._score}
         if method not in handlers:
             raise ProtocolError(f"site {self._site}: no method {method!r}")
         return wire.dumps(handlers[method](run, body, job))
@@ -124,7 +130,8 @@ class VerticalPartyService:
         peer, step = str(body.get("peer", "")), body.get("step")
         if step == "salt":  # a new session with this peer (a re-run starts over)
             own = self._party
-            run.psi[peer] = PsiParty(own.name, own.table.ids, initiator=own.is_lender)
+            ids = run.ids if run.ids is not None else own.table.ids
+            run.psi[peer] = PsiParty(own.name, ids, initiator=own.is_lender)
             return {"message": message_to_json(run.psi[peer].salt_message(peer))}
         party = run.psi.get(peer)
         if party is None:
@@ -155,6 +162,8 @@ class VerticalPartyService:
         keep = bits_from_json(body.get("keep"))
         if len(keep) != len(rows):
             raise ProtocolError(f"site {self._site}: {len(keep)} kept bits for {len(rows)} shared customers")
+        if run.ids is not None:  # a scoring session: its partial scores of the shared customers
+            return {"rows": party.align_scoring(job.run_id, rows[keep])}
         encoded = party.encode(job.run_id, rows[keep], positions(body.get("train"), "train"),
                                positions(body.get("test"), "test"))
         return {"encoded": encoded}
@@ -166,6 +175,20 @@ class VerticalPartyService:
             raise wire.WireError(f"Export: the message needs {', '.join(sorted(needed))}")
         return {"export": self._party.export(job.run_id, {key: body[key] for key in needed})}
 
+    def _score(self, run: _Run, body: dict, job: Job) -> dict:
+        """`tff-apps score` across sites: open the party's CSV (its export scores every row; the
+        IDs are the session's PSI set), or, at the lender, write the probabilities of z."""
+        step = body.get("step")
+        if step == "open":
+            if not isinstance(body.get("input"), str) or not isinstance(body.get("model_run"), str):
+                raise wire.WireError("Score open: the message needs input and model_run")
+            run.ids, bound = self._party.open_scoring(job.run_id, body["model_run"], body["input"])
+            return {"rows": int(len(run.ids)), "score_bound": bound}
+        if step == "write" and self._party.is_lender:
+            z = np.frombuffer(wire.unb64(body.get("z"), "z"), "<f4")
+            return {"rows": self._party.write_scores(job.run_id, z, str(body.get("output", "")))}
+        raise ProtocolError(f"site {self._site}: Score step {step!r} is not open (or write, at the lender)")
+
     def _align_lender(self, run: _Run, body: dict, job: Job) -> dict:
         partners = body.get("partners")
         if not isinstance(partners, list) or not partners or any(p not in run.shared for p in partners):
@@ -175,10 +198,12 @@ class VerticalPartyService:
             raise UserError(f"site {self._site}: PSI: no customer is held by every party; check the ID columns")
         keep = {p: np.isin(run.shared[p], list(common)) for p in partners}
         rows = run.shared[partners[0]][keep[partners[0]]]  # ordered by normalized ID, as every pairwise list
+        kept = {p: bits_to_json(k) for p, k in keep.items()}
+        if run.ids is not None:  # a scoring session
+            return {"keep": kept, "rows": self._party.align_scoring(job.run_id, rows)}
         train, test = party_split(party=self._party, rows=rows, body=body)
         encoded = self._party.encode(job.run_id, rows, train, test)
-        return {"keep": {p: bits_to_json(k) for p, k in keep.items()}, "train": train.tolist(), "test": test.tolist(),
-                "encoded": encoded}
+        return {"keep": kept, "train": train.tolist(), "test": test.tolist(), "encoded": encoded}
 
 
 def party_split(party, rows: np.ndarray, body: dict) -> tuple[np.ndarray, np.ndarray]:
