@@ -211,3 +211,12 @@ def test_score_at_the_sites_gives_the_simulated_exports_probabilities(across_sit
     assert list(at_sites["id"]) == list(simulated["id"]) and len(at_sites) == 320 - 20 - 10  # every party's customers
     # the weights agree to 1e-5 and each sum is within 2^-17 per party of the plain sum
     assert np.max(np.abs(at_sites["probability"] - simulated["probability"])) < 1e-4
+
+
+def test_score_at_the_sites_needs_one_csv_per_party_in_one_line():
+    from finance.site_scoring import _check_inputs
+
+    with pytest.raises(UserError, match="give one CSV per party, a path at its site") as refused:
+        _check_inputs(["lender", "partner"], {"lender": "a.csv", "bank": "b.csv"})
+    assert "missing partner" in str(refused.value) and "unknown party bank" in str(refused.value)
+    assert "\n" not in str(refused.value)
