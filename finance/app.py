@@ -197,7 +197,7 @@ def train_across_sites(cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
     are the lender's (no partner column named, counts only)."""
     from finance import evaluate, sites
 
-    result, final = sites.train(cfg, prepared, run)
+    result, final = sites.train(cfg, prepared, run, vertical_settings(cfg))
     reports = {"vertical": final}
     data = {
         "source": f"{len(prepared.sites)} party sites", "parties": {

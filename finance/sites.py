@@ -163,16 +163,16 @@ class Relay:
         return encoded
 
 
-def train(cfg: JobConfig, prepared: SitesPrepared, run) -> tuple[Any, dict[str, Any]]:
-    """Split-model training at the sites; (the result, the lender's final metrics)."""
+def train(cfg: JobConfig, prepared: SitesPrepared, run, settings) -> tuple[Any, dict[str, Any]]:
+    """Split-model training at the sites with `settings` (`VerticalSettings`); (the result, the
+    lender's final metrics)."""
     from finance import evaluate
-    from finance.app import vertical_settings
     from tff_apps.program.vertical_site_rounds import SiteParty, train_vertical_at_sites
 
     parties = [SiteParty(site.name, f"{site.data}/{RUNS}/{run.run_id}", width)
                for site, width in zip(prepared.sites, prepared.widths)]
     return train_vertical_at_sites(
-        parties, prepared.n_train, prepared.n_test, vertical_settings(cfg), metrics=evaluate.binary_metrics,
+        parties, prepared.n_train, prepared.n_test, settings, metrics=evaluate.binary_metrics,
         run_dir=run.dir, checkpoint_every=cfg.train.checkpoint_every,
     )
 

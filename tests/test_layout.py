@@ -44,7 +44,11 @@ def test_engine_never_imports_an_app_by_name(file, names):
 ENGINE_LAYERS = {
     "tff_apps/runtime": {"tff_apps.runtime"},
     "tff_apps/privacy": {"tff_apps.privacy"},
-    "tff_apps/sites": {"tff_apps.sites", "tff_apps.learning", "tff_apps.runtime", "tff_apps.privacy", "tff_apps.config"},
+    # registry: `site serve` finds the app of a vertical party's folder (its party steps) by entry point
+    "tff_apps/sites": {
+        "tff_apps.sites", "tff_apps.learning", "tff_apps.runtime", "tff_apps.privacy", "tff_apps.config",
+        "tff_apps.registry",
+    },
     "tff_apps/learning": {"tff_apps.learning", "tff_apps.privacy", "tff_apps.config"},
     "tff_apps/program": {
         "tff_apps.program", "tff_apps.learning", "tff_apps.privacy", "tff_apps.runtime",
