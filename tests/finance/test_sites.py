@@ -26,7 +26,7 @@ import tensorflow as tf
 from finance.sites import _check_parties
 from shared.errors import UserError
 from tests.cli import tff_apps_in_process, user_environment
-from tests.finance.party_csvs import write_party_csvs
+from tests.finance.three_parties import write_party_csvs
 from tff_apps.program.job import resolve_job
 from tff_apps.sites.certs import make_test_pki
 from tff_apps.sites.prepare import prepare_site

@@ -15,7 +15,7 @@ from finance.site_folder import PartySite, write_demo_parties, write_party_folde
 from finance.sites import Relay
 from shared import secagg_wire as wire
 from shared.errors import UserError
-from tests.finance.party_csvs import write_party_csvs
+from tests.finance.three_parties import write_party_csvs
 from tff_apps.program.job import resolve_job
 from tff_apps.sites.connect import job_descriptor
 from tff_apps.sites.vertical_party import ProtocolError, VerticalPartyService
