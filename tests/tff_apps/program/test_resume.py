@@ -130,6 +130,32 @@ def rounds_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+class _CurrentStderr:
+    """A stream that writes to whatever sys.stderr is at the time of writing."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def resume_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`tff-apps run ...` (args as `command` gives them) in this process, its log warnings in
+    its stderr as a process of its own prints them: there, absl's first log call finds no
+    handler on the root logger and calls `logging.basicConfig()` (a stderr handler); here,
+    pytest's handlers are on the root logger, so the test adds that stderr handler."""
+    import logging
+
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    logging.getLogger().addHandler(handler)
+    try:
+        return tff_apps_in_process(*args[3:])
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory) -> SimpleNamespace:
     base = tmp_path_factory.mktemp("ops")
@@ -148,10 +174,12 @@ def ops(tmp_path_factory) -> SimpleNamespace:
         time.sleep(0.05)
     surviving = [p for k in kills.values() for p in k["workers"] if alive(p)]
     after_kill = {record.run_id: record.shown_status for record in list_runs(runs)}
-    resumed = Job(logs, "resumed", command(runs, "killed"))
-    dp_resumed = Job(logs, "dp_resumed", command(dp_runs, "dp", *DP))
-    codes = {name: job.wait() for name, job in
-             {"full": full, "twin": twin, "resumed": resumed, "dp_resumed": dp_resumed}.items()}
+    # the killed runs resume through the CLI's entry point in this process (the same command
+    # without two more TensorFlow imports), while the uninterrupted run and its twin finish
+    resumed = resume_in_process(command(runs, "killed"))
+    dp_resumed = resume_in_process(command(dp_runs, "dp", *DP))
+    codes = {name: job.wait() for name, job in {"full": full, "twin": twin}.items()}
+    codes.update(resumed=resumed.returncode, dp_resumed=dp_resumed.returncode)
     return SimpleNamespace(
         runs=runs, dp_runs=dp_runs, jobs=dict(full=full, twin=twin, resumed=resumed, dp_resumed=dp_resumed),
         codes=codes, kills=kills, surviving=surviving,
