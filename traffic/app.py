@@ -19,9 +19,9 @@ from tff_apps.config import JobConfig
 from tff_apps.program.job import Run, data_fingerprint
 from traffic.data import DataConfig, TrafficData, load
 from traffic.model import GRAPH_KINDS, ModelConfig
+from traffic.splits import HISTORY, HORIZON, district_splits, normalization, sensor_normalization, uses_sensor_scaling
 from traffic.windows import split_bounds
 
-HISTORY = HORIZON = 12  # one hour in, one hour out, at 5-minute steps
 MAE_60_LABEL = "MAE at 60 min (mph)"
 MIN_STEPS = 10 * (HISTORY + HORIZON)  # every split (the smallest is 10 %) must hold a window
 
@@ -153,6 +153,11 @@ def check_job(cfg: JobConfig) -> None:
             f"train.engine = 'grouped' runs chains of Dense layers; model.kind = '{cfg.model.kind}' is not one, "
             "so use model.kind = 'mlp' or train.engine = 'tff' (or 'auto')"
         )
+    if cfg.personalization.epochs and uses_sensor_scaling(cfg) and not cfg.job.sites:
+        raise UserError(
+            f"[personalization] is not offered with model.kind = '{cfg.model.kind}' yet: a graph model scales "
+            "each sensor by its own std, and the engine's personalized MAE takes one std a district"
+        )
     if cfg.privacy.level == "record":
         raise UserError(
             "privacy.level = 'record' is not offered for traffic: a training example is a "
@@ -241,7 +246,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
     # the serving signature takes one sensor's hour; a graph model needs its district's (not offered yet)
-    if cfg.export.enabled and cfg.preprocess.normalization == "federated" and not n_nodes:
+    if cfg.export.enabled and cfg.preprocess.normalization == "federated" and not uses_sensor_scaling(cfg):
         export_forecaster(
             run, cfg, global_model, splits[0], data_card(data), len(result.history), reports["federated"], privacy,
             weights=result.weights, lineage=result.lineage,
@@ -309,39 +314,6 @@ def mirror_speeds(normalized_targets: np.ndarray) -> np.ndarray:
     return -normalized_targets
 
 
-def normalization(cfg: JobConfig, data: TrafficData, train_end: int) -> dict[str, tuple[float, float]]:
-    """District -> (mean, std) of its training speeds: federated (secure sum) or its own."""
-    from tff_apps.learning import preprocessing
-
-    columns = [d.speeds[:train_end].reshape(-1, 1) for d in data.districts]
-    if cfg.preprocess.normalization == "federated":
-        moments = preprocessing.federated_moments(columns)
-        stats = (float(moments.mean[0]), float(np.sqrt(moments.var[0])))
-        return {d.name: stats for d in data.districts}
-    own = [preprocessing.local_moments(c) for c in columns]
-    return {d.name: (float(m.mean[0]), float(np.sqrt(m.var[0]))) for d, m in zip(data.districts, own)}
-
-
-def district_splits(cfg: JobConfig, data: TrafficData, bounds, evaluate_on: str = "test", stats=None, reuse=None):
-    """Per district: training windows (every `window_stride`-th; `reuse`'s if given) and evaluation windows."""
-    from traffic.evaluate import DistrictSplit
-    from traffic.windows import epoch_seconds, make_windows
-
-    stats = stats or normalization(cfg, data, bounds["train"][1])
-    seconds = epoch_seconds(data.timestamps)
-    # graph models: every district padded to the largest one's sensors (TFF needs one input shape)
-    n_nodes = max(len(d.sensor_ids) for d in data.districts) if cfg.model.kind in GRAPH_KINDS else 0
-    splits = []
-    for i, district in enumerate(data.districts):
-        mean, std = stats[district.name]
-        normalized = (district.speeds - mean) / std
-        train = reuse[i].train if reuse else make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
-        held_out = make_windows(normalized, seconds, bounds[evaluate_on], HISTORY, HORIZON)
-        graph = district.graph if district.graph is not None else np.zeros((len(district.sensor_ids),) * 2)
-        splits.append(DistrictSplit(district.name, train, held_out, mean, std, graph, n_nodes))
-    return splits
-
-
 def keras_forecaster(model):
     def predict(split) -> np.ndarray:
         x = split.examples("test")[0]
@@ -364,7 +336,10 @@ def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str
     }
     fitter = baseline_fitter(cfg, splits[0].n_nodes)  # one model, traced once, for every Keras baseline
     if cfg.evaluate.local_baseline:
-        own_stats = normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
+        own_stats = (  # each district's own scale: its sensors' (as in federated training), or its own
+            sensor_normalization(data, bounds["train"][1]) if uses_sensor_scaling(cfg)
+            else normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
+        )
         local_splits = district_splits(cfg, data, bounds, stats=own_stats)
         forecasts = {  # each forecast is made before the next fit resets the model
             s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), cfg.job.seed + i, fitter))(s)

@@ -27,13 +27,17 @@ class DistrictSplit:
     name: str
     train: Windows
     test: Windows
-    mean: float
-    std: float
+    mean: float | np.ndarray  # the district's scale, or each sensor's ([sensors], traffic/splits.py)
+    std: float | np.ndarray
     graph: np.ndarray | None = None  # graph models: the district's [S, S] edge weights
     n_nodes: int = 0  # graph models: sensors every example is padded to (the largest district's)
 
     def to_mph(self, normalized: np.ndarray) -> np.ndarray:
-        return normalized * self.std + self.mean
+        """Normalized speeds in mph; with one scale a sensor, `normalized` holds rows of `test`."""
+        if np.ndim(self.mean) == 0:
+            return normalized * self.std + self.mean
+        sensor = self.test.sensor[:, None]
+        return normalized * self.std[sensor] + self.mean[sensor]
 
     def examples(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) the model trains on or is evaluated on: one per sensor window, or, for the

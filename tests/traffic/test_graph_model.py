@@ -113,3 +113,23 @@ def test_a_graph_model_without_any_edge_is_refused_before_the_run(tmp_path: Path
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "model.kind = 'dcrnn' needs the sensor graph" in result.stderr and "data.graph_path" in result.stderr
     assert not (tmp_path / "traffic").exists()
+
+
+def test_each_sensor_gets_its_own_scale_and_forecasts_come_back_in_mph():
+    """A graph job scales every sensor by its own training readings (traffic/splits.py): a sensor at
+    60 mph and one at 70 mph both become mean 0, std 1; a sensor without two training readings takes
+    its district's; `to_mph` turns each test row back with its own sensor's scale."""
+    from types import SimpleNamespace
+
+    from traffic.evaluate import DistrictSplit
+    from traffic.splits import sensor_normalization
+
+    speeds = np.array([[59.0, 69.0, np.nan], [61.0, 71.0, 50.0], [60.0, 70.0, np.nan], [0.0, 0.0, 0.0]])
+    data = SimpleNamespace(districts=[SimpleNamespace(name="d", speeds=speeds)])
+    mean, std = sensor_normalization(data, train_end=3)["d"]
+    train = speeds[:3]
+    np.testing.assert_allclose(mean, [60.0, 70.0, np.nanmean(train)])
+    np.testing.assert_allclose(std, [np.sqrt(2 / 3), np.sqrt(2 / 3), np.nanstd(train)])
+    test = Windows(np.zeros((3, HISTORY, N_FEATURES)), np.zeros((3, HORIZON)), np.array([1, 0, 2]), np.zeros(3, int))
+    split = DistrictSplit("d", test, test, mean, std)
+    np.testing.assert_allclose(split.to_mph(np.ones((3, HORIZON)))[:, 0], mean[[1, 0, 2]] + std[[1, 0, 2]])
