@@ -206,6 +206,7 @@ def train_across_sites(cfg: JobConfig, prepared, run: Run) -> dict[str, Any]:
         "encoded_widths": dict(zip(prepared.names, prepared.widths)),  # as the simulation's padding shows them
     }
     summary = training_summary(data, result, reports, cfg, evaluate.HEADLINE)
+    summary["privacy"]["secure_sum"] = sites.SECURE_SUM_AT_SITES  # a release outside ε: say what moved
     summary["baselines"] = sites.NOT_ACROSS_SITES
     if cfg.export.enabled:
         summary["exports_at_sites"] = sites.export_at_sites(cfg, prepared, run, summary)

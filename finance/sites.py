@@ -32,6 +32,11 @@ from shared.errors import UserError
 from tff_apps.config import JobConfig
 
 RUNS = "runs"
+SECURE_SUM_AT_SITES = (
+    "partial scores (training, evaluation, scoring) summed by the coordinator's TFF runtime as a plain sum: the "
+    "coordinator sees each party's fixed-point partial scores of every batch and of the held-out customers, and "
+    "their sum z (not masked across sites yet; docs/sites.md)"
+)
 NOT_ACROSS_SITES = ("n/a across sites: the joined-table baseline would pool the parties' columns; the lender-alone "
                     "baseline is not trained at the lender's site yet")
 PSI_TIMEOUT_S = 600.0

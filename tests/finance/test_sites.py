@@ -175,6 +175,7 @@ def test_the_coordinator_never_holds_a_row_an_id_or_a_partners_column(across_sit
     for secret in ("C00042", "c00042", "income", "tenure"):
         assert secret not in text
     assert not (f.runs / "finance" / "sites" / "export").exists()
+    assert "sees each party's fixed-point partial scores" in f.summary["privacy"]["secure_sum"]
 
 
 def site(name: str, tls: bool = True) -> SiteRef:
