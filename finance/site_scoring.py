@@ -2,7 +2,7 @@
 parties' sites: each CSV and the output are paths AT the party's site (the output at the
 lender's). Each party's export of the run, at its site, scores its own rows; the PSI between
 the parties' gateways aligns the customers; each party's worker sends its partial scores of the
-shared customers through the secure sum (as in training); the lender's gateway writes its IDs
+shared customers through the secure sum, masked as in training; the lender's gateway writes its IDs
 and sigmoid(z). The coordinator holds counts, blinded values and z, no ID, row or score file.
 """
 
@@ -14,13 +14,14 @@ from typing import Any, Mapping
 
 
 from finance.parties import LENDER
-from finance.sites import GatewayCalls, Relay, RUNS, _check_parties
+from finance.sites import GatewayCalls, PartyMasks, Relay, RUNS, _check_parties
 from shared import secagg_wire as wire
 from shared.errors import UserError
 
 
 def score_across_sites(sites_toml: str | Path, model_run: str, inputs: Mapping[str, str], output: str) -> dict:
-    from tff_apps.learning.vertical_sites import site_score_sum
+    from tff_apps.learning.vertical import SecureScoreSum
+    from tff_apps.learning.vertical_sites import ring_bits, site_score_sum
     from tff_apps.program.job import resolve_job, with_sites
     from tff_apps.sites.connect import site_runtime, sites_and_manifests
 
@@ -45,8 +46,10 @@ def score_across_sites(sites_toml: str | Path, model_run: str, inputs: Mapping[s
     lender = calls(0, "Align", {"partners": names[1:]})
     for index, name in enumerate(names[1:], start=1):
         calls(index, "Align", {"keep": lender["keep"][name]})
+    summer = SecureScoreSum(len(names), bounds.pop() or 32.0)
+    masks = PartyMasks(calls, len(names))("score", lender["rows"], ring_bits(summer))
     with site_runtime(cfg, sites):
-        z = site_score_sum(len(names), bounds.pop() or 32.0, [f"{s.data}/{RUNS}/{session}" for s in sites], lender["rows"])
+        z = site_score_sum(summer, [f"{s.data}/{RUNS}/{session}" for s in sites], masks, lender["rows"])
     written = calls(0, "Score", {"step": "write", "z": wire.b64(z.astype("<f4").tobytes()), "output": output})
     return {"rows_written": written["rows"], "match_rate_lender": written["rows"] / opened[0]["rows"],
             "seconds": time.perf_counter() - started, "output": f"site {LENDER}: {output}"}

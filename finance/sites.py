@@ -33,9 +33,10 @@ from tff_apps.config import JobConfig
 
 RUNS = "runs"
 SECURE_SUM_AT_SITES = (
-    "partial scores (training, evaluation, scoring) summed by the coordinator's TFF runtime as a plain sum: the "
-    "coordinator sees each party's fixed-point partial scores of every batch and of the held-out customers, and "
-    "their sum z (not masked across sites yet; docs/sites.md)"
+    "partial scores (training, evaluation, scoring) masked at each party's worker with pairwise masks its gateway "
+    "derives (X25519 key agreement with every other party, ChaCha20 keystream; tff_apps/sites/vertical_masks.py), "
+    "summed by the coordinator's TFF runtime: the coordinator sees each party's masked values (uniform in the ring) "
+    "and their sum z of every batch and of the held-out customers; semi-honest coordinator (it relays the public keys)"
 )
 NOT_ACROSS_SITES = ("n/a across sites: the joined-table baseline would pool the parties' columns; the lender-alone "
                     "baseline is not trained at the lender's site yet")
@@ -178,8 +179,30 @@ def train(cfg: JobConfig, prepared: SitesPrepared, run, settings) -> tuple[Any, 
                for site, width in zip(prepared.sites, prepared.widths)]
     return train_vertical_at_sites(
         parties, prepared.n_train, prepared.n_test, settings, metrics=evaluate.binary_metrics,
+        masks=PartyMasks(GatewayCalls(cfg, prepared.sites), len(parties)),
         run_dir=run.dir, checkpoint_every=cfg.train.checkpoint_every,
     )
+
+
+class PartyMasks:
+    """Every party's pairwise masks of the secure sum, written at its site by its gateway
+    (`tff_apps.sites.vertical_masks`); the coordinator relays the parties' public keys."""
+
+    def __init__(self, call, n_parties: int) -> None:
+        self._call, self._parties = call, range(n_parties)
+        self._keys = self._each(lambda i: call(i, "Masks", {"step": "advertise"})["public"])
+
+    def __call__(self, purpose: str, rows: int, bits: int) -> str:
+        """Has every party write its masks of `purpose` for `rows` values in Z_{2^bits}; the file's name."""
+        body = {"step": "write", "keys": self._keys, "purpose": purpose, "length": rows, "bits": bits}
+        names = set(self._each(lambda i: self._call(i, "Masks", {**body, "index": i})["file"]))
+        if len(names) != 1:
+            raise RuntimeError(f"the parties wrote their {purpose} masks under different names ({sorted(names)})")
+        return names.pop()
+
+    def _each(self, ask) -> list:
+        with ThreadPoolExecutor(max_workers=len(self._parties)) as pool:
+            return list(pool.map(ask, self._parties))
 
 
 def export_at_sites(cfg: JobConfig, prepared: SitesPrepared, run, summary: dict[str, Any]) -> dict[str, str]:

@@ -120,6 +120,7 @@ def across_sites(tmp_path_factory):
         widths = summary["data"]["encoded_widths"]
         final = {s.name: s.read(f"runs/sites/state-e{EPOCHS}") for s in sites}
         cards = {s.name: json.loads(s.read(f"runs/sites/export/finance_{s.name}/1/model_card.json")) for s in sites}
+        masks = {s.name: np.frombuffer(s.read(f"runs/sites/masks-train-e{EPOCHS}.i64"), "<i8") for s in sites}
         seen_by_coordinator = [sorted(p.name for p in s.folder.iterdir()) for s in sites]
         (base / "out").mkdir()  # the lender writes its scores here (outside its private folder, for the test)
         scored = tff_apps_in_process("score", "sites", "--sites", str(base / "sites.toml"), "--output",
@@ -132,7 +133,7 @@ def across_sites(tmp_path_factory):
                                            str(base / "out" / "simulated.csv"),
                                            *[f"--input={name}={base / 'csv' / name}.csv" for name in NAMES])
     return SimpleNamespace(base=base, runs=runs, killed=killed, resumed=resumed, simulated=simulated, codes=codes,
-                           summary=summary, widths=widths, final=final, cards=cards, seen=seen_by_coordinator,
+                           summary=summary, widths=widths, final=final, cards=cards, seen=seen_by_coordinator, masks=masks,
                            scored=scored, scored_simulated=scored_simulated)
 
 
@@ -175,7 +176,24 @@ def test_the_coordinator_never_holds_a_row_an_id_or_a_partners_column(across_sit
     for secret in ("C00042", "c00042", "income", "tenure"):
         assert secret not in text
     assert not (f.runs / "finance" / "sites" / "export").exists()
-    assert "sees each party's fixed-point partial scores" in f.summary["privacy"]["secure_sum"]
+    assert "masked at each party's worker with pairwise masks" in f.summary["privacy"]["secure_sum"]
+
+
+def test_each_partys_partial_scores_enter_the_sum_under_masks_that_cancel(across_sites):
+    """The masks the sites wrote for the last epoch: each uniform in the ring, together zero in
+    it (the weights matching the simulation's shows the sum decoded exactly)."""
+    from tff_apps.learning.vertical import SecureScoreSum
+    from tff_apps.learning.vertical_sites import ring_bits
+
+    f = across_sites
+    bits = ring_bits(SecureScoreSum(len(NAMES), 32.0))
+    masks = [f.masks[name] for name in NAMES]
+    assert {len(m) for m in masks} == {f.summary["data"]["train_customers"]}  # one per training row
+    assert np.all(np.sum(masks, axis=0) % 2**bits == 0)
+    for mask in masks:
+        assert 0 <= mask.min() and mask.max() < 2**bits
+        # half the ring's upper half (5.7 sigma either side); an unmasked fixed-point score is below 2^(bits-2)
+        assert 0.3 < np.mean(mask >= 2 ** (bits - 1)) < 0.7
 
 
 def site(name: str, tls: bool = True) -> SiteRef:

@@ -17,6 +17,12 @@ z) and its evaluation histograms run at the lender only: every party runs the sa
 computation and a partner contributes zeros (its CLIENTS value says it is not the lender),
 so a federated sum hands the coordinator the lender's values. z reaches the lender as its
 own CLIENTS value (the partners get zeros), never by broadcast.
+
+The secure sum across sites: TFF's open runtime sums `federated_secure_sum_bitwidth` in the
+clear at the coordinator, so each party adds its pairwise mask (a file its gateway wrote in
+the run folder, `tff_apps.sites.vertical_masks`) to its fixed-point values, mod 2^ring_bits,
+before they leave its worker; the masks of all parties cancel in the sum, which the
+coordinator decodes mod 2^ring_bits.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from tff_apps.learning.vertical import SCORE_FRACTION_BITS
 from tff_apps.learning.vertical_epoch import EpochComputations, _tuple
 
 HISTOGRAM_BINS = 4096  # the lender's evaluation histograms: metrics exact to 1/4096 of a score
@@ -39,6 +46,28 @@ def _vec(dtype, *shape):
 
 def _file(folder, name: str):
     return tf.strings.join([folder, "/", name])
+
+
+def ring_bits(summer) -> int:
+    """The ring of the masked sum: every party's values (each in [0, 2K]) add up below 2^bits."""
+    return (summer.n_parties * 2 * summer.offset).bit_length()
+
+
+def _masked(q, folder, mask_name, offset, n: int, bits: int):
+    """q plus the party's masks of rows offset .. offset+n (its gateway's file), mod 2^bits."""
+    masks = tf.io.decode_raw(tf.io.read_file(_file(folder, mask_name)), tf.int64)
+    return tf.math.floormod(q + tf.slice(masks, tf.reshape(tf.cast(offset, tf.int64), [1]), [n]), 2**bits)
+
+
+def _ring_decoder(summer, n: int):
+    """The masked sum -> z: the masks cancel mod 2^bits, then the fixed point is undone."""
+    bits, total_offset = ring_bits(summer), summer.n_parties * summer.offset
+
+    @tff.tensorflow.computation(_vec(np.int64, n))
+    def decode(total):
+        return tf.cast(tf.math.floormod(total, 2**bits) - total_offset, tf.float32) * (2.0**-SCORE_FRACTION_BITS)
+
+    return decode
 
 
 class SiteEpochComputations(EpochComputations):
@@ -79,13 +108,14 @@ class SiteEpochComputations(EpochComputations):
     # -- computations --
 
     def _site_input(self, n_prev: int, n: int):
-        # (folder, tag in, tag out, own width, previous batch's rows, this batch's rows, noise std, stream [2])
-        return _tuple(_STR, _STR, _STR, _I32, _vec(_I32, n_prev), _vec(_I32, n), _F32, _vec(np.int64, 2))
+        # (folder, tag in, tag out, own width, previous batch's rows, this batch's rows, noise std, stream [2],
+        #  mask file, the batch's first row in it)
+        return _tuple(_STR, _STR, _STR, _I32, _vec(_I32, n_prev), _vec(_I32, n), _F32, _vec(np.int64, 2), _STR, _I32)
 
     def _party_step(self, site, g_prev, n_prev: int, n: int):
         """At the party's site: the previous batch's update with its g~ (if any), then (if n) this
         batch's encoded partial scores; the new state written under the out tag first."""
-        folder, tag_in, tag_out, width, prev_rows, rows, std, stream = site
+        folder, tag_in, tag_out, width, prev_rows, rows, std, stream, mask_name, mask_offset = site
         w, opt = self._read_state(folder, tag_in)
         x = self._matrix(folder, "train", width)
         if n_prev:
@@ -94,7 +124,8 @@ class SiteEpochComputations(EpochComputations):
         with tf.control_dependencies([written]):
             if not n:
                 return tf.identity(opt[0])  # the party's step count
-            return self._encode(w, tf.gather(x, rows), self._noise(folder, std, stream, [n]))
+            q = self._encode(w, tf.gather(x, rows), self._noise(folder, std, stream, [n]))
+            return _masked(q, folder, mask_name, mask_offset, n, ring_bits(self))
 
     def _build_site_step(self, n_prev: int, n: int):
         """One batch across the sites, in TFF's mergeable form (one aggregation): g~ of the
@@ -105,12 +136,12 @@ class SiteEpochComputations(EpochComputations):
         def step(site, g_prev):
             return self._party_step(site, g_prev, n_prev, n)
 
-        decode = self._decoder(n)
+        decode = _ring_decoder(self, n)
 
         @tff.federated_computation(self._clients(site_type), tff.FederatedType(g_type, tff.SERVER))
         def site_step(sites, g_prev):
             encoded = tff.federated_map(step, (sites, tff.federated_broadcast(g_prev)))
-            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
+            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, ring_bits(self)))
 
         return site_step
 
@@ -192,21 +223,22 @@ class SiteEpochComputations(EpochComputations):
         return loss_all
 
     def _build_site_evaluate(self, rows: int):
-        eval_type = _tuple(_STR, _STR, _I32)
+        eval_type = _tuple(_STR, _STR, _I32, _STR)  # (folder, weights' tag, own width, mask file)
 
         @tff.tensorflow.computation(eval_type)
         def encode(site):
-            folder, tag, width = site
+            folder, tag, width, mask_name = site
             w, _ = self._read_state(folder, tag)
             x = tf.ensure_shape(self._matrix(folder, "test", width), [rows, self.width])
-            return self._fixed_point(tf.cast(self._score(w, x), tf.float64))
+            return _masked(self._fixed_point(tf.cast(self._score(w, x), tf.float64)), folder, mask_name, 0, rows,
+                           ring_bits(self))
 
-        decode = self._decoder(rows)
+        decode = _ring_decoder(self, rows)
 
         @tff.federated_computation(self._clients(eval_type))
         def evaluate(sites):
             encoded = tff.federated_map(encode, sites)
-            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, self.bitwidth))
+            return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, ring_bits(self)))
 
         return evaluate
 
@@ -268,24 +300,24 @@ class SiteEpochComputations(EpochComputations):
         return np.asarray(self._get("site_histograms", len(sites[0][2]))(sites), np.int64)
 
 
-def site_score_sum(n_parties: int, score_bound: float, folders: list[str], rows: int) -> np.ndarray:
+def site_score_sum(summer, folders: list[str], mask_name: str, rows: int) -> np.ndarray:
     """`tff-apps score` across sites: each party's worker reads its partial scores of the aligned
-    customers (`score_aligned.f64` in its folder), clipped and encoded as in training, and the
-    secure sum's decoded z comes back (one TFF call)."""
-    from tff_apps.learning.vertical import SecureScoreSum
+    customers (`score_aligned.f64` in its folder), clipped, encoded and masked as in training,
+    and the secure sum's decoded z comes back (one TFF call). `summer`: the job's
+    `vertical.SecureScoreSum` (parties, score bound)."""
+    site_type = _tuple(_STR, _STR)
 
-    summer = SecureScoreSum(n_parties, score_bound)
-
-    @tff.tensorflow.computation(_STR)
-    def encode(folder):
+    @tff.tensorflow.computation(site_type)
+    def encode(site):
+        folder, masks = site
         scores = tf.io.decode_raw(tf.io.read_file(_file(folder, "score_aligned.f64")), tf.float64)
-        return summer._fixed_point(tf.ensure_shape(scores, [rows]))
+        return _masked(summer._fixed_point(tf.ensure_shape(scores, [rows])), folder, masks, 0, rows, ring_bits(summer))
 
-    decode = summer._decoder(rows)
+    decode = _ring_decoder(summer, rows)
 
-    @tff.federated_computation(tff.FederatedType(_STR, tff.CLIENTS))
-    def score_sum(paths):
-        encoded = tff.federated_map(encode, paths)
-        return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, summer.bitwidth))
+    @tff.federated_computation(tff.FederatedType(site_type, tff.CLIENTS))
+    def score_sum(sites):
+        encoded = tff.federated_map(encode, sites)
+        return tff.federated_map(decode, tff.federated_secure_sum_bitwidth(encoded, ring_bits(summer)))
 
-    return np.asarray(score_sum(folders), np.float32)
+    return np.asarray(score_sum([(folder, mask_name) for folder in folders]), np.float32)

@@ -8,6 +8,10 @@ its run folder at its site, under one tag per epoch (`e<epoch>`, chunks in betwe
 each party's `e<epoch>` state at its site. Each party's DP noise comes from its own secret
 seed at its site, folded with (epoch, chunk) counters, so the epochs a resumed run replays
 release the very values the killed attempt released (label-DP ε counts each epoch once).
+
+Before an epoch's batches (and before each evaluation) the coordinator asks every party's
+gateway for its pairwise masks of that purpose (`masks(purpose, rows, bits)`, the app's gateway
+calls; `tff_apps.sites.vertical_masks`): each party's values enter the secure sum masked.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from tff_apps.learning.vertical import (
     CoordinatorState, VerticalResult, VerticalSettings, initial_weights, pad_weights,
 )
-from tff_apps.learning.vertical_sites import SiteEpochComputations
+from tff_apps.learning.vertical_sites import SiteEpochComputations, ring_bits
 from tff_apps.program import vertical_rounds
 from tff_apps.program.vertical_rounds import EVAL_MESSAGE_KINDS, MESSAGE_KINDS, _checked_bitwidth
 
@@ -38,15 +42,16 @@ class SiteParty:
 
 def train_vertical_at_sites(
     parties: list[SiteParty], n_train: int, n_test: int, settings: VerticalSettings,
-    metrics: Callable[[np.ndarray, np.ndarray], dict[str, Any]], *,
+    metrics: Callable[[np.ndarray, np.ndarray], dict[str, Any]], masks: Callable[[str, int, int], str], *,
     run_dir=None, progress: bool = True, checkpoint_every: int = 0,
 ) -> tuple[VerticalResult, dict[str, Any]]:
     """Trains inside a Runtime over the parties' sites (client i = party i, the lender first);
     returns the result and the lender's metrics of the final model. `metrics(labels, scores)`
     is the lender's metrics code: it gets the lender's held-out labels and scores rebuilt from
-    the histograms its site computed from z (exact to 1/4096 of a score)."""
+    the histograms its site computed from z (exact to 1/4096 of a score). `masks(purpose, rows, bits)`
+    has every party write its masks of that purpose in Z_{2^bits} and returns the file's name."""
     started = time.perf_counter()
-    training = _SiteTraining(parties, n_train, n_test, settings)
+    training = _SiteTraining(parties, n_train, n_test, settings, masks)
 
     def evaluate(z: np.ndarray) -> dict[str, Any]:
         report = training.lender_report(z, metrics)
@@ -59,12 +64,14 @@ def train_vertical_at_sites(
 class _SiteTraining(vertical_rounds._Training):
     """`_Training` whose parties' values live at their sites (module docstring)."""
 
-    def __init__(self, parties: list[SiteParty], n_train: int, n_test: int, settings: VerticalSettings):
-        self.s, self.parties = settings, parties
+    def __init__(self, parties: list[SiteParty], n_train: int, n_test: int, settings: VerticalSettings,
+                 masks: Callable[[str, int, int], str]):
+        self.s, self.parties, self.masks = settings, parties, masks
+        self.mask_name, self.mask_offset = "", 0  # the epoch's mask file, the next batch's first row in it
         self.rows, self.n_test, self.n_parties = n_train, n_test, len(parties)
         width = max(party.width for party in parties)
         self.comps = _checked_bitwidth(SiteEpochComputations(settings, self.n_parties, width))
-        self.coordinator = CoordinatorState(self.n_parties, self.rows, settings.batch_size, self.comps.bitwidth)
+        self.coordinator = CoordinatorState(self.n_parties, self.rows, settings.batch_size, ring_bits(self.comps))
         self.eval_bytes = dict.fromkeys(EVAL_MESSAGE_KINDS, 0)
         self.last_epoch_bytes = dict.fromkeys(MESSAGE_KINDS, 0)
         self.eval_logits: np.ndarray | None = None
@@ -86,6 +93,9 @@ class _SiteTraining(vertical_rounds._Training):
         return [i == 0 for i in range(self.n_parties)]
 
     def _release(self, batches, order, batch_rows, epoch: int) -> np.ndarray:
+        """The lender's u of the epoch (as `_Training._release`); first every party writes the
+        epoch's masks."""
+        self.mask_name, self.mask_offset = self.masks(f"train-e{epoch}", self.rows, ring_bits(self.comps)), 0
         sigma = np.float32(self.s.label_noise_multiplier)
         return self.comps.site_release([
             (p.folder, lender, order.astype(np.int32), batch_rows, sigma, np.array([epoch, 0], np.int64))
@@ -116,13 +126,16 @@ class _SiteTraining(vertical_rounds._Training):
         return np.concatenate(z)
 
     def _step(self, rows: np.ndarray, stream: np.ndarray) -> np.ndarray:
-        return self._call_parties(rows.astype(np.int32), stream, f"w{self._flip}")
+        z = self._call_parties(rows.astype(np.int32), stream, f"w{self._flip}")
+        self.mask_offset += len(rows)
+        return z
 
     def _call_parties(self, rows: np.ndarray, stream: np.ndarray, tag_out: str):
         prev_rows, g_prev = self.pending
         sites = [
             (p.folder, self.tag, tag_out, np.int32(p.width), prev_rows.astype(np.int32), rows,
-             np.float32(self.s.partial_noise_std if i > 0 else 0.0), stream)
+             np.float32(self.s.partial_noise_std if i > 0 else 0.0), stream, self.mask_name,
+             np.int32(self.mask_offset))
             for i, p in enumerate(self.parties)
         ]
         if len(rows):
@@ -135,7 +148,8 @@ class _SiteTraining(vertical_rounds._Training):
 
     def evaluate_now(self) -> np.ndarray:
         """z of the held-out customers, each party scoring its own rows with its weights at its site."""
-        sites = [(p.folder, self.tag, np.int32(p.width)) for p in self.parties]
+        masks = self.masks(f"test-{self.tag}", self.n_test, ring_bits(self.comps))
+        sites = [(p.folder, self.tag, np.int32(p.width), masks) for p in self.parties]
         self.eval_logits = self.comps.site_evaluate(sites, self.n_test)
         vertical_rounds._count_evaluation(self.eval_bytes, self.n_test, self.n_parties)
         return self.eval_logits

@@ -19,6 +19,10 @@ The coordinator relays, it does not compute: each request and answer is one JSON
                                 and row counts.
   Export {tag, model, card}     the party's SavedModel, written at its site from its final
                                 weights there (`finance.site_export`); the answer is its path.
+  Masks  {step, ...}            the pairwise masks of the secure sum across sites
+                                (`tff_apps.sites.vertical_masks`): advertise -> the party's
+                                public key for the run; write {keys, index, purpose, length,
+                                bits} -> its mask file written in the run's folder at its site.
   Score  {step, ...}            `tff-apps score` across sites: open -> the party's own CSV
                                 (a path at its site) scored by its export, its IDs the set of
                                 the session's PSI (then Align keeps the shared customers' scores
@@ -26,8 +30,8 @@ The coordinator relays, it does not compute: each request and answer is one JSON
                                 written to a CSV at its site.
 
 What leaves a site: PSI messages (blinded values, the shared count), at the lender the kept
-bits and the split positions (which the partners need), each party's encoded width and
-the path of its export at the site.
+bits and the split positions (which the partners need), each party's encoded width, its
+masks' public key and the path of its export at the site.
 No ID, row or column name leaves. Blinding scalars and the pairwise rows stay in this
 process's memory, per run, until the alignment is written. Does not import TensorFlow.
 """
@@ -44,10 +48,11 @@ import numpy as np
 from shared import secagg_wire as wire
 from shared.errors import UserError
 from shared.psi import Message, PsiParty
+from tff_apps.sites import vertical_masks
 from tff_apps.sites.policy import Job
 
 SERVICE = "tff_apps.v1.VerticalParty"
-METHODS = ("Psi", "Align", "Export", "Score")
+METHODS = ("Psi", "Align", "Export", "Masks", "Score")
 LENDER = "lender"
 _RUNS_KEPT = 8
 _ELEMENT_BYTES = 32
@@ -112,7 +117,8 @@ class VerticalPartyService:
         body = wire.loads(request)
         run = self._run(job.run_id)
         handlers: dict[str, Callable[[_Run, dict, Job], dict]] = {
-            "Psi": self._psi, "Align": self._align, "Export": self._export, "Score": self._score}
+            "Psi": self._psi, "Align": self._align, "Export": self._export, "Masks": self._masks,
+            "Score": self._score}
         if method not in handlers:
             raise ProtocolError(f"site {self._site}: no method {method!r}")
         return wire.dumps(handlers[method](run, body, job))
@@ -174,6 +180,16 @@ class VerticalPartyService:
         if not needed <= set(body):
             raise wire.WireError(f"Export: the message needs {', '.join(sorted(needed))}")
         return {"export": self._party.export(job.run_id, {key: body[key] for key in needed})}
+
+    def _masks(self, run: _Run, body: dict, job: Job) -> dict:
+        """The party's key for the run's masks, or its mask file of one purpose (`vertical_masks`)."""
+        folder = self._party.run_dir(job.run_id)
+        step = body.get("step")
+        if step == "advertise":
+            return {"public": wire.b64(vertical_masks.public_key(folder))}
+        if step == "write":
+            return vertical_masks.write_masks(folder, body)
+        raise ProtocolError(f"site {self._site}: Masks step {step!r} is not advertise or write")
 
     def _score(self, run: _Run, body: dict, job: Job) -> dict:
         """`tff-apps score` across sites: open the party's CSV (its export scores every row; the
