@@ -359,7 +359,7 @@ def check_personalization(cfg, federation: Federation, client_rows: dict[str, in
 
 def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> None:
     """`train.engine = "grouped"` (tff_apps/learning/grouped.py) runs the plain (un)weighted mean, client-level
-    DP with fixed or adaptive clipping, the "simulated" secure-sum mean, every robustness.aggregation
+    DP with fixed or adaptive clipping, the "simulated" and "masked" secure-sum means, every robustness.aggregation
     and bad-client mode, and communication.compression (grouped_robust.py); anything else is refused
     rather than computed differently. (Its model must be a chain of Keras Dense layers: checked
     when the process is built.)"""
@@ -368,8 +368,7 @@ def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> No
     privacy = cfg.privacy
     refused = {
         "privacy.level": privacy.level == "record",
-        "privacy.secure_aggregation": privacy.secure_aggregation == "masked"
-        or (privacy.secure_aggregation == "simulated" and privacy.level == "client"),
+        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and privacy.level == "client",
     }
     for key, bad in refused.items():
         if bad:

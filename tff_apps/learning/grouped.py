@@ -32,8 +32,11 @@ equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to 
   tests/tff_apps/learning/test_grouped_robust.py);
 - server: TFF's apply-optimizer finalizer (it rejects a non-finite aggregate).
 
+Masked secure aggregation (no DP) runs the stock masked round's secure sum in Python between
+a grouped client phase and the server phase (`grouped_masked`).
+
 What it does not run is refused: `federation.check_engine` refuses configs (UserError
-before the run folder: record-level DP-SGD, masked secure aggregation, distributed DP);
+before the run folder: record-level DP-SGD, distributed DP);
 `build_grouped_process` refuses models other than a chain of Keras Dense layers with a
 per-example loss (`read_dense_chain`).
 """
@@ -56,6 +59,7 @@ from tff_apps.learning.dense_chain import (
     ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
 )
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
+from tff_apps.learning.grouped_masked import masked_next
 from tff_apps.learning.grouped_robust import RobustAggregation, concatenating_sum
 
 
@@ -137,9 +141,10 @@ class GroupedProcess:
     def initialize(self):
         return self.initialize_fn()
 
-    def next(self, state, datasets, client_names=None):
+    def next(self, state, datasets, client_names=None, **round_options):
         """One round; with `--workers` the clients are cut into one group per worker.
-        `client_names` (scaled_update): which of the round's clients are bad."""
+        `client_names` (scaled_update): which of the round's clients are bad. `round_options`
+        (tests, masked rounds): `grouped_masked`'s simulated dropouts."""
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
         datasets = list(datasets)
@@ -154,7 +159,7 @@ class GroupedProcess:
         if self.wants_client_names:
             for group, a, b in zip(groups, cuts[:-1], cuts[1:]):
                 group["scale"] = np.where(bad[a:b], self.bad_update_scale, 1.0).astype(np.float32)
-        output = self.next_groups(state, groups)
+        output = self.next_groups(state, groups, **round_options)
         if self.robust is not None and self.robust.split_rounds_metrics:  # the stock split_rounds' entry
             output.metrics["robustness"] = collections.OrderedDict(bad_clients_in_round=int(sum(bad)))
         return output
@@ -163,13 +168,13 @@ class GroupedProcess:
         """One round on data already stacked by `stack_datasets`."""
         return self.next_groups(state, [group])
 
-    def next_groups(self, state, groups: list[collections.OrderedDict]):
+    def next_groups(self, state, groups: list[collections.OrderedDict], **round_options):
         """One round on groups of clients, each stacked by `stack_datasets` (each group's
         training runs where TFF places that client slot: one per worker with `--workers`);
         the robust aggregations' fields (`_robust_fields`) are added where missing."""
         if self.robust is not None:
             groups = _robust_fields(self.robust, groups)
-        new_state, metrics = self.next_fn(state, groups)
+        new_state, metrics = self.next_fn(state, groups, **round_options)
         return tff.learning.templates.LearningProcessOutput(new_state, collections.OrderedDict(metrics))
 
     @staticmethod
@@ -246,6 +251,19 @@ def build_grouped_process(
 
     sums_type = train_group.type_signature.result
 
+    @tff.tensorflow.computation(sums_type["metrics"])
+    def finish_metrics(sums):
+        return _finalize_metrics(chain, sums)
+
+    if aggregation.kind == "masked":  # the secure sum runs in Python between two TFF calls
+        @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(weights_type.trainable, tff.SERVER))
+        def server_phase(state, update):
+            return _apply_update(server_next, state, update, state.aggregator)
+
+        next_masked = masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure, weights_type.trainable,
+                                  group_type)
+        return GroupedProcess(initialize_fn, next_masked)
+
     if dp is None and robust is None:
         @tff.tensorflow.computation(sums_type)
         def finish(sums):
@@ -279,23 +297,10 @@ def build_grouped_process(
         measurements = tff.federated_zip(collections.OrderedDict(dp_query_metrics=query_metrics, dp=tff.federated_value((), tff.SERVER)))
         return update, aggregator, measurements, tff.federated_map(finish_metrics, sums["metrics"])
 
-    @tff.tensorflow.computation(sums_type["metrics"])
-    def finish_metrics(sums):
-        return _finalize_metrics(chain, sums)
-
     @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
     def next_fn(state, groups):
-        weights = state.global_model_weights
         update, aggregator, aggregator_measurements, train_metrics = aggregate(state, groups)
-        optimizer_state, trainable, finalizer_measurements = tff.federated_map(
-            server_next, (state.finalizer, weights.trainable, update)
-        )
-        new_weights = tff.federated_zip(tff.learning.models.ModelWeights(trainable, weights.non_trainable))
-        new_state = tff.federated_zip(
-            tff.learning.templates.LearningAlgorithmState(
-                new_weights, state.distributor, state.client_work, aggregator, optimizer_state
-            )
-        )
+        new_state, finalizer_measurements = _apply_update(server_next, state, update, aggregator)
         metrics = tff.federated_zip(collections.OrderedDict(
             distributor=tff.federated_value((), tff.SERVER),
             client_work=tff.federated_zip(collections.OrderedDict(train=train_metrics)),
@@ -305,6 +310,21 @@ def build_grouped_process(
         return new_state, metrics
 
     return GroupedProcess(initialize_fn, next_fn, spec, bad, federation.robustness.bad_update_scale if bad else 1.0)
+
+
+def _apply_update(server_next, state, update, aggregator):
+    """(new state, finalizer measurements), at SERVER: TFF's apply-optimizer finalizer on the
+    aggregate `update`; the new state keeps `aggregator` in its aggregator slot."""
+    weights = state.global_model_weights
+    optimizer_state, trainable, finalizer_measurements = tff.federated_map(
+        server_next, (state.finalizer, weights.trainable, update)
+    )
+    new_weights = tff.federated_zip(tff.learning.models.ModelWeights(trainable, weights.non_trainable))
+    new_state = tff.federated_zip(
+        tff.learning.templates.LearningAlgorithmState(new_weights, state.distributor, state.client_work, aggregator,
+                                                      optimizer_state)
+    )
+    return new_state, finalizer_measurements
 
 
 def _group_type(input_spec, flatten: bool = False, spec=None) -> tff.StructType:
@@ -332,7 +352,7 @@ def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggr
         start = [tf.convert_to_tensor(w) for w in weights.trainable]
         updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
         clients = tf.shape(group["mask"], out_type=tf.int64)[0]
-        if aggregation.kind == "robust":  # grouped_robust's sums (weight sum included)
+        if aggregation.kind in ("robust", "masked"):  # grouped_robust's sums (weight sum included), or the stacks
             value = aggregation.query.client_sums(updates, client_weights, params, group)
             return collections.OrderedDict(value=value, clients=clients, metrics=metrics)
         value, weight = per_client_sums(aggregation, updates, client_weights, params)

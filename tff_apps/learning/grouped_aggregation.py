@@ -22,7 +22,7 @@ from tff_apps.learning.dense_chain import ENGINE_KEY
 class Aggregation:
     """Which stock aggregator the round reproduces."""
 
-    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure", "robust"
+    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure", "robust", "masked"
     weighted: bool = True
     query: Any = field(default=None, compare=False)  # dp: the DP query TFF's DifferentiallyPrivateFactory runs
     value_bound: float = 0.0  # secure: each coordinate of w*u (or of u) clipped to +-bound
@@ -35,13 +35,17 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
     from tff_apps.learning.optimizers import is_weighted
 
     level = plan.level if plan is not None else "none"
-    if level == "record" or (secure is not None and (secure.mode != "simulated" or level != "none")):
+    if level == "record" or (secure is not None and level != "none"):
         raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
     robust = robust_spec(train, federation)
     if robust is not None:
         if level != "none" or secure is not None:  # federation.check refuses these first
             raise UserError(f"{ENGINE_KEY} = 'grouped' runs [robustness] and [communication] without DP or secure sums")
         return Aggregation("robust", weighted=robust.weighted, robust=robust)
+    if secure is not None and secure.mode == "masked":  # `grouped_masked`: each client's update, stacked
+        from tff_apps.learning.grouped_masked import StackedUpdates
+
+        return Aggregation("masked", weighted=secure.weighted, query=StackedUpdates())
     if level == "client":  # fixed or adaptive clipping: the very query of the stock aggregator
         from tff_apps.learning.dp_aggregators import client_dp_factory
 

@@ -128,11 +128,16 @@ class MaskedLearningProcess(SplitRoundProcess):
             self.rebuild(mean),
             state.aggregator,
             collections.OrderedDict(secure_clipped_count=clipped),
-            secure_aggregation=collections.OrderedDict(
-                secagg_seconds=float(result.seconds),
-                secagg_bytes=int(sum(r.bytes_to_server + r.bytes_from_server for r in result.rounds)),
-                secagg_survivors=len(result.survivors),
-                secagg_dropped=len(result.dropped),
-                secagg_clipped_clients=clipped,
-            ),
+            secure_aggregation=round_metrics(result, clipped),
         )
+
+
+def round_metrics(result: secagg.SecAggResult, clipped: int) -> collections.OrderedDict:
+    """The protocol's seconds, bytes, survivors and dropouts of a round (metrics' `secure_aggregation`)."""
+    return collections.OrderedDict(
+        secagg_seconds=float(result.seconds),
+        secagg_bytes=int(sum(r.bytes_to_server + r.bytes_from_server for r in result.rounds)),
+        secagg_survivors=len(result.survivors),
+        secagg_dropped=len(result.dropped),
+        secagg_clipped_clients=clipped,
+    )

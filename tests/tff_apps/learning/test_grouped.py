@@ -148,6 +148,27 @@ def test_secure_sum_simulated_with_clipping_bounds_matches_stock(runtime):
     assert value_sum["secure_upper_clipped_count"] == value_sum["secure_lower_clipped_count"] == len(CLIENTS)
 
 
+@pytest.mark.parametrize("algorithm", ["fedprox", "fedavg_unweighted"])
+def test_masked_secure_aggregation_matches_stock(runtime, algorithm):
+    """Pairwise-masked secure sum (Bonawitz, in Python between the client and server phases):
+    weighted (FedProx, weight = examples) and the unweighted mean (weight 1), with a bound that
+    clips every client; the protocol ran over every client of the round."""
+    train = dataclasses.replace(TRAIN, algorithm=algorithm, proximal_strength=0.5)
+    spec = secure_settings.secure_aggregation(
+        PrivacySection(secure_aggregation="masked", secure_bound=0.003, secure_scale_bits=20), train,
+        {c.name: len(c.x) for c in CLIENTS},
+    )
+    initial, stock_weights, _, stock = run_engine("tff", train, secure=spec)
+    _, fast_weights, _, fast = run_engine("grouped", train, secure=spec)
+    assert max_difference(stock_weights, initial) > 1e-3
+    assert max_difference(stock_weights, fast_weights) <= TOLERANCE
+    # the bound (0.003 per coordinate of w*u / W) clips some coordinate of every client's update
+    assert stock["aggregator"]["secure_clipped_count"] == fast["aggregator"]["secure_clipped_count"] == len(CLIENTS)
+    assert fast["secure_aggregation"]["secagg_survivors"] == len(CLIENTS)
+    assert factory.engine_of(factory.build_learning_process(
+        dataclasses.replace(train, engine="auto"), tff_model_fn(MLP, D, 0), secure=spec)) == "grouped"
+
+
 def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime):
     """Traffic's MLP (a Flatten, then Dense layers) and its MAE over the observed targets only:
     a quarter of the targets are missing (NaN), so the per-client masked mean matters."""
@@ -216,8 +237,8 @@ def grouped_input_spec():
 @pytest.mark.parametrize(
     "override, key",
     [
-        ("privacy.level=record", "privacy.level"),
-        ("privacy.secure_aggregation=masked", "privacy.secure_aggregation"),
+        (["privacy.level=record"], "privacy.level"),
+        (["privacy.secure_aggregation=masked", "privacy.level=client"], "privacy.secure_aggregation"),  # distributed DP
     ],
 )
 def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
@@ -228,7 +249,7 @@ def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
     app = HealthcareApp()
     rows = {f"c{i}": 40 for i in range(5)}
     federation.check(resolve(app.default_config, app.sections, None, ["train.engine=grouped"]), rows)  # accepted
-    cfg = resolve(app.default_config, app.sections, None, ["train.engine=grouped", override])
+    cfg = resolve(app.default_config, app.sections, None, ["train.engine=grouped", *override])
     with pytest.raises(UserError, match=f"train.engine = 'grouped' does not run {key} = .*use train.engine = 'tff'"):
         federation.check(cfg, rows)
 

@@ -185,11 +185,12 @@ def lockstep(runtime):
     rows = {c.name: len(c.x) for c in clients}
     model_fn = tff_model_fn(ModelConfig(kind="logistic"), D, 0)
     built = {}
-    for mode in ("simulated", "masked"):
+    for mode, engine in (("simulated", "tff"), ("masked", "tff"), ("masked", "grouped")):
         # 12 fractional bits: the masked quantization is visible (~1e-4), float32 noise is not
         section = PrivacySection(secure_aggregation=mode, secure_bound=0.5, secure_scale_bits=12)
         spec = secure_settings.secure_aggregation(section, LOCAL, rows)
-        built[mode] = (spec, factory.build_learning_process(LOCAL, model_fn, secure=spec))
+        train = dataclasses.replace(LOCAL, engine=engine)
+        built[mode if engine == "tff" else f"{mode}_{engine}"] = (spec, factory.build_learning_process(train, model_fn, secure=spec))
     weight_sum = float(sum(LOCAL.local_epochs * n for n in rows.values()))
     return clients, built, weight_sum
 
@@ -227,9 +228,10 @@ def test_masked_and_simulated_rounds_agree_within_both_quantization_bounds(locks
     assert max(differences) > 0  # the two quantizers really differ
 
 
-def test_masked_round_survives_n_minus_t_dropouts_and_fails_beyond_without_an_update(lockstep):
+@pytest.mark.parametrize("process", ["masked", "masked_grouped"])
+def test_masked_round_survives_n_minus_t_dropouts_and_fails_beyond_without_an_update(lockstep, process):
     clients, built, _ = lockstep
-    spec, masked = built["masked"]
+    spec, masked = built[process]
     state = masked.initialize()
     before = flat(masked.get_model_weights(state))
     data = datasets(clients, 1)
@@ -323,9 +325,9 @@ def test_masked_healthcare_job_gives_the_simulated_model_within_quantization_err
 
 
 def test_a_masked_round_with_too_many_dropouts_fails_the_job_cleanly(tmp_path, monkeypatch):
-    from tff_apps.learning import secure_rounds
+    from tff_apps.learning.grouped import GroupedProcess
 
-    original = secure_rounds.MaskedLearningProcess.next
+    original = GroupedProcess.next  # the default engine ("auto") runs masked rounds grouped
     calls = []
 
     def drop_in_round_2(self, state, data, **kwargs):
@@ -334,7 +336,7 @@ def test_a_masked_round_with_too_many_dropouts_fails_the_job_cleanly(tmp_path, m
             kwargs["dropouts_after_sharing"] = (0, 3)
         return original(self, state, data, **kwargs)
 
-    monkeypatch.setattr(secure_rounds.MaskedLearningProcess, "next", drop_in_round_2)
+    monkeypatch.setattr(GroupedProcess, "next", drop_in_round_2)
     with pytest.raises(secagg_ring.SecAggError, match="3 of 5 clients responded, the threshold is 4"):
         run_in_process(monkeypatch, tmp_path, "drop", ["train.rounds=3", "privacy.secure_aggregation=masked"])
     run_dir = tmp_path / "healthcare" / "drop"
