@@ -76,14 +76,15 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
     assert not (tmp_path / "bad_out.csv").exists()
 
 
-def test_the_grouped_engine_refuses_the_gru_before_the_run_folder(tmp_path: Path):
-    """A GRU is no chain of Dense layers: one line, exit 2, nothing written (the MLP runs grouped)."""
+def test_the_grouped_engine_refuses_a_graph_model_before_the_run_folder(tmp_path: Path):
+    """A graph model is no chain of Dense layers: one line, exit 2, nothing written (the MLP and
+    the GRU run grouped)."""
     result = tff_apps_in_process(
         "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped",
-        "--set", "model.kind=gru",
+        "--set", "model.kind=gcn_gru",
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert "train.engine = 'grouped'" in result.stderr and "model.kind = 'gru'" in result.stderr
+    assert "train.engine = 'grouped'" in result.stderr and "model.kind = 'gcn_gru'" in result.stderr
     assert not (tmp_path / "traffic").exists()
 
 

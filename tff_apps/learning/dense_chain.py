@@ -1,6 +1,11 @@
 """What the grouped engine can stack per client: a chain of Keras Dense layers (after an
-optional Flatten of the input) with a per-example loss or a masked mean loss, read from the
-model function (anything else is refused in one line).
+optional Flatten of the input, or after a GRU over the input sequence) with a per-example loss
+or a masked mean loss, read from the model function (anything else is refused in one line).
+
+A GRU first layer (traffic's `gru`) runs Keras 2.14's GRU cell with every client's weights
+stacked: the default configuration only (tanh, sigmoid recurrent activation, reset_after,
+bias, last state out; no dropout, regularizer, constraint, masking or state), gates in
+Keras' order (update z, reset r, candidate), h = z * h_prev + (1 - z) * candidate.
 
 A masked mean loss is a Keras Loss with a `masked_parts(y_true, y_pred) -> (values, weights)`
 method, elementwise, whose loss is sum(values * weights) / max(sum(weights), 1) over the
@@ -37,12 +42,21 @@ class DenseChain:
     metrics: list[tuple[str, Any]]  # (name, Keras MeanMetricWrapper) of the user's metrics
     metric_names: list[str]  # every metric TFF reports, in TFF's order
     flatten: bool = False  # a Flatten layer first: x [clients, batch, ...] flattened per example
+    gru: bool = False  # a GRU first (module docstring): its kernel, recurrent kernel and bias lead the weights
+
+    @property
+    def first_dense(self) -> int:
+        """The position of the first Dense layer's kernel in the weights."""
+        return 3 if self.gru else 0
 
     def forward(self, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
-        """x [clients, batch, inputs] -> predictions [clients, batch, outputs]."""
+        """x [clients, batch, inputs] ([clients, batch, steps, features] with a GRU) ->
+        predictions [clients, batch, outputs]."""
         if self.flatten:
             x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
-        hidden, position = x, 0
+        if self.gru:
+            x = gru_last_state(weights[:3], x)
+        hidden, position = x, self.first_dense
         for activation, bias in zip(self.activations, self.use_bias):
             hidden = tf.matmul(hidden, weights[position])  # batched: one matmul per client
             position += 1
@@ -54,7 +68,7 @@ class DenseChain:
 
     def regularization(self, weights: list[tf.Tensor]) -> tf.Tensor:
         """Per client: the sum of l2 * sum(kernel^2) that Keras adds to the batch loss."""
-        total, position = 0.0, 0
+        total, position = 0.0, self.first_dense
         for factor, bias in zip(self.l2, self.use_bias):
             if factor > 0:
                 kernel = weights[position]
@@ -73,6 +87,24 @@ class DenseChain:
         per_example = self.loss.fn(y, predictions, **self.loss._fn_kwargs)
         # Keras' sum over batch size: the mean over every element of the batch's losses
         return masked_sum(per_example, mask) / tf.maximum(examples * per_example_elements(per_example), 1.0)
+
+
+def gru_last_state(weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """Keras' GRU (reset_after) over x [clients, batch, steps, features] with per-client
+    kernel [clients, features, 3h], recurrent kernel [clients, h, 3h], bias [clients, 2, 3h]:
+    the last hidden state [clients, batch, h]."""
+    kernel, recurrent, bias = weights
+    units = recurrent.shape[1]
+    inputs = tf.matmul(tf.reshape(x, tf.concat([tf.shape(x)[:1], [-1], tf.shape(x)[3:]], 0)), kernel)
+    inputs = tf.reshape(inputs, tf.concat([tf.shape(x)[:3], [3 * units]], 0)) + bias[:, tf.newaxis, tf.newaxis, 0]
+    state = tf.zeros(tf.concat([tf.shape(x)[:2], [units]], 0), x.dtype)
+    for step in range(x.shape[2]):  # the history's length is static
+        x_z, x_r, x_h = tf.split(inputs[:, :, step], 3, axis=-1)
+        inner = tf.matmul(state, recurrent) + bias[:, tf.newaxis, 1]
+        r_z, r_r, r_h = tf.split(inner, 3, axis=-1)
+        z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
+        state = z * state + (1 - z) * tf.tanh(x_h + r * r_h)
+    return state
 
 
 def per_example_elements(values: tf.Tensor) -> tf.Tensor:
@@ -105,6 +137,11 @@ def read_dense_chain(model_fn) -> DenseChain:
         flatten = bool(layers) and type(layers[0]) is tf.keras.layers.Flatten and layers[0].input is previous
         if flatten:  # the one layer besides Dense: a reshape of each example
             previous, layers = layers[0].output, layers[1:]
+        gru = bool(layers) and type(layers[0]) is tf.keras.layers.GRU and layers[0].input is previous
+        if gru:
+            _check_gru(layers[0])
+            chain_weights += layers[0].trainable_weights
+            previous, layers = layers[0].output, layers[1:]
         for layer in layers:
             if type(layer) is not tf.keras.layers.Dense:
                 refuse_model(f"layer {layer.name} is a {type(layer).__name__}, not a Dense layer")
@@ -135,7 +172,25 @@ def read_dense_chain(model_fn) -> DenseChain:
             if not isinstance(metric, MeanMetricWrapper):
                 refuse_model(f"metric {metric.name} is a {type(metric).__name__}, not a per-example mean metric")
             metrics.append((metric.name, metric))
-    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names, flatten)
+    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names, flatten, gru)
+
+
+GRU_DEFAULTS = dict(activation="tanh", recurrent_activation="sigmoid", use_bias=True, reset_after=True, dropout=0.0,
+                    recurrent_dropout=0.0, return_sequences=False, return_state=False, go_backwards=False,
+                    stateful=False, time_major=False, kernel_regularizer=None, recurrent_regularizer=None,
+                    bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
+                    recurrent_constraint=None, bias_constraint=None)
+
+
+def _check_gru(layer) -> None:
+    """Refuses a GRU whose configuration `gru_last_state` does not compute."""
+    config = layer.get_config()
+    for key, expected in GRU_DEFAULTS.items():
+        if config.get(key) != expected:
+            refuse_model(f"layer {layer.name} is a GRU with {key} = {config.get(key)!r} (the grouped GRU runs "
+                         f"{key} = {expected!r})")
+    if layer.input.shape.rank != 3 or None in layer.input.shape[1:]:
+        refuse_model(f"layer {layer.name} is a GRU over a sequence of unknown length")
 
 
 def _l2_factor(layer) -> float:

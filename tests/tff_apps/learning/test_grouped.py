@@ -169,9 +169,11 @@ def test_masked_secure_aggregation_matches_stock(runtime, algorithm):
         dataclasses.replace(train, engine="auto"), tff_model_fn(MLP, D, 0), secure=spec)) == "grouped"
 
 
-def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime):
-    """Traffic's MLP (a Flatten, then Dense layers) and its MAE over the observed targets only:
-    a quarter of the targets are missing (NaN), so the per-client masked mean matters."""
+@pytest.mark.parametrize("kind", ["mlp", "gru"])
+def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime, kind):
+    """Traffic's MLP (a Flatten, then Dense layers) and GRU (a Keras GRU over the history, then
+    Dense layers) and their MAE over the observed targets only: a quarter of the targets are
+    missing (NaN), so the per-client masked mean matters."""
     from traffic.model import ModelConfig as TrafficModel
     from traffic.model import tff_model_fn as traffic_model_fn
 
@@ -183,7 +185,7 @@ def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime):
         y[rng.random(y.shape) < 0.25] = np.nan
         clients.append(client_data.ClientTrainData(f"d{i}", x, y))
     train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.01)
-    model_fn = traffic_model_fn(TrafficModel(kind="mlp", hidden_units=8), 4, 3, 2, 0)
+    model_fn = traffic_model_fn(TrafficModel(kind=kind, hidden_units=8), 4, 3, 2, 0)
     finals = {}
     for engine in ("tff", "grouped"):
         process = factory.build_learning_process(dataclasses.replace(train, engine=engine), model_fn)
@@ -203,10 +205,10 @@ def test_auto_engine_falls_back_to_stock_where_grouped_does_not_run(runtime):
 
     auto = dataclasses.replace(TRAIN, engine="auto")
     assert factory.engine_of(factory.build_learning_process(auto, tff_model_fn(MLP, D, 0))) == "grouped"
-    gru = traffic_model_fn(TrafficModel(kind="gru", hidden_units=4), 4, 3, 2, 0)
-    assert factory.engine_of(factory.build_learning_process(auto, gru)) == "tff"
-    with pytest.raises(UserError, match="is a GRU, not a Dense layer"):
-        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), gru)
+    graph = traffic_model_fn(TrafficModel(kind="gcn_gru", hidden_units=4), 4, 1, 2, 0, n_nodes=3)
+    assert factory.engine_of(factory.build_learning_process(auto, graph)) == "tff"
+    with pytest.raises(UserError, match="not a Dense layer"):
+        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), graph)
 
 
 def test_grouped_engine_refuses_what_it_does_not_run():
@@ -224,6 +226,28 @@ def test_grouped_engine_refuses_what_it_does_not_run():
 
     with pytest.raises(UserError, match="layer .* is a Reshape, not a Dense layer; use train.engine = 'tff'"):
         dense_chain.read_dense_chain(conv_model_fn)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"dropout": 0.1}, "is a GRU with dropout = 0.1"),
+    ({"reset_after": False}, "is a GRU with reset_after = False"),
+    ({"return_sequences": True}, "is a GRU with return_sequences = True"),
+])
+def test_a_gru_the_grouped_engine_does_not_compute_is_refused(option, message):
+    import collections
+
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    def gru_model_fn():
+        inputs = tf.keras.Input(shape=(4, 3))
+        outputs = tf.keras.layers.Dense(1)(tf.keras.layers.GRU(2, **option)(inputs))
+        spec = collections.OrderedDict(x=tf.TensorSpec([None, 4, 3], tf.float32), y=tf.TensorSpec([None, 1], tf.float32))
+        return tff.learning.models.from_keras_model(tf.keras.Model(inputs, outputs), loss=tf.keras.losses.MeanSquaredError(),
+                                                    input_spec=spec)
+
+    with pytest.raises(UserError, match=f"{message} .*use train.engine = 'tff'"):
+        dense_chain.read_dense_chain(gru_model_fn)
 
 
 def grouped_input_spec():
