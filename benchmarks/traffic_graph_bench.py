@@ -9,7 +9,7 @@ graph model meets. Slow: a graph-model job on the default data takes minutes on 
 
     uv run python benchmarks/traffic_graph_bench.py                 # default data, 3 models
     uv run python benchmarks/traffic_graph_bench.py --config busy --seed 1
-    uv run python benchmarks/traffic_graph_bench.py --config metr_la_week --models dcrnn
+    uv run python benchmarks/traffic_graph_bench.py --config metr_la_week --models dcrnn --runs-dir /tmp/bench
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ CONFIGS = {
     "metr_la_week": ["--set", "data.n_districts=6", "--set", "data.sensors_per_district=35", "--set", "data.days=7"],
 }
 BUSY = {"n_districts": 9, "sensors_per_district": 8, "incidents_times": 3.0}
-# The graph models' training settings (docs/traffic.md, "Graph models"): a graph example is a
-# whole district, so 8 of them hold about as many sensor windows as the MLP's 64; the client
-# learning rate is the best of 0.002, 0.005 and 0.01 on the validation split (dcrnn, default data).
-GRAPH_TRAIN = ["--set", "train.batch_size=8", "--set", "train.client_learning_rate=0.005"]
-MODELS = {"mlp": [], "gcn_gru": GRAPH_TRAIN, "dcrnn": GRAPH_TRAIN}
+# Every model runs the default job with `model.kind` set: the graph models take their kind's
+# training defaults (batch 8, client learning rate 0.005; traffic/splits.py `with_kind_defaults`).
+MODELS = {"mlp": [], "gcn_gru": [], "dcrnn": []}
 METHODS = ("federated", "centralized", "local_only", "persistence")
 
 
@@ -97,11 +95,13 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), action="append")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--seed", type=int, default=0, help="job.seed (the generator's seed too)")
+    parser.add_argument("--runs-dir", default="", help="keep the runs here (default: a temporary folder)")
     options = parser.parse_args()
     print("| config | model | " + " | ".join(f"{m} MAE60 / MAPE60" for m in METHODS)
           + " | fed vs MLP | wall s | peak MB | targets |")
     print("|---" * (len(METHODS) + 6) + "|")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = options.runs_dir or temporary
         for config in options.config or ["default"]:
             mlp = None
             for model in options.models:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from tff_apps.config import JobConfig
 from tff_apps.program.job import Run, data_fingerprint
 from traffic.data import DataConfig, TrafficData, load
 from traffic.model import GRAPH_KINDS, ModelConfig
-from traffic.splits import HISTORY, HORIZON, district_splits, normalization, sensor_normalization, uses_sensor_scaling
+from traffic.splits import (
+    HISTORY, HORIZON, district_splits, normalization, sensor_normalization, uses_sensor_scaling, with_kind_defaults,
+)
 from traffic.windows import split_bounds
 
 MAE_60_LABEL = "MAE at 60 min (mph)"
@@ -76,9 +79,14 @@ class TrafficApp:
             return sites.fingerprint(prepared)
         return describe_data(prepared.data)["fingerprint"]
 
+    def public_config(self, cfg: JobConfig) -> dict[str, Any]:
+        """summary.json's config: the settings the job trained with (its model kind's defaults applied)."""
+        return with_kind_defaults(cfg, self.default_config).to_dict()
+
     def train(self, cfg: JobConfig, prepared: Prepared, run: Run) -> dict[str, Any]:
         from tff_apps.learning import federation
 
+        cfg = with_kind_defaults(cfg, self.default_config)  # graph models: batch 8, learning rate 0.005
         if cfg.job.sites:  # every step that touches a reading runs at the districts' sites
             from traffic import sites
 
@@ -148,10 +156,10 @@ def windows_per_sensor(n_steps: int, split: str = "train") -> int:
 
 def check_job(cfg: JobConfig) -> None:
     """What the traffic job refuses whatever its data (before any is read)."""
-    if cfg.train.engine == "grouped" and cfg.model.kind != "mlp":
+    if cfg.train.engine == "grouped" and cfg.model.kind not in ("mlp", "gru"):
         raise UserError(
-            f"train.engine = 'grouped' runs chains of Dense layers; model.kind = '{cfg.model.kind}' is not one, "
-            "so use model.kind = 'mlp' or train.engine = 'tff' (or 'auto')"
+            f"train.engine = 'grouped' runs chains of Dense layers (after a GRU or not); model.kind = "
+            f"'{cfg.model.kind}' is not one, so use model.kind = 'mlp' or 'gru', or train.engine = 'tff' (or 'auto')"
         )
     if cfg.personalization.epochs and uses_sensor_scaling(cfg) and not cfg.job.sites:
         raise UserError(
@@ -235,14 +243,22 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         report = evaluate.evaluate_districts(validation, keras_forecaster(global_model))
         return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
 
-    result = round_loop.run_rounds(
-        process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
-        privacy=run.privacy, init_from=run.init_from, federation=settings,
-    )
-    result.weights.assign_weights_to(global_model)
-    privacy = result.privacy if run.privacy is not None else plain_statement
-    reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
-    reports.update(run_baselines(cfg, data, splits, bounds))
+    # Graph models: the Keras baselines train in this process while TFF's worker process runs the
+    # rounds (they share nothing; each uses about one core). If the rounds fail, the error is
+    # reported at once; the process ends when the baselines' thread does.
+    pool = ThreadPoolExecutor(1)
+    try:
+        baselines = pool.submit(run_baselines, cfg, data, splits, bounds) if cfg.model.kind in GRAPH_KINDS else None
+        result = round_loop.run_rounds(
+            process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
+            privacy=run.privacy, init_from=run.init_from, federation=settings,
+        )
+        result.weights.assign_weights_to(global_model)
+        privacy = result.privacy if run.privacy is not None else plain_statement
+        reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
+        reports.update(baselines.result() if baselines else run_baselines(cfg, data, splits, bounds))
+    finally:
+        pool.shutdown(wait=False)
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
     # the serving signature takes one sensor's hour; a graph model needs its district's (not offered yet)

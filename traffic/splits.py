@@ -1,5 +1,5 @@
 """Each district's speeds scaled and cut into windows: the `DistrictSplit`s the job trains and
-evaluates on.
+evaluates on; and the training settings a model kind takes by default (`with_kind_defaults`).
 
 Two scalings (`uses_sensor_scaling` says which a job takes):
 
@@ -15,11 +15,33 @@ Two scalings (`uses_sensor_scaling` says which a job takes):
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import numpy as np
 
 from traffic.model import GRAPH_KINDS
 
 HISTORY = HORIZON = 12  # one hour in, one hour out, at 5-minute steps
+
+# The graph models' [train] defaults (docs/traffic.md, "Graph models: training defaults"). A graph
+# example is a whole district, so 8 of them hold about as many sensor windows as the MLP's batch of
+# 64; the client learning rate is the best of 0.002, 0.005 and 0.01 on the validation split.
+GRAPH_TRAIN_DEFAULTS = {"batch_size": 8, "client_learning_rate": 0.005}
+
+
+def with_kind_defaults(cfg, default_file: Path):
+    """The job with its model kind's [train] defaults: a key the job leaves at the default file's
+    value (the MLP's: the engine cannot tell a key set to that value from one left unset) takes the
+    kind's default; any other value is the user's and stays. `mlp` and `gru` take the file's."""
+    if cfg.model.kind not in GRAPH_KINDS:
+        return cfg
+    file_train = tomllib.loads(Path(default_file).read_text(encoding="utf-8")).get("train", {})
+    changes = {
+        key: value for key, value in GRAPH_TRAIN_DEFAULTS.items()
+        if key in file_train and getattr(cfg.train, key) == file_train[key]
+    }
+    return cfg.replace("train", **changes) if changes else cfg
 
 
 def uses_sensor_scaling(cfg) -> bool:

@@ -73,7 +73,7 @@ def test_a_neighbour_history_reaches_a_sensor_only_along_edges(kind):
 def test_the_two_product_convolution_is_the_sum_over_supports(kind):
     """GraphGRU._convolve (one product with the concatenated supports) against the textbook
     sum over supports of M_k @ state @ W_k, with W_k the k-th block of the kernel."""
-    from traffic.graph_model import GraphGRU, concatenated, supports
+    from traffic.graph_model import DIFFUSION_STEPS, GraphGRU, concatenated, supports
 
     rng = np.random.default_rng(3)
     graph = np.stack([_chain(5), rng.uniform(size=(5, 5)) * (rng.uniform(size=(5, 5)) < 0.4)]).astype(np.float32)
@@ -83,7 +83,7 @@ def test_the_two_product_convolution_is_the_sum_over_supports(kind):
     kernel = rng.normal(size=(4, len(mats) * 6)).astype(np.float32)
     expected = sum(m @ state @ kernel[:, 6 * k : 6 * (k + 1)] for k, m in enumerate(mats))
     got = layer._convolve(concatenated([np.asarray(m) for m in mats]), state, kernel).numpy()
-    assert len(mats) == (1 if kind == "gcn_gru" else 5)
+    assert len(mats) == (1 if kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
