@@ -243,12 +243,12 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         report = evaluate.evaluate_districts(validation, keras_forecaster(global_model))
         return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
 
-    # Graph models: the Keras baselines train in this process while TFF's worker process runs the
-    # rounds (they share nothing; each uses about one core). If the rounds fail, the error is
+    # The Keras baselines train in this process while TFF's worker process runs the rounds (they
+    # share nothing; each uses about one core). If the rounds fail, the error is
     # reported at once; the process ends when the baselines' thread does.
     pool = ThreadPoolExecutor(1)
     try:
-        baselines = pool.submit(run_baselines, cfg, data, splits, bounds) if cfg.model.kind in GRAPH_KINDS else None
+        baselines = pool.submit(run_baselines, cfg, data, splits, bounds)
         result = round_loop.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
             privacy=run.privacy, init_from=run.init_from, federation=settings,
@@ -256,7 +256,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         result.weights.assign_weights_to(global_model)
         privacy = result.privacy if run.privacy is not None else plain_statement
         reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
-        reports.update(baselines.result() if baselines else run_baselines(cfg, data, splits, bounds))
+        reports.update(baselines.result())
     finally:
         pool.shutdown(wait=False)
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
