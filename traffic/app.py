@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,6 +217,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
     from tff_apps.learning import factory
     from tff_apps.program import round_summary
     from tff_apps.program import round_loop
+    from tff_apps.program.alongside import alongside
     from tff_apps.learning import client_data
     from traffic import evaluate
     from traffic.model import build_keras_model, tff_model_fn
@@ -243,22 +243,17 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         report = evaluate.evaluate_districts(validation, keras_forecaster(global_model))
         return {f"val_{k}": v for k, v in report["overall"].items() if k.startswith(("mae", "rmse"))}
 
-    # The Keras baselines train in this process while TFF's worker process runs the rounds (they
-    # share nothing; each uses about one core). If the rounds fail, the error is
-    # reported at once; the process ends when the baselines' thread does.
-    pool = ThreadPoolExecutor(1)
-    try:
-        baselines = pool.submit(run_baselines, cfg, data, splits, bounds)
-        result = round_loop.run_rounds(
+    def federated():
+        trained = round_loop.run_rounds(
             process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, "val_mae_60min",
             privacy=run.privacy, init_from=run.init_from, federation=settings,
         )
-        result.weights.assign_weights_to(global_model)
-        privacy = result.privacy if run.privacy is not None else plain_statement
-        reports = {"federated": evaluate.evaluate_districts(splits, keras_forecaster(global_model))}
-        reports.update(baselines.result())
-    finally:
-        pool.shutdown(wait=False)
+        trained.weights.assign_weights_to(global_model)
+        return trained, evaluate.evaluate_districts(splits, keras_forecaster(global_model))
+
+    (result, federated_report), baselines = alongside(lambda: run_baselines(cfg, data, splits, bounds), federated)
+    privacy = result.privacy if run.privacy is not None else plain_statement
+    reports = {"federated": federated_report, **baselines}
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
     exported = False
     # the serving signature takes one sensor's hour; a graph model needs its district's (not offered yet)
