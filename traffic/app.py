@@ -95,8 +95,10 @@ class TrafficApp:
             # exact profiles are a release outside ε: not computed under DP (traffic has no DP profiles)
             wanted = cfg.privacy.level == "none" and cfg.privacy.profiles == "auto"
             profiled = profile.summary_entry(district_profiles(prepared.data)) if wanted else {}  # warnings logged
+            # a graph model scales each sensor by its own statistics inside its district: none is released
+            normalization = None if uses_sensor_scaling(cfg) else "speed_normalization"
             keys = releases.release_keys(
-                "speed_normalization", bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline
+                normalization, bool(profiled), cfg.evaluate.centralized_baseline or cfg.evaluate.local_baseline
             )
             if run.privacy is not None:
                 run.privacy.releases = keys

@@ -103,6 +103,9 @@ def test_a_graph_job_runs_through_tff_with_every_baseline(tmp_path: Path):
         assert 0 < report["overall"]["mae_60min"] < report["overall"]["rmse_60min"] < 40
     # the serving signature takes one sensor's hour; a graph model is not exported (docs/traffic.md)
     assert "export" not in summary and not (tmp_path / "traffic" / "g" / "export" / "traffic").exists()
+    # each sensor's scale stays in its district: the statement lists no speed normalization
+    released = [entry["release"] for entry in summary["privacy"]["released_outside_epsilon"]]
+    assert "speed_normalization" not in released and "site_counts" in released
 
 
 def test_a_graph_model_without_any_edge_is_refused_before_the_run(tmp_path: Path):

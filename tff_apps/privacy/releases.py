@@ -84,11 +84,11 @@ def add_to_statement(statement: Mapping[str, Any] | None, keys: Iterable[str], s
     return result
 
 
-def release_keys(normalization: str, profiled: bool, baselines: bool) -> list[str]:
+def release_keys(normalization: str | None, profiled: bool, baselines: bool) -> list[str]:
     """The releases of a horizontal run: its normalization (`normalization` or
-    `speed_normalization`), site counts, profiles if computed, metrics and participation, and
-    the baselines' metrics if any ran."""
-    keys = [normalization, "site_counts", *(["profiles"] if profiled else [])]
+    `speed_normalization`; None: none leaves the clients), site counts, profiles if computed,
+    metrics and participation, and the baselines' metrics if any ran."""
+    keys = [*([normalization] if normalization else []), "site_counts", *(["profiles"] if profiled else [])]
     keys += ["evaluation", "training_metrics", "participation"]
     return keys + (["baselines"] if baselines else [])
 
