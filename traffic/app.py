@@ -164,8 +164,9 @@ def check_job(cfg: JobConfig) -> None:
         )
     if cfg.personalization.epochs and uses_sensor_scaling(cfg) and not cfg.job.sites:
         raise UserError(
-            f"[personalization] is not offered with model.kind = '{cfg.model.kind}' yet: a graph model scales "
-            "each sensor by its own std, and the engine's personalized MAE takes one std a district"
+            f"[personalization] is not offered with model.kind = '{cfg.model.kind}' yet (a graph model scales "
+            "each sensor by its own std, the personalized MAE takes one std a district): set "
+            "personalization.epochs = 0 or model.kind = 'mlp' or 'gru'"
         )
     if cfg.privacy.level == "record":
         raise UserError(

@@ -76,15 +76,19 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
     assert not (tmp_path / "bad_out.csv").exists()
 
 
-def test_the_grouped_engine_refuses_a_graph_model_before_the_run_folder(tmp_path: Path):
-    """A graph model is no chain of Dense layers: one line, exit 2, nothing written (the MLP and
-    the GRU run grouped)."""
+@pytest.mark.parametrize(("setting", "expected"), [
+    # a graph model is no chain of Dense layers (the MLP and the GRU run grouped)
+    ("train.engine=grouped", "train.engine = 'grouped' runs chains of Dense layers"),
+    # each sensor's own scale vs the personalized MAE's one scale a district
+    ("personalization.epochs=1", "set personalization.epochs = 0 or model.kind = 'mlp' or 'gru'"),
+])
+def test_what_a_graph_model_does_not_run_is_refused_before_the_run_folder(tmp_path: Path, setting, expected):
     result = tff_apps_in_process(
-        "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "train.engine=grouped",
+        "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", setting,
         "--set", "model.kind=gcn_gru",
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert "train.engine = 'grouped'" in result.stderr and "model.kind = 'gcn_gru'" in result.stderr
+    assert expected in result.stderr and "model.kind = 'gcn_gru'" in result.stderr
     assert not (tmp_path / "traffic").exists()
 
 
