@@ -104,6 +104,31 @@ def test_steps_out_of_order_and_no_shared_customer_are_refused_in_one_line(parti
     assert "\n" not in str(refused.value)
 
 
+def test_the_coordinator_relays_public_keys_and_each_party_writes_masks_that_cancel(parties):
+    """`finance.sites.PartyMasks` over every party's `Masks` step: what the coordinator sees is
+    each party's public key; the masks stay in the parties' run folders and sum to 0 in the ring."""
+    from finance.sites import PartyMasks
+
+    base, cfg = parties
+    services = [VerticalPartyService(name, PartySite(base / name)) for name in NAMES]
+    seen = []
+
+    def call(index, method, body):
+        answer = local_calls(services, job_descriptor(cfg))(index, method, body)
+        seen.append(answer)
+        return answer
+
+    masks = PartyMasks(call, len(NAMES))
+    assert all(set(answer) == {"public"} for answer in seen)  # the advertise step: a public key only
+    name = masks("test-e2", 50, 20)
+    written = [np.fromfile(base / party / "runs" / "r1" / name, "<i8") for party in NAMES]
+    assert all(len(w) == 50 for w in written) and np.all(np.sum(written, axis=0) % 2**20 == 0)
+    assert masks("test-e2", 50, 20) == name  # the same purpose again: the same file, the same masks
+    assert np.array_equal(np.fromfile(base / "lender" / "runs" / "r1" / name, "<i8"), written[0])
+    with pytest.raises(ProtocolError, match="Masks step 'unmask' is not advertise or write"):
+        services[0].handle("Masks", wire.dumps({"step": "unmask"}), job_descriptor(cfg))
+
+
 def test_the_demos_party_folders_hold_each_partys_own_table_as_loaded(tmp_path):
     _, cfg = resolve_job("finance", None, ["data.partners=2"])
     data = load(cfg.data, cfg.job.seed)
