@@ -194,11 +194,15 @@ class SecureScoreSum:
         released = tf.clip_by_value(released, -self.bound, self.bound)
         return tf.cast(tf.round(released * 2.0**SCORE_FRACTION_BITS), tf.int64) + self.offset
 
-    def _decoder(self, n: int):
+    def _decoder(self, n: int, ring_bits: int = 0):
+        """The summed integers -> z; with `ring_bits` the sum is first taken mod 2^ring_bits
+        (across sites each party's values arrive masked, the masks cancel in that ring)."""
         total_offset = self.n_parties * self.offset
 
         @tff.tensorflow.computation(tff.TensorType(np.int64, [n]))
         def decode(total):
+            if ring_bits:
+                total = tf.math.floormod(total, 2**ring_bits)
             return tf.cast(total - total_offset, tf.float32) * (2.0**-SCORE_FRACTION_BITS)
 
         return decode

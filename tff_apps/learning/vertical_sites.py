@@ -33,7 +33,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tff_apps.learning.vertical import SCORE_FRACTION_BITS
 from tff_apps.learning.vertical_epoch import EpochComputations, _tuple
 
 HISTOGRAM_BINS = 4096  # the lender's evaluation histograms: metrics exact to 1/4096 of a score
@@ -57,17 +56,6 @@ def _masked(q, folder, mask_name, offset, n: int, bits: int):
     """q plus the party's masks of rows offset .. offset+n (its gateway's file), mod 2^bits."""
     masks = tf.io.decode_raw(tf.io.read_file(_file(folder, mask_name)), tf.int64)
     return tf.math.floormod(q + tf.slice(masks, tf.reshape(tf.cast(offset, tf.int64), [1]), [n]), 2**bits)
-
-
-def _ring_decoder(summer, n: int):
-    """The masked sum -> z: the masks cancel mod 2^bits, then the fixed point is undone."""
-    bits, total_offset = ring_bits(summer), summer.n_parties * summer.offset
-
-    @tff.tensorflow.computation(_vec(np.int64, n))
-    def decode(total):
-        return tf.cast(tf.math.floormod(total, 2**bits) - total_offset, tf.float32) * (2.0**-SCORE_FRACTION_BITS)
-
-    return decode
 
 
 class SiteEpochComputations(EpochComputations):
@@ -136,7 +124,7 @@ class SiteEpochComputations(EpochComputations):
         def step(site, g_prev):
             return self._party_step(site, g_prev, n_prev, n)
 
-        decode = _ring_decoder(self, n)
+        decode = self._decoder(n, ring_bits(self))
 
         @tff.federated_computation(self._clients(site_type), tff.FederatedType(g_type, tff.SERVER))
         def site_step(sites, g_prev):
@@ -233,7 +221,7 @@ class SiteEpochComputations(EpochComputations):
             return _masked(self._fixed_point(tf.cast(self._score(w, x), tf.float64)), folder, mask_name, 0, rows,
                            ring_bits(self))
 
-        decode = _ring_decoder(self, rows)
+        decode = self._decoder(rows, ring_bits(self))
 
         @tff.federated_computation(self._clients(eval_type))
         def evaluate(sites):
@@ -313,7 +301,7 @@ def site_score_sum(summer, folders: list[str], mask_name: str, rows: int) -> np.
         scores = tf.io.decode_raw(tf.io.read_file(_file(folder, "score_aligned.f64")), tf.float64)
         return _masked(summer._fixed_point(tf.ensure_shape(scores, [rows])), folder, masks, 0, rows, ring_bits(summer))
 
-    decode = _ring_decoder(summer, rows)
+    decode = summer._decoder(rows, ring_bits(summer))
 
     @tff.federated_computation(tff.FederatedType(site_type, tff.CLIENTS))
     def score_sum(sites):
