@@ -5,10 +5,10 @@ dataset is serialized, its local training is a separate TF call in the worker, a
 update travels back on its own; about 18 ms of runtime overhead per client per round on
 these machines (ANCHORS.md, "Engine speed"), several times the local SGD work itself.
 
-Here the round's clients travel as one group: dense tensors [clients, steps, batch, ...]
-with a mask of the real examples (`stack_datasets`: each client's batches, in the order its
-dataset yields them). One TF computation runs every client's local training from the
-broadcast weights at once: the model's weights are stacked per client ([clients, ...]), a
+Here the round's clients travel in a few groups: dense tensors [clients, steps, batch, ...]
+with a mask of the real examples (`grouped_data`: each client's batches, in the order its
+dataset yields them; groups of at most 8 MB, at least one per worker). One TF computation
+per group runs every client's local training from the broadcast weights at once: the model's weights are stacked per client ([clients, ...]), a
 tf.while_loop walks the steps, the Dense layers become batched matmuls, and the gradient of
 the sum of the clients' losses is each client's own gradient. It returns the round's sums
 (per-client weighting, DP clipping or secure-sum quantization applied to each client's
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import functools
 import dataclasses
 
 import numpy as np
@@ -58,68 +57,10 @@ from tff_apps.config import TrainSection
 from tff_apps.learning.dense_chain import (
     ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
 )
+from tff_apps.learning.grouped_data import round_groups
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
 from tff_apps.learning.grouped_masked import masked_next
 from tff_apps.learning.grouped_robust import RobustAggregation, concatenating_sum
-
-
-def stack_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
-    """Clients' batched datasets -> x [clients, steps, batch, ...], y likewise, mask [clients,
-    steps, batch] (1 = a real example). Each client's batches keep their order and sizes, so a
-    short last batch is a short (masked) batch here too."""
-    clients = [_client_rows(ds) for ds in datasets]
-    if not clients:
-        raise ValueError("grouped engine: a round needs at least one client")
-    batch = max(b for _, _, b in clients)
-    steps = max(1, max(-(-len(x) // b) for x, _, b in clients))
-    x0, y0, _ = clients[0]
-    x = np.zeros((len(clients), steps, batch, *x0.shape[1:]), np.float32)
-    y = np.zeros((len(clients), steps, batch, *y0.shape[1:]), np.float32)
-    mask = np.zeros((len(clients), steps, batch), np.float32)
-    # views with the steps and batch axes as one: a client batched at the group's size fills
-    # its first rows in one copy (10,000 clients: 0.1 s instead of 0.4 s step by step)
-    flat_x, flat_y, flat_mask = (a.reshape(len(clients), steps * batch, *a.shape[3:]) for a in (x, y, mask))
-    for c, (rows_x, rows_y, size) in enumerate(clients):
-        if size == batch:
-            flat_x[c, :len(rows_x)], flat_y[c, :len(rows_y)], flat_mask[c, :len(rows_x)] = rows_x, rows_y, 1.0
-            continue
-        for s, first in enumerate(range(0, len(rows_x), size)):
-            n = min(size, len(rows_x) - first)
-            x[c, s, :n], y[c, s, :n], mask[c, s, :n] = rows_x[first:first + n], rows_y[first:first + n], 1.0
-    return collections.OrderedDict(x=x, y=y, mask=mask)
-
-
-def _client_rows(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]:
-    """(x rows, y rows, batch size) such that the dataset's batches are consecutive slices of
-    `batch size` rows (the last one shorter).
-
-    `client_data.client_dataset` builds `from_tensor_slices(rows).batch(b)`: its rows are read
-    straight from the dataset (about 0.1 ms; iterating a dataset costs about 20 ms per
-    client). Any other dataset is iterated, and its batches must all be full but the last."""
-    source = getattr(dataset, "_input_dataset", None)
-    if (
-        type(dataset).__name__ == "_BatchDataset"
-        and type(source).__name__ == "_TensorSliceDataset"
-        and not bool(dataset._drop_remainder)
-        and isinstance(source.element_spec, collections.abc.Mapping)
-    ):
-        order = _flat_keys(type(source.element_spec), tuple(source.element_spec))
-        rows = dict(zip(order, source._tensors))
-        return np.asarray(rows["x"]), np.asarray(rows["y"]), int(dataset._batch_size)
-    batches = [(np.asarray(b["x"]), np.asarray(b["y"])) for b in dataset.as_numpy_iterator()]
-    if not batches:
-        raise ValueError("grouped engine: a client's dataset is empty")
-    size = len(batches[0][0])
-    if any(len(bx) != size for bx, _ in batches[:-1]):
-        raise ValueError("grouped engine: a client's batches are not full batches followed by one remainder")
-    return np.concatenate([bx for bx, _ in batches]), np.concatenate([by for _, by in batches]), size
-
-
-@functools.lru_cache(maxsize=64)
-def _flat_keys(mapping_type: type, keys: tuple) -> list:
-    """A mapping's keys in tf.nest's flattening order (the order of a slice dataset's tensors),
-    worked out once per kind of mapping: tf.nest itself costs 14 us per client."""
-    return tf.nest.flatten(mapping_type((k, k) for k in keys))
 
 
 class GroupedProcess:
@@ -153,24 +94,21 @@ class GroupedProcess:
             raise ValueError(f"{len(bad)} client names for {len(datasets)} datasets")
         # the runtime's context over several workers says how many (runtime/mergeable.py's `width`)
         workers = getattr(context_stack_impl.context_stack.current, "width", 1)
-        n_groups = max(1, min(workers, len(datasets)))
-        cuts = np.linspace(0, len(datasets), n_groups + 1).round().astype(int)
-        groups = [stack_datasets(datasets[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-        if self.wants_client_names:
-            for group, a, b in zip(groups, cuts[:-1], cuts[1:]):
-                group["scale"] = np.where(bad[a:b], self.bad_update_scale, 1.0).astype(np.float32)
+        scale = np.where(bad, self.bad_update_scale, 1.0).astype(np.float32) if self.wants_client_names else None
+        groups = round_groups(datasets, workers, scale)
         output = self.next_groups(state, groups, **round_options)
         if self.robust is not None and self.robust.split_rounds_metrics:  # the stock split_rounds' entry
             output.metrics["robustness"] = collections.OrderedDict(bad_clients_in_round=int(sum(bad)))
         return output
 
     def next_group(self, state, group: collections.OrderedDict):
-        """One round on data already stacked by `stack_datasets`."""
+        """One round on data already stacked by `grouped_data.stack_datasets`."""
         return self.next_groups(state, [group])
 
     def next_groups(self, state, groups: list[collections.OrderedDict], **round_options):
-        """One round on groups of clients, each stacked by `stack_datasets` (each group's
-        training runs where TFF places that client slot: one per worker with `--workers`);
+        """One round on groups of clients, each stacked by `grouped_data.stack_datasets` (each group's
+        training runs where TFF places that client slot: with `--workers`, each worker a
+        contiguous slice of them);
         the robust aggregations' fields (`_robust_fields`) are added where missing."""
         if self.robust is not None:
             groups = _robust_fields(self.robust, groups)

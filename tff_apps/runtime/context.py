@@ -299,8 +299,11 @@ class Runtime:
 
     def _executor_factory(self, stub: Any, check_alive: Callable[[], None]) -> Any:
         from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
-        from tensorflow_federated.python.core.impl.executors import remote_executor
         from tensorflow_federated.python.core.impl.types import placements
+
+        from tff_apps.runtime.value_transfer import remote_executor_class
+
+        executor_class = remote_executor_class()
 
         def stack_fn(cardinalities: dict[Any, int]) -> Any:
             # TFF retries gRPC UNAVAILABLE forever; failing here, where a new
@@ -309,7 +312,7 @@ class Runtime:
             check_alive()
             if cardinalities.get(placements.CLIENTS) is None:
                 cardinalities[placements.CLIENTS] = 0  # TFF's default_num_clients
-            executor = remote_executor.RemoteExecutor(stub)
+            executor = executor_class(stub)
             executor.set_cardinalities(cardinalities)
             return executor
 

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from healthcare.model import ModelConfig, tff_model_fn
 from shared.errors import UserError
-from tff_apps.learning import dense_chain, grouped
+from tff_apps.learning import dense_chain, grouped_data
 from tff_apps.privacy import secure_settings
 from tff_apps.learning import factory
 from tff_apps.learning import client_data
@@ -87,6 +87,41 @@ def assert_same_model(train: TrainSection, model: ModelConfig = MLP, **kwargs):
 def test_weighted_fedavg_matches_stock(runtime):
     """An L2-regularized MLP, client SGD, server momentum; clients of 3 to 14 rows."""
     assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
+
+
+def test_a_round_cut_into_groups_of_one_client_matches_stock(runtime, monkeypatch):
+    """Large rounds travel in groups of at most GROUP_BYTES (grouped_data.round_groups): here
+    every client is a group of its own, and the sums over groups still give stock's model."""
+    monkeypatch.setattr(grouped_data, "GROUP_BYTES", 1)
+    datasets = [client_data.client_dataset(c, TRAIN, i) for i, c in enumerate(CLIENTS)]
+    assert [len(g["mask"]) for g in grouped_data.round_groups(datasets)] == [1] * len(CLIENTS)
+    assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
+
+
+def test_round_groups_keep_the_clients_order_within_the_size_and_one_slice_per_worker():
+    rng = np.random.default_rng(1)
+    rows = [12, 5, 30, 7, 7, 19, 2]
+    datasets = [
+        tf.data.Dataset.from_tensor_slices(collections.OrderedDict(
+            x=rng.normal(size=(n, 3)).astype(np.float32), y=rng.normal(size=(n, 1)).astype(np.float32)
+        )).batch(4) for n in rows
+    ]
+    whole = grouped_data.stack_datasets(datasets)
+    client_bytes = sum(a[0].nbytes for a in whole.values()) + 4  # the longest client's, padded, and its scale
+    scale = np.arange(len(rows), dtype=np.float32)
+    # (workers, limit in longest clients, groups): a worker's slice pads to its own longest
+    # client, so 3 workers' slices [12 5] [30 7 7] [19 2] rows (4 a batch) take 1 + 3 + 2 groups
+    for workers, max_clients, expected_groups in ((1, 2, 4), (1, 7, 1), (3, 1, 6), (2, 3, 3)):
+        limit = client_bytes * max_clients
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(grouped_data, "GROUP_BYTES", limit)
+            groups = grouped_data.round_groups(datasets, workers, scale)
+        assert len(groups) == expected_groups and sum(len(g["mask"]) for g in groups) == len(rows)
+        assert all(sum(a.nbytes for a in g.values()) <= limit for g in groups)
+        np.testing.assert_array_equal(np.concatenate([g["scale"] for g in groups]), scale)
+        # each group pads to its own longest client; the real rows come out in client order
+        real = np.concatenate([g["x"][g["mask"] > 0] for g in groups])
+        np.testing.assert_array_equal(real, whole["x"][whole["mask"] > 0])
 
 
 def dp_plan(clip: float, noise: float, clipping: str = "fixed"):
@@ -289,7 +324,7 @@ def test_stacked_clients_hold_each_batch_in_order_with_a_mask_of_its_rows():
 
     # the group's batch size (3) in one copy per client, a smaller one (2) batch by batch
     datasets = [batched(7, 3), batched(5, 2), batched(1, 3), batched(9, 3)]
-    stacked = grouped.stack_datasets(datasets)
+    stacked = grouped_data.stack_datasets(datasets)
     assert stacked["x"].shape == (4, 3, 3, 3) and stacked["mask"].sum() == 7 + 5 + 1 + 9
     for c, dataset in enumerate(datasets):
         for s, batch in enumerate(dataset.as_numpy_iterator()):

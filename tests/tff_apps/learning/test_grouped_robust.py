@@ -23,7 +23,7 @@ import pytest
 
 from healthcare.model import tff_model_fn
 from shared.errors import UserError
-from tff_apps.learning import client_data, factory, grouped
+from tff_apps.learning import client_data, factory, grouped, grouped_data
 from tff_apps.learning.federation import CommunicationSection, Federation, RobustnessSection
 from tff_apps.program import round_loop
 from tests.tff_apps.learning.test_grouped import CLIENTS, D, MLP, TRAIN, max_difference, synthetic_clients
@@ -134,8 +134,8 @@ def test_median_over_two_groups_equals_one_group(runtime):
     process = factory.build_learning_process(train, tff_model_fn(MLP, D, 0), federation=robust(aggregation="median"))
     state = process.initialize()
     datasets = [client_data.client_dataset(c, train, i) for i, c in enumerate(CLIENTS)]
-    whole = process.next_group(state, grouped.stack_datasets(datasets))
-    halves = process.next_groups(state, [grouped.stack_datasets(datasets[:1]), grouped.stack_datasets(datasets[1:])])
+    whole = process.next_group(state, grouped_data.stack_datasets(datasets))
+    halves = process.next_groups(state, [grouped_data.stack_datasets(datasets[:1]), grouped_data.stack_datasets(datasets[1:])])
     assert halves.metrics["aggregator"]["clients"] == len(CLIENTS)
     # the same median; a group of 1 and one of 3 train with other matmul shapes (float rounding)
     weights = [process.get_model_weights(output.state).trainable for output in (whole, halves)]
