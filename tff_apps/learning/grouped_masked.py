@@ -5,8 +5,8 @@ one TFF call per group.
 A round, as the stock masked round (`split_rounds.SplitRoundProcess`), in three phases:
 1. client phase, one TFF call: the weights broadcast, every group's clients trained at once
    (`grouped._local_training`), their updates and weights stacked, not summed
-   (`grouped_robust.concatenating_sum`, in client order; with `--workers` one group per
-   worker); the training metrics finished at the server.
+   (`grouped_robust.concatenating_sum`, in client order, over the round's groups); the
+   training metrics finished at the server.
 2. secure sum, in Python: client i's update and weight encoded exactly as the stock round
    encodes them (`secure_rounds.encode`), `shared.secagg.secure_sum` over the round's
    clients, the server decodes the mean (`secure_rounds.decode`).

@@ -4,7 +4,8 @@ TFF 0.87's `value_serialization.serialize_value` builds a value bottom-up: every
 federated value and request around a tensor is a new message made from its parts, and upb
 copies a part into its parent by serializing and re-parsing it. A round of the grouped engine
 at 10,000 clients sends about 80 MB of stacked examples; those copies (with the page faults of
-each fresh buffer) took about 1 s of the coordinator's CPU per round, more than the training.
+each fresh buffer) took about 1 s of the coordinator's CPU per round, more than the training:
+in groups of 1,000 clients the call took a median 1.81 s a round before, 0.83 s after.
 `fill_value` writes the same `executor_pb2.Value` top-down into the request it is part of, so
 each array's bytes are copied once into the message. Anything but structs, federated values
 and non-scalar numpy arrays (computations, sequences, scalars, strings) goes through TFF's own
