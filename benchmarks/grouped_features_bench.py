@@ -9,7 +9,8 @@ The round is `engine_bench`'s (healthcare MLP 30-64-1, 57 examples per client, b
 local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on ([robustness] and
 [communication]: median, trimmed_mean 0.2, clip_zero, scaled_update with a tenth of the clients
 bad, 8-bit quantize / hadamard / dft; secure_masked: the Bonawitz protocol over every client of
-the round, in Python). The limit is the
+the round, in Python; dp_record: record-level DP-SGD, clip 1.0, noise 1.0, on Poisson round inputs
+of the same expected batch and steps). The limit is the
 plain FedAvg round of `engine_bench.build_limit` (the same local SGD steps in one tf.function,
 data in memory, no clipping, noise or quantization), so a ratio above the plain mean's is the
 feature's own cost. The round time includes stacking the clients' datasets. One process per
@@ -36,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS_MD = ROOT / "benchmarks" / "grouped_features.md"
 
-FEATURES = ("mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "secure_simulated", "secure_masked")
+FEATURES = (
+    "mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "dp_record", "secure_simulated", "secure_masked",
+)
 # [robustness] and [communication] (grouped_robust.py): a tenth of the clients bad for scaled_update
 ROBUST_FEATURES = ("median", "trimmed_mean", "clip_zero", "scaled_update", "quantize", "hadamard", "dft")
 CLIENT_COUNTS = (10, 100, 1000)
@@ -62,6 +65,9 @@ def process_for(feature: str, n_clients: int):
         return dataclasses.replace(train, algorithm="fedprox", proximal_strength=0.1), {}
     if feature == "server_adam":
         return dataclasses.replace(train, server_optimizer="adam", server_learning_rate=0.01), {}
+    if feature == "dp_record":  # DP-SGD at every client (grouped_dp_sgd.py): per-example clipping and noise
+        section = PrivacySection(level="record", clip_norm=1.0)
+        return train, {"privacy": types.SimpleNamespace(level="record", section=section, noise_multiplier=1.0)}
     if feature.startswith("dp_"):
         section = PrivacySection(level="client", clipping=feature.removeprefix("dp_"), clip_norm=1.0)
         plan = types.SimpleNamespace(
@@ -110,7 +116,8 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
         round_fn, start = build_limit(model_cfg, clients)
         state, limit_state, times = process.initialize(), start, {"grouped": [], "limit": []}
         for r in range(timed + 1):  # each round's inputs made untimed, and dropped after it (peak RSS)
-            inputs, (x, y) = round_inputs(clients, train, r), permuted_arrays(clients, train, r)
+            inputs = (poisson_round_inputs if feature == "dp_record" else round_inputs)(clients, train, r)
+            x, y = permuted_arrays(clients, train, r)
             started = time.perf_counter()
             state = next_round(process, state, inputs, [c.name for c in clients]).state
             grouped_s = time.perf_counter() - started
@@ -124,6 +131,15 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
         "feature": feature, "clients": n_clients, "grouped_s": grouped, "limit_s": limit,
         "ratio": grouped / limit, "peak_rss_mb": mb(peak.peak), "engine": factory.engine_of(process),
     }
+
+
+def poisson_round_inputs(clients, train, round_number: int) -> list:
+    """DP-SGD's round inputs (`dp_sgd.poisson_client_dataset`), seeded as `engine_bench.round_inputs`."""
+    from tff_apps.learning import client_data, dp_sgd
+
+    return [
+        dp_sgd.poisson_client_dataset(c, train, client_data.round_seed(0, round_number, i)) for i, c in enumerate(clients)
+    ]
 
 
 def markdown(rows: list[dict], machine: str) -> str:

@@ -75,7 +75,9 @@ class ModelConfig:
     partial_noise_std: float = field(default=0.0, metadata={"min": 0.0, "doc": (
         "Gaussian noise the partner adds to its partial scores before the secure sum; 0 = off."
     )})
-    score_bound: float = field(default=32.0, metadata={"exclusive_min": 0.0, "doc": (
+    # max: across sites the masked sum's ring holds parties * 2 * bound * 2^16 in at most 56 bits
+    # (the gateways' limit); a logistic score saturates long before 1e6
+    score_bound: float = field(default=32.0, metadata={"exclusive_min": 0.0, "max": 1e6, "doc": (
         "Partial scores are clipped to ±bound (part of the model) and summed in fixed point with 16 fractional bits."
     )})
 

@@ -359,16 +359,21 @@ def check_personalization(cfg, federation: Federation, client_rows: dict[str, in
 
 def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> None:
     """`train.engine = "grouped"` (tff_apps/learning/grouped.py) runs the plain (un)weighted mean, client-level
-    DP with fixed or adaptive clipping, the "simulated" and "masked" secure-sum means, every robustness.aggregation
-    and bad-client mode, and communication.compression (grouped_robust.py); anything else is refused
+    DP with fixed or adaptive clipping, record-level DP-SGD with the plain uniform mean (grouped_dp_sgd.py), the
+    "simulated" and "masked" secure-sum means without DP, every robustness.aggregation and bad-client mode, and
+    communication.compression without DP-SGD (grouped_robust.py); anything else is refused
     rather than computed differently. (Its model must be a chain of Keras Dense layers: checked
     when the process is built.)"""
     if getattr(cfg.train, "engine", "tff") != "grouped":
         return
-    privacy = cfg.privacy
+    privacy, robustness = cfg.privacy, federation.robustness
+    record = privacy.level == "record"  # grouped_aggregation.aggregation_of refuses the same
+    scaled = robustness.bad_clients > 0 and robustness.bad_client_mode == "scaled_update"
     refused = {
-        "privacy.level": privacy.level == "record",
-        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and privacy.level == "client",
+        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and privacy.level != "none",
+        "robustness.aggregation": record and robustness.aggregation != "mean",
+        "robustness.bad_client_mode": record and scaled,
+        "communication.compression": record and federation.communication.compression != "none",
     }
     for key, bad in refused.items():
         if bad:

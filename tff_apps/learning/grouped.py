@@ -35,8 +35,11 @@ equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to 
 Masked secure aggregation (no DP) runs the stock masked round's secure sum in Python between
 a grouped client phase and the server phase (`grouped_masked`).
 
+Record-level DP-SGD (per-example clipping and noise at every client, the uniform mean) is
+`grouped_dp_sgd`'s, on the Poisson round inputs of `dp_sgd`.
+
 What it does not run is refused: `federation.check_engine` refuses configs (UserError
-before the run folder: record-level DP-SGD, distributed DP);
+before the run folder: distributed DP, DP-SGD with secure sums, [robustness] or [communication]);
 `build_grouped_process` refuses models other than a chain of Keras Dense layers with a
 per-example loss (`read_dense_chain`).
 """
@@ -71,19 +74,22 @@ class GroupedProcess:
     finalizer's part is the server optimizer's state), and `output.metrics` has its
     `client_work.train` metrics."""
 
-    def __init__(self, initialize_fn, next_fn, robust=None, bad_clients=(), bad_update_scale: float = 1.0):
+    def __init__(self, initialize_fn, next_fn, robust=None, bad_clients=(), bad_update_scale: float = 1.0,
+                 group_round=round_groups):
         self.initialize_fn = initialize_fn
         self.next_fn = next_fn  # federated: (state@SERVER, groups@CLIENTS) -> (state, metrics)@SERVER
         self.robust = robust  # grouped_robust.RobustSpec, or None (the plain mean, DP, secure sum)
         self.bad_clients = frozenset(bad_clients)  # scaled_update: these clients' updates are scaled
         self.bad_update_scale = float(bad_update_scale)
         self.wants_client_names = bool(robust is not None and robust.scaled)  # round_loop.next_round
+        self.group_round = group_round  # (datasets, workers, scale) -> groups; DP-SGD's stacks Poisson inputs
 
     def initialize(self):
         return self.initialize_fn()
 
     def next(self, state, datasets, client_names=None, **round_options):
-        """One round; with `--workers` the clients are cut into one group per worker.
+        """One round; the clients travel in groups (`grouped_data.round_groups`: at least one per
+        worker with `--workers`, each at most GROUP_BYTES).
         `client_names` (scaled_update): which of the round's clients are bad. `round_options`
         (tests, masked rounds): `grouped_masked`'s simulated dropouts."""
         from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
@@ -95,7 +101,7 @@ class GroupedProcess:
         # the runtime's context over several workers says how many (runtime/mergeable.py's `width`)
         workers = getattr(context_stack_impl.context_stack.current, "width", 1)
         scale = np.where(bad, self.bad_update_scale, 1.0).astype(np.float32) if self.wants_client_names else None
-        groups = round_groups(datasets, workers, scale)
+        groups = self.group_round(datasets, workers, scale)
         output = self.next_groups(state, groups, **round_options)
         if self.robust is not None and self.robust.split_rounds_metrics:  # the stock split_rounds' entry
             output.metrics["robustness"] = collections.OrderedDict(bad_clients_in_round=int(sum(bad)))
@@ -149,6 +155,10 @@ def build_grouped_process(
     if secure is None:
         secure = getattr(privacy, "secure", None)
     aggregation = aggregation_of(train, plan, secure, federation)
+    if plan is not None and plan.level == "record":  # DP-SGD at every client, the uniform mean
+        from tff_apps.learning.grouped_dp_sgd import build_dp_sgd_process
+
+        return build_dp_sgd_process(train, model_fn, plan, aggregation)
     spec = aggregation.robust
     bad = ()
     if spec is not None and spec.scaled:

@@ -35,9 +35,14 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
     from tff_apps.learning.optimizers import is_weighted
 
     level = plan.level if plan is not None else "none"
-    if level == "record" or (secure is not None and level != "none"):
+    if secure is not None and level != "none":
         raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
     robust = robust_spec(train, federation)
+    if level == "record":  # DP-SGD (`grouped_dp_sgd`): noised at the clients, then the plain uniform mean
+        if robust is not None:
+            raise UserError(f"{ENGINE_KEY} = 'grouped' runs record-level DP without [robustness] and [communication]; "
+                            f"use {ENGINE_KEY} = 'tff'")
+        return Aggregation("unweighted", weighted=False)
     if robust is not None:
         if level != "none" or secure is not None:  # federation.check refuses these first
             raise UserError(f"{ENGINE_KEY} = 'grouped' runs [robustness] and [communication] without DP or secure sums")

@@ -296,7 +296,7 @@ def grouped_input_spec():
 @pytest.mark.parametrize(
     "override, key",
     [
-        (["privacy.level=record"], "privacy.level"),
+        (["privacy.level=record", "privacy.secure_aggregation=simulated"], "privacy.secure_aggregation"),  # DP-SGD
         (["privacy.secure_aggregation=masked", "privacy.level=client"], "privacy.secure_aggregation"),  # distributed DP
     ],
 )
