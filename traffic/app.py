@@ -162,12 +162,6 @@ def check_job(cfg: JobConfig) -> None:
             f"train.engine = 'grouped' runs chains of Dense layers (after a GRU or not); model.kind = "
             f"'{cfg.model.kind}' is not one, so use model.kind = 'mlp' or 'gru', or train.engine = 'tff' (or 'auto')"
         )
-    if cfg.personalization.epochs and uses_sensor_scaling(cfg) and not cfg.job.sites:
-        raise UserError(
-            f"[personalization] is not offered with model.kind = '{cfg.model.kind}' yet (a graph model scales "
-            "each sensor by its own std, the personalized MAE takes one std a district): set "
-            "personalization.epochs = 0 or model.kind = 'mlp' or 'gru'"
-        )
     if cfg.privacy.level == "record":
         raise UserError(
             "privacy.level = 'record' is not offered for traffic: a training example is a "
@@ -309,14 +303,19 @@ def personalize_districts(cfg: JobConfig, splits, model_fn, weights) -> dict[str
     from traffic.evaluate import HORIZONS
 
     clients = [personalization.ClientSplit(s.name, *s.examples("train"), *s.examples("test")) for s in splits]
+    by_sensor = uses_sensor_scaling(cfg)  # a graph model: each sensor its own std, its errors weighed by it
     results = personalization.personalize(
-        model_fn, weights, clients, personalization.masked_mae_at(HORIZONS["60min"] - 1),
+        model_fn, weights, clients, personalization.masked_mae_at(HORIZONS["60min"] - 1, splits[0].n_nodes if by_sensor else 0),
         cfg.personalization, cfg.train, cfg.job.seed,
     )
     std = {s.name: s.std for s in splits}
-    return {
-        name: {when: r[when]["mae"] * std[name] for when in ("before", "after")} for name, r in results.items()
-    }
+
+    def mph(metrics: dict, name: str) -> float:
+        if by_sensor:
+            return float(np.sum(metrics["error_by_node"] * std[name]) / np.sum(metrics["observed_by_node"]))
+        return metrics["mae"] * std[name]
+
+    return {name: {when: mph(r[when], name) for when in ("before", "after")} for name, r in results.items()}
 
 
 def mirror_speeds(normalized_targets: np.ndarray) -> np.ndarray:

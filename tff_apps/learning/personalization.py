@@ -111,9 +111,15 @@ def _client_input(client: ClientSplit) -> collections.OrderedDict:
     )
 
 
-def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Metric name -> float (each value is a one-client list from TFF's sampling)."""
-    return {name: float(np.asarray(value).reshape(-1)[0]) for name, value in metrics.items()}
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metric name -> float, or numpy array for a vector metric (each value is a one-client
+    list from TFF's sampling)."""
+    numbers = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        value = value.reshape(value.shape[1:]) if value.ndim else value
+        numbers[name] = float(value) if value.ndim == 0 else value
+    return numbers
 
 
 def _finetune_builder(epochs: int, step_size: float, batch_size: int, shuffle_buffer: int, seed: int,
@@ -182,8 +188,12 @@ def exact_auc(labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
     )
 
 
-def masked_mae_at(column: int) -> MetricsFn:
-    """MAE of output `column` over the observed (non-NaN) targets, in the model's units."""
+def masked_mae_at(column: int, nodes: int = 0) -> MetricsFn:
+    """MAE of output `column` over the observed (non-NaN) targets, in the model's units.
+    `nodes` > 0 (outputs [batch, nodes, ...], a graph model's): also each node's error sum and
+    observed count (`error_by_node`, `observed_by_node`), so that the caller can weigh each
+    node by its own scale."""
+    axes = [0] if nodes else None  # sum over the batch only (per node) or over everything
 
     def metrics(model, data: tf.data.Dataset) -> collections.OrderedDict:
         def add(state, batch):
@@ -191,11 +201,15 @@ def masked_mae_at(column: int) -> MetricsFn:
             actual = tf.cast(batch["y"][..., column], tf.float64)
             observed = tf.logical_not(tf.math.is_nan(actual))
             errors = tf.where(observed, tf.abs(predicted - tf.where(observed, actual, 0.0)), 0.0)
-            return state[0] + tf.reduce_sum(errors), state[1] + tf.reduce_sum(tf.cast(observed, tf.float64))
+            counts = tf.cast(observed, tf.float64)
+            return state[0] + tf.reduce_sum(errors, axis=axes), state[1] + tf.reduce_sum(counts, axis=axes)
 
-        zero = tf.constant(0.0, tf.float64)
-        total, count = data.batch(EVAL_BATCH).reduce((zero, zero), add)
-        return collections.OrderedDict(mae=total / count, observed=count)
+        zero = tf.zeros([nodes] if nodes else [], tf.float64)
+        errors, counts = data.batch(EVAL_BATCH).reduce((zero, zero), add)
+        result = collections.OrderedDict(mae=tf.reduce_sum(errors) / tf.reduce_sum(counts), observed=tf.reduce_sum(counts))
+        if nodes:
+            result.update(error_by_node=errors, observed_by_node=counts)
+        return result
 
     return metrics
 
