@@ -1,0 +1,284 @@
+"""Record-level DP-SGD in the grouped engine: every client's DP-SGD (`dp_sgd`) in one TFF call.
+
+The round inputs are the stock ones (`dp_sgd.poisson_client_dataset`: one element per local
+step, the Poisson batch padded to a width with a 0/1 mask, and the expected batch size).
+`stack_poisson_datasets` stacks a group of them into x [clients, steps, width, ...], y likewise,
+mask [clients, steps, width], expected_batch_size [clients, steps] and active [clients, steps]:
+clients take different numbers of steps (`dp_config.record_steps_per_round`), so the steps
+after a client's last one are inactive. An active step whose batch is empty is NOT skipped:
+it is a step on noise alone, as in the stock client work.
+
+Each step, for every client at once (`_local_dp_sgd`, `_dp_sgd_gradients`), does what
+`dp_sgd._dp_sgd_local_training` does at one client:
+- per-example gradients: each client's weights are tiled per example ([clients, width, ...]),
+  each example runs the Dense chain with its own copy (a batched matmul over clients x width),
+  and the gradient of the sum of the per-example losses w.r.t. the copies is each example's
+  own gradient;
+- each clipped to L2 norm C over all trainable tensors (non-finite gradients and padding
+  contribute 0), summed per client, N(0, (zC)^2) noise added to every coordinate of every
+  client (TF's unseeded generator, as in `dp_sgd`), divided by the client's expected batch
+  size, plus the gradient of the client's weight regularization;
+- the client optimizer steps where the step is active (its state restarts every round).
+
+The update is w0 - w (zeroed if non-finite); the server takes the uniform mean (the stock
+`as_weighted_aggregator(UnweightedMeanFactory())`: a zeroed client still counts) and applies
+TFF's server-optimizer finalizer. No training metrics, as in the stock process.
+
+Only models whose per-example loss the grouped chain computes exactly as
+`dp_sgd.keras_per_example_loss` does run here: a masked mean loss (`masked_parts`) or a GRU
+is refused (UserError naming train.engine; with "auto" the stock process is built instead).
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
+
+from shared.errors import UserError
+from tff_apps.config import TrainSection
+from tff_apps.learning import grouped_data
+from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain
+from tff_apps.learning.grouped_aggregation import Aggregation, finish_mean, per_client_sums
+
+POISSON_FIELDS = ("x", "y", "mask", "expected_batch_size", "active")
+
+
+# -- the round's groups ----------------------------------------------------------------------
+
+
+def poisson_round_groups(datasets: list[tf.data.Dataset], workers: int = 1, scale=None) -> list:
+    """`grouped_data.round_groups` for DP-SGD's Poisson round inputs (`scale`: unused, DP-SGD
+    runs without scaled bad updates)."""
+    return grouped_data.round_groups(datasets, workers, None, stack=stack_poisson_datasets)
+
+
+def stack_poisson_datasets(datasets: list[tf.data.Dataset]) -> collections.OrderedDict:
+    """Clients' `dp_sgd.poisson_client_dataset`s -> the group's fields (module docstring),
+    padded to the group's most steps and widest batch."""
+    clients = [_poisson_steps(ds) for ds in datasets]
+    if not clients:
+        raise ValueError("grouped engine: a round needs at least one client")
+    steps = max(1, max(len(c["mask"]) for c in clients))
+    width = max(c["mask"].shape[1] for c in clients)
+    n = len(clients)
+    x0, y0 = clients[0]["x"], clients[0]["y"]
+    group = collections.OrderedDict(
+        x=np.zeros((n, steps, width, *x0.shape[2:]), np.float32),
+        y=np.zeros((n, steps, width, *y0.shape[2:]), np.float32),
+        mask=np.zeros((n, steps, width), np.float32),
+        expected_batch_size=np.ones((n, steps), np.float32),  # 1 on inactive steps: no division by 0
+        active=np.zeros((n, steps), np.float32),
+    )
+    for c, client in enumerate(clients):
+        s, w = client["mask"].shape
+        for key in ("x", "y", "mask"):
+            group[key][c, :s, :w] = client[key]
+        group["expected_batch_size"][c, :s] = client["expected_batch_size"]
+        group["active"][c, :s] = 1.0
+    return group
+
+
+def _poisson_steps(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
+    """One client's steps: x [steps, width, ...], y likewise, mask [steps, width], expected
+    batch size [steps].
+
+    `dp_sgd.padded_dataset` builds `from_tensor_slices(steps)`: its tensors are read straight
+    from the dataset (iterating costs about 20 ms per client, as `grouped_data._client_rows`
+    measured). Any other dataset of the same elements is iterated."""
+    if type(dataset).__name__ == "_TensorSliceDataset":
+        element = tf.nest.pack_sequence_as(dataset.element_spec, [np.asarray(t) for t in dataset._tensors])
+    else:
+        elements = list(dataset.as_numpy_iterator())
+        if not elements:
+            raise ValueError("grouped engine: a client's DP-SGD round input has no steps")
+        element = tf.nest.map_structure(lambda *steps: np.stack(steps), *elements)
+    batch = element.get("batch") if isinstance(element, collections.abc.Mapping) else None
+    if not isinstance(batch, collections.abc.Mapping):
+        raise ValueError("grouped engine: a DP-SGD round input is not dp_sgd.poisson_client_dataset's")
+    return {
+        "x": batch["x"], "y": batch["y"], "mask": element["mask"],
+        "expected_batch_size": element["expected_batch_size"],
+    }
+
+
+# -- the process -----------------------------------------------------------------------------
+
+
+def build_dp_sgd_process(train: TrainSection, model_fn, plan, aggregation: Aggregation):
+    """The grouped engine's `dp_sgd.build_learning_process` (the record-level branch of
+    `factory.build_learning_process`): clip `plan.section.clip_norm`, noise multiplier
+    `plan.noise_multiplier`, the uniform mean `aggregation` (`grouped_aggregation.aggregation_of`)."""
+    from tff_apps.learning import optimizers
+    from tff_apps.learning.grouped import GroupedProcess, _apply_update, _group_type
+
+    chain = read_dense_chain(model_fn)
+    _refuse_unmatched_loss(chain)
+    with tf.Graph().as_default():
+        weights_type = tff.learning.models.weights_type_from_model(model_fn())
+        input_spec = model_fn().input_spec
+    group_type = _poisson_group_type(_group_type(input_spec, chain.flatten))
+    train_group = _train_group_computation(
+        chain, optimizers.client_optimizer(train), float(plan.section.clip_norm), float(plan.noise_multiplier),
+        aggregation, weights_type, group_type,
+    )
+    server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
+        weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
+    )
+
+    @tff.tensorflow.computation
+    def initialize_tf():
+        return tff.learning.templates.LearningAlgorithmState(
+            global_model_weights=tff.learning.models.ModelWeights.from_model(model_fn()),
+            # the aggregator's state: the stock UnweightedMeanFactory's (its two sums')
+            distributor=(), client_work=(), aggregator=((), ()), finalizer=server_init(),
+        )
+
+    @tff.federated_computation
+    def initialize_fn():
+        return tff.federated_eval(initialize_tf, tff.SERVER)
+
+    @tff.tensorflow.computation(train_group.type_signature.result)
+    def finish(sums):
+        return finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
+
+    @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
+    def next_fn(state, groups):
+        weights = tff.federated_broadcast(state.global_model_weights)
+        update = tff.federated_map(finish, tff.federated_sum(tff.federated_map(train_group, (weights, groups))))
+        new_state, finalizer_measurements = _apply_update(server_next, state, update, state.aggregator)
+        return new_state, _stock_metrics(finalizer_measurements)
+
+    return GroupedProcess(initialize_fn, next_fn, group_round=poisson_round_groups)
+
+
+def _stock_metrics(finalizer_measurements):
+    """The metrics of the stock DP-SGD process, at SERVER: no training metrics (they would not
+    be private), the measurements of the uniform mean's two plain sums, the finalizer's."""
+    return tff.federated_zip(collections.OrderedDict(
+        distributor=tff.federated_value((), tff.SERVER),
+        client_work=tff.federated_value(collections.OrderedDict(train=collections.OrderedDict()), tff.SERVER),
+        aggregator=tff.federated_value(collections.OrderedDict(mean_value=(), mean_count=()), tff.SERVER),
+        finalizer=finalizer_measurements,
+    ))
+
+
+def _refuse_unmatched_loss(chain: DenseChain) -> None:
+    """Refuses models whose per-example loss here would differ from `dp_sgd.keras_per_example_loss`'s."""
+    what = "a masked mean loss" if hasattr(chain.loss, "masked_parts") else "a GRU layer" if chain.gru else ""
+    if what:
+        raise UserError(
+            f"{ENGINE_KEY} = 'grouped' runs record-level DP-SGD for Dense chains with a per-example Keras loss only, "
+            f"not {what}; use {ENGINE_KEY} = 'tff'"
+        )
+
+
+def _poisson_group_type(base: tff.StructType) -> tff.StructType:
+    """The group type of `grouped._group_type` (x, y, mask) and the per-step fields."""
+    fields = [(name, value) for name, value in structure.to_elements(base) if name in ("x", "y", "mask")]
+    fields += [(name, tff.TensorType(np.float32, [None, None])) for name in ("expected_batch_size", "active")]
+    assert [name for name, _ in fields] == list(POISSON_FIELDS)
+    return tff.types.StructWithPythonType(fields, collections.OrderedDict)
+
+
+def _train_group_computation(chain, optimizer, clip_norm, noise_multiplier, aggregation, weights_type, group_type):
+    """(weights, group) -> the group's sums: value [sum of updates], weight (clients), clients."""
+
+    @tff.tensorflow.computation(weights_type, group_type)
+    def train_group(weights, group):
+        start = [tf.convert_to_tensor(w) for w in weights.trainable]
+        updates, client_weights = _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group)
+        value, weight = per_client_sums(aggregation, updates, client_weights)
+        clients = tf.shape(group["mask"], out_type=tf.int64)[0]
+        return collections.OrderedDict(value=value, weight=weight, clients=clients)
+
+    return train_group
+
+
+# -- the local training ----------------------------------------------------------------------
+
+
+def _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group):
+    """Every client's DP-SGD from `start`: (updates [clients, ...] zeroed where non-finite,
+    weights [clients]: 1, or 0 for a zeroed client)."""
+    from tff_apps.learning.grouped import _stacked_optimizer_state, _where_client
+
+    mask = group["mask"]
+    clients, steps = tf.shape(mask)[0], tf.shape(mask)[1]
+    anchor = [tf.tile(tf.expand_dims(w, 0), [clients] + [1] * w.shape.rank) for w in start]
+
+    def step(s, weights, state):
+        gradients = _dp_sgd_gradients(chain, weights, group, s, clip_norm, noise_multiplier)
+        new_state, new_weights = optimizer.next(state, tuple(weights), tuple(gradients))
+        active = group["active"][:, s] > 0  # a client's inactive steps come after its last one
+        new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
+        new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
+        return s + 1, new_weights, new_state
+
+    initial = (tf.constant(0), anchor, _stacked_optimizer_state(optimizer, start, clients))
+    _, final, _ = tf.while_loop(lambda s, *_: s < steps, step, initial)
+    updates = [a - w for a, w in zip(anchor, final)]
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
+    )
+    updates = [_where_client(finite, u, tf.zeros_like(u)) for u in updates]
+    return updates, tf.where(finite, 1.0, 0.0)
+
+
+def _dp_sgd_gradients(chain, weights, group, s, clip_norm, noise_multiplier) -> list[tf.Tensor]:
+    """Step `s`'s gradient per client: (clipped sum + noise) / expected batch size + the
+    regularization's gradient."""
+    sums = _clipped_sums(_per_example_gradients(chain, weights, group["x"][:, s], group["y"][:, s]),
+                         group["mask"][:, s], clip_norm)
+    if noise_multiplier > 0:
+        sums = [g + tf.random.normal(tf.shape(g), stddev=noise_multiplier * clip_norm, dtype=g.dtype) for g in sums]
+    expected = group["expected_batch_size"][:, s]
+    gradients = [g / tf.reshape(expected, [-1] + [1] * (g.shape.rank - 1)) for g in sums]
+    with tf.GradientTape() as tape:
+        tape.watch(weights)
+        penalty = tf.reduce_sum(chain.regularization(weights))  # per client: its own kernels only
+    regularization = tape.gradient(penalty, weights, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [g + r for g, r in zip(gradients, regularization)]
+
+
+def _per_example_gradients(chain: DenseChain, weights, x, y) -> list[tf.Tensor]:
+    """x [clients, width, ...] -> each example's gradient of its data loss, [clients, width, ...]
+    per trainable tensor: every example runs with its own copy of its client's weights."""
+    width = tf.shape(x)[1]
+    copies = [tf.tile(tf.expand_dims(w, 1), [1, width] + [1] * (w.shape.rank - 1)) for w in weights]
+    with tf.GradientTape() as tape:
+        tape.watch(copies)
+        flat = [tf.reshape(c, [-1] + c.shape[2:].as_list()) for c in copies]  # [clients * width, ...]
+        examples_x = tf.reshape(x, [-1, 1] + x.shape[2:].as_list())  # each example a batch of one
+        examples_y = tf.reshape(y, [-1, 1] + y.shape[2:].as_list())
+        total = tf.reduce_sum(_per_example_losses(chain.loss, examples_y, chain.forward(flat, examples_x)))
+    return tape.gradient(total, copies, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+def _per_example_losses(loss, y: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
+    """`dp_sgd.keras_per_example_loss`'s data loss of examples [examples, 1, ...]: the Keras
+    loss unreduced (its `call`), averaged over any axes after the example's -> [examples]."""
+    values = loss.call(y, predictions)  # [examples, 1, ...]
+    if values.shape.rank > 2:
+        values = tf.reduce_mean(values, axis=list(range(2, values.shape.rank)))
+    return tf.reshape(values, [-1])
+
+
+def _clipped_sums(per_example: list[tf.Tensor], mask: tf.Tensor, clip_norm: float) -> list[tf.Tensor]:
+    """Per client, sum_i mask_i * g_i * min(1, C / ||g_i||) over its examples i (the norm over
+    all tensors; a non-finite g_i contributes 0), as `dp_sgd._clipped_sum` at one client."""
+    squared = tf.add_n([tf.reduce_sum(tf.square(g), axis=list(range(2, g.shape.rank))) for g in per_example])
+    finite = tf.math.is_finite(squared)  # [clients, width]
+    norms = tf.sqrt(tf.where(finite, squared, 0.0))
+    scale = tf.where(finite, tf.minimum(1.0, clip_norm / tf.maximum(norms, 1e-12)), 0.0) * mask
+    sums = []
+    for g in per_example:
+        shape = tf.concat([tf.shape(scale), tf.ones([g.shape.rank - 2], tf.int32)], 0)
+        kept = tf.where(tf.reshape(finite, shape), g, tf.zeros_like(g))
+        sums.append(tf.reduce_sum(kept * tf.reshape(scale, shape), axis=1))
+    return sums
