@@ -54,7 +54,7 @@ def build_learning_process(
     whose bad clients are the first of `client_names` (the federation's clients in order).
 
     `train.engine = "grouped"`: the same mathematics with a round's clients trained in one
-    TFF call (`grouped.GroupedProcess`; `federation.check_engine` refuses what it does not run).
+    TFF call (`grouped_process.GroupedProcess`; `federation.check_engine` refuses what it does not run).
     `"auto"`: grouped where it runs the job, else the stock process (the reason logged).
     """
     grouped_process = _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation, client_names)
@@ -125,9 +125,9 @@ def _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, feder
 
 def engine_of(process) -> str:
     """Which engine a process of `build_learning_process` runs: "grouped" or "tff"."""
-    from tff_apps.learning import grouped
+    from tff_apps.learning.grouped_process import GroupedProcess
 
-    return "grouped" if isinstance(process, grouped.GroupedProcess) else "tff"
+    return "grouped" if isinstance(process, GroupedProcess) else "tff"
 
 
 def _build_secure_process(train: TrainSection, model_fn: ModelFn, privacy, plan, secure):

@@ -50,94 +50,19 @@ import collections
 import collections.abc
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.aggregators import differential_privacy
 from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
 from tff_apps.config import TrainSection
-from tff_apps.learning.dense_chain import (
-    ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain, refuse_model,
-)
-from tff_apps.learning.grouped_data import round_groups
+from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
 from tff_apps.learning.grouped_masked import masked_next
+from tff_apps.learning.grouped_process import (
+    GroupedProcess, apply_update, stacked_group_type, stacked_optimizer_state, where_client,
+)
 from tff_apps.learning.grouped_robust import RobustAggregation, concatenating_sum
-
-
-class GroupedProcess:
-    """The learning process of the grouped engine, with the interface `round_loop.run_rounds`
-    uses: `initialize()`, `next(state, datasets)` (one tf.data.Dataset per client, as for
-    the stock process), `get_model_weights(state)`, `set_model_weights(state, weights)`.
-    The state has the stock composed process's shape (LearningAlgorithmState; the
-    finalizer's part is the server optimizer's state), and `output.metrics` has its
-    `client_work.train` metrics."""
-
-    def __init__(self, initialize_fn, next_fn, robust=None, bad_clients=(), bad_update_scale: float = 1.0,
-                 group_round=round_groups):
-        self.initialize_fn = initialize_fn
-        self.next_fn = next_fn  # federated: (state@SERVER, groups@CLIENTS) -> (state, metrics)@SERVER
-        self.robust = robust  # grouped_robust.RobustSpec, or None (the plain mean, DP, secure sum)
-        self.bad_clients = frozenset(bad_clients)  # scaled_update: these clients' updates are scaled
-        self.bad_update_scale = float(bad_update_scale)
-        self.wants_client_names = bool(robust is not None and robust.scaled)  # round_loop.next_round
-        self.group_round = group_round  # (datasets, workers, scale) -> groups; DP-SGD's stacks Poisson inputs
-
-    def initialize(self):
-        return self.initialize_fn()
-
-    def next(self, state, datasets, client_names=None, **round_options):
-        """One round; the clients travel in groups (`grouped_data.round_groups`: at least one per
-        worker with `--workers`, each at most GROUP_BYTES).
-        `client_names` (scaled_update): which of the round's clients are bad. `round_options`
-        (tests, masked rounds): `grouped_masked`'s simulated dropouts."""
-        from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
-        datasets = list(datasets)
-        bad = [name in self.bad_clients for name in (client_names or [None] * len(datasets))]
-        if len(bad) != len(datasets):
-            raise ValueError(f"{len(bad)} client names for {len(datasets)} datasets")
-        # the runtime's context over several workers says how many (runtime/mergeable.py's `width`)
-        workers = getattr(context_stack_impl.context_stack.current, "width", 1)
-        scale = np.where(bad, self.bad_update_scale, 1.0).astype(np.float32) if self.wants_client_names else None
-        groups = self.group_round(datasets, workers, scale)
-        output = self.next_groups(state, groups, **round_options)
-        if self.robust is not None and self.robust.split_rounds_metrics:  # the stock split_rounds' entry
-            output.metrics["robustness"] = collections.OrderedDict(bad_clients_in_round=int(sum(bad)))
-        return output
-
-    def next_group(self, state, group: collections.OrderedDict):
-        """One round on data already stacked by `grouped_data.stack_datasets`."""
-        return self.next_groups(state, [group])
-
-    def next_groups(self, state, groups: list[collections.OrderedDict], **round_options):
-        """One round on groups of clients, each stacked by `grouped_data.stack_datasets` (each group's
-        training runs where TFF places that client slot: with `--workers`, each worker a
-        contiguous slice of them);
-        the robust aggregations' fields (`_robust_fields`) are added where missing."""
-        if self.robust is not None:
-            groups = _robust_fields(self.robust, groups)
-        new_state, metrics = self.next_fn(state, groups, **round_options)
-        return tff.learning.templates.LearningProcessOutput(new_state, collections.OrderedDict(metrics))
-
-    @staticmethod
-    def get_model_weights(state) -> tff.learning.models.ModelWeights:
-        return state.global_model_weights
-
-    @staticmethod
-    def set_model_weights(state, weights):
-        return state._replace(global_model_weights=weights)
-
-
-def _robust_fields(spec, groups: list[collections.OrderedDict]) -> list[collections.OrderedDict]:
-    """The groups with the `scale` [clients] that `grouped_robust` reads for scaled bad
-    updates (1 = a good client) where it is missing."""
-    if not spec.scaled:
-        return groups
-    return [
-        g if "scale" in g else collections.OrderedDict(g, scale=np.ones(len(g["mask"]), np.float32)) for g in groups
-    ]
 
 
 def build_grouped_process(
@@ -169,7 +94,7 @@ def build_grouped_process(
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = _group_type(input_spec, chain.flatten or chain.gru, spec)
+    group_type = stacked_group_type(input_spec, chain.flatten or chain.gru, spec)
     optimizer = optimizers.client_optimizer(train)
     proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
     dp = dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
@@ -206,7 +131,7 @@ def build_grouped_process(
     if aggregation.kind == "masked":  # the secure sum runs in Python between two TFF calls
         @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(weights_type.trainable, tff.SERVER))
         def server_phase(state, update):
-            return _apply_update(server_next, state, update, state.aggregator)
+            return apply_update(server_next, state, update, state.aggregator)
 
         next_masked = masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure, weights_type.trainable,
                                   group_type)
@@ -248,7 +173,7 @@ def build_grouped_process(
     @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
     def next_fn(state, groups):
         update, aggregator, aggregator_measurements, train_metrics = aggregate(state, groups)
-        new_state, finalizer_measurements = _apply_update(server_next, state, update, aggregator)
+        new_state, finalizer_measurements = apply_update(server_next, state, update, aggregator)
         metrics = tff.federated_zip(collections.OrderedDict(
             distributor=tff.federated_value((), tff.SERVER),
             client_work=tff.federated_zip(collections.OrderedDict(train=train_metrics)),
@@ -258,39 +183,6 @@ def build_grouped_process(
         return new_state, metrics
 
     return GroupedProcess(initialize_fn, next_fn, spec, bad, federation.robustness.bad_update_scale if bad else 1.0)
-
-
-def _apply_update(server_next, state, update, aggregator):
-    """(new state, finalizer measurements), at SERVER: TFF's apply-optimizer finalizer on the
-    aggregate `update`; the new state keeps `aggregator` in its aggregator slot."""
-    weights = state.global_model_weights
-    optimizer_state, trainable, finalizer_measurements = tff.federated_map(
-        server_next, (state.finalizer, weights.trainable, update)
-    )
-    new_weights = tff.federated_zip(tff.learning.models.ModelWeights(trainable, weights.non_trainable))
-    new_state = tff.federated_zip(
-        tff.learning.templates.LearningAlgorithmState(new_weights, state.distributor, state.client_work, aggregator,
-                                                      optimizer_state)
-    )
-    return new_state, finalizer_measurements
-
-
-def _group_type(input_spec, flatten: bool = False, spec=None) -> tff.StructType:
-    if not isinstance(input_spec, collections.abc.Mapping) or set(input_spec) != {"x", "y"}:
-        refuse_model("the model's input_spec is not a mapping of x and y")
-    if any(input_spec[key].dtype != tf.float32 for key in ("x", "y")):
-        refuse_model("the model's input_spec is not float32")
-    dims = {key: input_spec[key].shape.as_list()[1:] for key in ("x", "y")}
-    if (len(dims["x"]) != 1 and not flatten) or None in dims["x"] + dims["y"]:
-        refuse_model("the model's input is not a vector per example (nor flattened by its first layer)")
-    fields = [
-        ("x", tff.TensorType(np.float32, [None, None, None, *dims["x"]])),
-        ("y", tff.TensorType(np.float32, [None, None, None, *dims["y"]])),
-        ("mask", tff.TensorType(np.float32, [None, None, None])),
-    ]
-    if spec is not None and spec.scaled:
-        fields.append(("scale", tff.TensorType(np.float32, [None])))
-    return tff.types.StructWithPythonType(fields, collections.OrderedDict)
 
 
 def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type, params_type=None):
@@ -319,7 +211,7 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
     x, y, mask = group["x"], group["y"], group["mask"]
     clients, steps = tf.shape(mask)[0], tf.shape(mask)[1]
     anchor = [tf.tile(tf.expand_dims(w, 0), [clients] + [1] * w.shape.rank) for w in start]
-    optimizer_state = _stacked_optimizer_state(optimizer, start, clients)
+    optimizer_state = stacked_optimizer_state(optimizer, start, clients)
     sums = _zero_metric_sums(chain)
 
     def step(s, weights, state, sums):
@@ -335,8 +227,8 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
             gradients = [g + proximal * (w - w0) for g, w, w0 in zip(gradients, weights, anchor)]
         new_state, new_weights = optimizer.next(state, tuple(weights), tuple(gradients))
         active = examples > 0  # a client's padding steps come after its last batch
-        new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
-        new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
+        new_weights = [where_client(active, n, w) for n, w in zip(new_weights, weights)]
+        new_state = tf.nest.map_structure(lambda n, o: where_client(active, n, o), new_state, state)
         sums = _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples)
         return s + 1, new_weights, new_state, sums
 
@@ -347,33 +239,11 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
     finite = tf.reduce_all(
         tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
     )
-    updates = [_where_client(finite, u, tf.zeros_like(u)) for u in updates]
+    updates = [where_client(finite, u, tf.zeros_like(u)) for u in updates]
     # NUM_EXAMPLES weights; the unweighted aggregations ignore them, as TFF's
     # as_weighted_aggregator does, so one definition serves every aggregation.
     weight = tf.where(finite, tf.reduce_sum(mask, axis=[1, 2]), 0.0)
     return updates, weight, sums
-
-
-def _where_client(condition: tf.Tensor, new: tf.Tensor, old: tf.Tensor) -> tf.Tensor:
-    """Per client (leading axis) `new` where condition else `old`; a shared scalar (the
-    optimizer's learning rate or step) takes `new`."""
-    if new.shape.rank == 0:
-        return new
-    return tf.where(tf.reshape(condition, [-1] + [1] * (new.shape.rank - 1)), new, old)
-
-
-def _stacked_optimizer_state(optimizer, start: list[tf.Tensor], clients: tf.Tensor):
-    """The client optimizer's initial state for per-client weights: its per-weight slots
-    (momentum, Adam's moments) get a leading clients axis; scalars stay shared."""
-    specs = tuple(tf.TensorSpec(w.shape, w.dtype) for w in start)
-    state = optimizer.initialize(specs)
-
-    def stack(value):
-        if isinstance(value, (tuple, list)) and len(value) == len(start):
-            return tuple(tf.tile(tf.expand_dims(v, 0), [clients] + [1] * v.shape.rank) for v in value)
-        return value
-
-    return type(state)((key, stack(value)) for key, value in state.items())
 
 
 def _zero_metric_sums(chain: DenseChain) -> collections.OrderedDict:

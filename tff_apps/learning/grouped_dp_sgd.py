@@ -10,12 +10,11 @@ it is a step on noise alone, as in the stock client work.
 
 Each step, for every client at once (`_local_dp_sgd`, `_dp_sgd_gradients`), does what
 `dp_sgd._dp_sgd_local_training` does at one client:
-- per-example gradients: each client's weights are tiled per example ([clients, width, ...]),
-  each example runs the Dense chain with its own copy (a batched matmul over clients x width),
-  and the gradient of the sum of the per-example losses w.r.t. the copies is each example's
-  own gradient;
-- each clipped to L2 norm C over all trainable tensors (non-finite gradients and padding
-  contribute 0), summed per client, N(0, (zC)^2) noise added to every coordinate of every
+- per-example gradients, each clipped to L2 norm C over all trainable tensors (non-finite
+  gradients and padding contribute 0) and summed per client, without forming them
+  (`_clipped_gradient_sums`: a Dense layer's per-example gradient is an outer product, so
+  its norm and the clipped sum come from the layer's inputs and output gradients);
+- N(0, (zC)^2) noise added to every coordinate of every
   client (TF's unseeded generator, as in `dp_sgd`), divided by the client's expected batch
   size, plus the gradient of the client's weight regularization;
 - the client optimizer steps where the step is active (its state restarts every round).
@@ -45,6 +44,9 @@ from tff_apps.config import TrainSection
 from tff_apps.learning import grouped_data
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain
 from tff_apps.learning.grouped_aggregation import Aggregation, finish_mean, per_client_sums
+from tff_apps.learning.grouped_process import (
+    GroupedProcess, apply_update, stacked_group_type, stacked_optimizer_state, where_client,
+)
 
 POISSON_FIELDS = ("x", "y", "mask", "expected_batch_size", "active")
 
@@ -115,14 +117,12 @@ def build_dp_sgd_process(train: TrainSection, model_fn, plan, aggregation: Aggre
     `factory.build_learning_process`): clip `plan.section.clip_norm`, noise multiplier
     `plan.noise_multiplier`, the uniform mean `aggregation` (`grouped_aggregation.aggregation_of`)."""
     from tff_apps.learning import optimizers
-    from tff_apps.learning.grouped import GroupedProcess, _apply_update, _group_type
-
     chain = read_dense_chain(model_fn)
     _refuse_unmatched_loss(chain)
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = _poisson_group_type(_group_type(input_spec, chain.flatten))
+    group_type = _poisson_group_type(stacked_group_type(input_spec, chain.flatten))
     train_group = _train_group_computation(
         chain, optimizers.client_optimizer(train), float(plan.section.clip_norm), float(plan.noise_multiplier),
         aggregation, weights_type, group_type,
@@ -151,7 +151,7 @@ def build_dp_sgd_process(train: TrainSection, model_fn, plan, aggregation: Aggre
     def next_fn(state, groups):
         weights = tff.federated_broadcast(state.global_model_weights)
         update = tff.federated_map(finish, tff.federated_sum(tff.federated_map(train_group, (weights, groups))))
-        new_state, finalizer_measurements = _apply_update(server_next, state, update, state.aggregator)
+        new_state, finalizer_measurements = apply_update(server_next, state, update, state.aggregator)
         return new_state, _stock_metrics(finalizer_measurements)
 
     return GroupedProcess(initialize_fn, next_fn, group_round=poisson_round_groups)
@@ -179,7 +179,7 @@ def _refuse_unmatched_loss(chain: DenseChain) -> None:
 
 
 def _poisson_group_type(base: tff.StructType) -> tff.StructType:
-    """The group type of `grouped._group_type` (x, y, mask) and the per-step fields."""
+    """The group type of `grouped.group_type` (x, y, mask) and the per-step fields."""
     fields = [(name, value) for name, value in structure.to_elements(base) if name in ("x", "y", "mask")]
     fields += [(name, tff.TensorType(np.float32, [None, None])) for name in ("expected_batch_size", "active")]
     assert [name for name, _ in fields] == list(POISSON_FIELDS)
@@ -206,8 +206,6 @@ def _train_group_computation(chain, optimizer, clip_norm, noise_multiplier, aggr
 def _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group):
     """Every client's DP-SGD from `start`: (updates [clients, ...] zeroed where non-finite,
     weights [clients]: 1, or 0 for a zeroed client)."""
-    from tff_apps.learning.grouped import _stacked_optimizer_state, _where_client
-
     mask = group["mask"]
     clients, steps = tf.shape(mask)[0], tf.shape(mask)[1]
     anchor = [tf.tile(tf.expand_dims(w, 0), [clients] + [1] * w.shape.rank) for w in start]
@@ -216,25 +214,24 @@ def _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group):
         gradients = _dp_sgd_gradients(chain, weights, group, s, clip_norm, noise_multiplier)
         new_state, new_weights = optimizer.next(state, tuple(weights), tuple(gradients))
         active = group["active"][:, s] > 0  # a client's inactive steps come after its last one
-        new_weights = [_where_client(active, n, w) for n, w in zip(new_weights, weights)]
-        new_state = tf.nest.map_structure(lambda n, o: _where_client(active, n, o), new_state, state)
+        new_weights = [where_client(active, n, w) for n, w in zip(new_weights, weights)]
+        new_state = tf.nest.map_structure(lambda n, o: where_client(active, n, o), new_state, state)
         return s + 1, new_weights, new_state
 
-    initial = (tf.constant(0), anchor, _stacked_optimizer_state(optimizer, start, clients))
+    initial = (tf.constant(0), anchor, stacked_optimizer_state(optimizer, start, clients))
     _, final, _ = tf.while_loop(lambda s, *_: s < steps, step, initial)
     updates = [a - w for a, w in zip(anchor, final)]
     finite = tf.reduce_all(
         tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
     )
-    updates = [_where_client(finite, u, tf.zeros_like(u)) for u in updates]
+    updates = [where_client(finite, u, tf.zeros_like(u)) for u in updates]
     return updates, tf.where(finite, 1.0, 0.0)
 
 
 def _dp_sgd_gradients(chain, weights, group, s, clip_norm, noise_multiplier) -> list[tf.Tensor]:
     """Step `s`'s gradient per client: (clipped sum + noise) / expected batch size + the
     regularization's gradient."""
-    sums = _clipped_sums(_per_example_gradients(chain, weights, group["x"][:, s], group["y"][:, s]),
-                         group["mask"][:, s], clip_norm)
+    sums = _clipped_gradient_sums(chain, weights, group["x"][:, s], group["y"][:, s], group["mask"][:, s], clip_norm)
     if noise_multiplier > 0:
         sums = [g + tf.random.normal(tf.shape(g), stddev=noise_multiplier * clip_norm, dtype=g.dtype) for g in sums]
     expected = group["expected_batch_size"][:, s]
@@ -246,39 +243,53 @@ def _dp_sgd_gradients(chain, weights, group, s, clip_norm, noise_multiplier) -> 
     return [g + r for g, r in zip(gradients, regularization)]
 
 
-def _per_example_gradients(chain: DenseChain, weights, x, y) -> list[tf.Tensor]:
-    """x [clients, width, ...] -> each example's gradient of its data loss, [clients, width, ...]
-    per trainable tensor: every example runs with its own copy of its client's weights."""
-    width = tf.shape(x)[1]
-    copies = [tf.tile(tf.expand_dims(w, 1), [1, width] + [1] * (w.shape.rank - 1)) for w in weights]
+def _clipped_gradient_sums(chain: DenseChain, weights, x, y, mask, clip_norm: float) -> list[tf.Tensor]:
+    """Per client, sum_i mask_i * g_i * min(1, C / ||g_i||) over its examples i, g_i example i's
+    gradient of its data loss (the norm over all tensors; a non-finite g_i contributes 0), as
+    `dp_sgd._clipped_sum` at one client, without forming any g_i (Goodfellow 2015): a Dense
+    layer's per-example kernel gradient is the outer product of its input a_i and the gradient
+    d_i of its output before the activation, its bias gradient d_i. So ||g_i||^2 is the sum over
+    layers of ||a_i||^2 ||d_i||^2 (+ ||d_i||^2 with a bias), and the clipped sum of kernel
+    gradients is sum_i s_i a_i d_i^T, one batched matmul per layer."""
+    if chain.flatten:
+        x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
+    inputs, outputs = [], []
     with tf.GradientTape() as tape:
-        tape.watch(copies)
-        flat = [tf.reshape(c, [-1] + c.shape[2:].as_list()) for c in copies]  # [clients * width, ...]
-        examples_x = tf.reshape(x, [-1, 1] + x.shape[2:].as_list())  # each example a batch of one
-        examples_y = tf.reshape(y, [-1, 1] + y.shape[2:].as_list())
-        total = tf.reduce_sum(_per_example_losses(chain.loss, examples_y, chain.forward(flat, examples_x)))
-    return tape.gradient(total, copies, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hidden, position = x, 0
+        for activation, bias in zip(chain.activations, chain.use_bias):
+            inputs.append(hidden)
+            output = tf.matmul(hidden, weights[position])
+            position += 1
+            if bias:
+                output = output + tf.expand_dims(weights[position], 1)
+                position += 1
+            tape.watch(output)  # a plain tensor, not a variable: the tape follows it from here
+            outputs.append(output)
+            hidden = activation(output)
+        total = tf.reduce_sum(_per_example_losses(chain.loss, y, hidden))
+    # an example's loss depends on its own row only: the gradient of the sum is d_i per row
+    deltas = tape.gradient(total, outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    squared = tf.add_n([
+        tf.reduce_sum(tf.square(d), -1) * (tf.reduce_sum(tf.square(a), -1) + (1.0 if bias else 0.0))
+        for a, d, bias in zip(inputs, deltas, chain.use_bias)
+    ])  # [clients, width]
+    finite = tf.math.is_finite(squared)
+    scale = tf.where(finite, tf.minimum(1.0, clip_norm / tf.maximum(tf.sqrt(tf.where(finite, squared, 0.0)), 1e-12)), 0.0)
+    scale = scale * mask
+    sums = []
+    for a, d, bias in zip(inputs, deltas, chain.use_bias):
+        scaled = tf.where(finite[..., tf.newaxis], d * scale[..., tf.newaxis], 0.0)  # a non-finite example: 0, not 0 * NaN
+        sums.append(tf.matmul(tf.where(finite[..., tf.newaxis], a, 0.0), scaled, transpose_a=True))  # [clients, in, out]
+        if bias:
+            sums.append(tf.reduce_sum(scaled, axis=1))
+    return sums
 
 
 def _per_example_losses(loss, y: tf.Tensor, predictions: tf.Tensor) -> tf.Tensor:
-    """`dp_sgd.keras_per_example_loss`'s data loss of examples [examples, 1, ...]: the Keras
-    loss unreduced (its `call`), averaged over any axes after the example's -> [examples]."""
-    values = loss.call(y, predictions)  # [examples, 1, ...]
+    """`dp_sgd.keras_per_example_loss`'s data loss of each example of [clients, width, ...]:
+    the Keras loss unreduced (its `call`), averaged over any axes after the example's ->
+    [clients, width]."""
+    values = loss.call(y, predictions)  # [clients, width, ...]
     if values.shape.rank > 2:
         values = tf.reduce_mean(values, axis=list(range(2, values.shape.rank)))
-    return tf.reshape(values, [-1])
-
-
-def _clipped_sums(per_example: list[tf.Tensor], mask: tf.Tensor, clip_norm: float) -> list[tf.Tensor]:
-    """Per client, sum_i mask_i * g_i * min(1, C / ||g_i||) over its examples i (the norm over
-    all tensors; a non-finite g_i contributes 0), as `dp_sgd._clipped_sum` at one client."""
-    squared = tf.add_n([tf.reduce_sum(tf.square(g), axis=list(range(2, g.shape.rank))) for g in per_example])
-    finite = tf.math.is_finite(squared)  # [clients, width]
-    norms = tf.sqrt(tf.where(finite, squared, 0.0))
-    scale = tf.where(finite, tf.minimum(1.0, clip_norm / tf.maximum(norms, 1e-12)), 0.0) * mask
-    sums = []
-    for g in per_example:
-        shape = tf.concat([tf.shape(scale), tf.ones([g.shape.rank - 2], tf.int32)], 0)
-        kept = tf.where(tf.reshape(finite, shape), g, tf.zeros_like(g))
-        sums.append(tf.reduce_sum(kept * tf.reshape(scale, shape), axis=1))
-    return sums
+    return values

@@ -39,7 +39,7 @@ class StackedUpdates:
 
 
 def masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure, trainable_type, group_type):
-    """The masked round as `grouped.GroupedProcess`'s next_fn: (state, groups) -> (new state, metrics).
+    """The masked round as `grouped_process.GroupedProcess`'s next_fn: (state, groups) -> (new state, metrics).
     `train_group` returns each client's update and weight stacked (`StackedUpdates`),
     `server_phase(state, update)` -> (new state, finalizer measurements)."""
     from tff_apps.learning.grouped_robust import concatenating_sum

@@ -210,9 +210,10 @@ def test_check_accepts_record_level_dp_with_the_grouped_engine_but_not_with_secu
             federation.check(cfg, rows)
 
 
-def test_tiled_per_example_gradients_are_each_examples_own():
-    """The per-example gradients of `grouped_dp_sgd` against tf.GradientTape on the Keras model
-    and loss of each example alone (two clients with their own weights, a batch of 3)."""
+def test_clipped_gradient_sums_are_the_clipped_sums_of_each_examples_own_gradient():
+    """`grouped_dp_sgd._clipped_gradient_sums` against tf.GradientTape on the Keras model and
+    loss of each example alone, clipped and summed by hand (two clients with their own weights,
+    a batch of 4: a clip that binds for some examples, one padding row)."""
     from healthcare.model import build_keras_model
     from tff_apps.learning.dense_chain import read_dense_chain
 
@@ -220,14 +221,24 @@ def test_tiled_per_example_gradients_are_each_examples_own():
     keras_model = build_keras_model(MLP, D, 0)
     rng = np.random.default_rng(2)
     weights = [tf.constant(rng.normal(size=(2, *w.shape)), tf.float32) for w in keras_model.get_weights()]
-    x = tf.constant(rng.normal(size=(2, 3, D)), tf.float32)
-    y = tf.constant((rng.random((2, 3, 1)) < 0.5), tf.float32)
-    gradients = grouped_dp_sgd._per_example_gradients(chain, weights, x, y)
+    x = tf.constant(rng.normal(size=(2, 4, D)), tf.float32)
+    y = tf.constant((rng.random((2, 4, 1)) < 0.5), tf.float32)
+    mask = tf.constant([[1, 1, 1, 1], [1, 1, 1, 0]], tf.float32)
+    clip = 0.8
+    got = grouped_dp_sgd._clipped_gradient_sums(chain, weights, x, y, mask, clip)
     per_example_loss = tf.keras.losses.BinaryCrossentropy(reduction="none")
+    clipped = 0
     for c in range(2):
         keras_model.set_weights([w[c].numpy() for w in weights])
-        for i in range(3):
+        want = [np.zeros(w.shape[1:]) for w in weights]
+        for i in range(4):
             with tf.GradientTape() as tape:
                 loss = per_example_loss(y[c, i:i + 1], keras_model(x[c, i:i + 1], training=True))
-            for got, want in zip(gradients, tape.gradient(loss, keras_model.trainable_variables)):
-                np.testing.assert_allclose(got[c, i], want, rtol=1e-5, atol=1e-7)
+            gradient = [g.numpy() for g in tape.gradient(loss, keras_model.trainable_variables)]
+            norm = np.sqrt(sum(np.sum(g**2) for g in gradient))
+            clipped += int(norm > clip and mask[c, i] > 0)
+            for total, g in zip(want, gradient):
+                total += float(mask[c, i]) * min(1.0, clip / norm) * g
+        for total, g in zip(want, got):
+            np.testing.assert_allclose(g[c], total, rtol=1e-5, atol=1e-6)
+    assert 0 < clipped < 7  # the clip binds for some examples, not all

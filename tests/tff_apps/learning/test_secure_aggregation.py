@@ -325,7 +325,7 @@ def test_masked_healthcare_job_gives_the_simulated_model_within_quantization_err
 
 
 def test_a_masked_round_with_too_many_dropouts_fails_the_job_cleanly(tmp_path, monkeypatch):
-    from tff_apps.learning.grouped import GroupedProcess
+    from tff_apps.learning.grouped_process import GroupedProcess
 
     original = GroupedProcess.next  # the default engine ("auto") runs masked rounds grouped
     calls = []
