@@ -90,22 +90,6 @@ def test_what_a_graph_model_does_not_run_is_refused_before_the_run_folder(tmp_pa
     assert not (tmp_path / "traffic").exists()
 
 
-def test_a_graph_model_personalizes_each_district_in_mph_with_its_sensors_scales(tmp_path: Path):
-    """Each sensor's errors weigh by its own std: the global model's personalized MAE ("before")
-    is then the federated report's MAE at 60 min of that district, in mph."""
-    result = tff_apps_in_process(
-        "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", "model.kind=gcn_gru",
-        "--set", "personalization.epochs=2", "--run-id", "graph",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "traffic" / "graph" / "summary.json").read_text())
-    districts = summary["results"]["federated"]["districts"]
-    assert set(summary["personalization"]) == set(districts) and len(districts) == 3
-    for name, entry in summary["personalization"].items():
-        assert entry["before"] == pytest.approx(districts[name]["mae_60min"], rel=1e-4), name
-        assert entry["after"] != entry["before"] and 0.5 < entry["after"] < 20
-
-
 def test_no_district_reading_is_released_in_the_export_or_the_report(traffic_run: Path):
     """Every sensor's readings, as rows of 12 consecutive steps (a window, what the serving
     check used to carry), are looked for in every released file."""

@@ -87,12 +87,12 @@ def test_the_two_product_convolution_is_the_sum_over_supports(kind):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_graph_job_runs_through_tff_with_every_baseline(tmp_path: Path):
+def test_a_graph_job_runs_through_tff_with_every_baseline_and_personalization(tmp_path: Path):
     job = [
         "--set", "data.n_districts=2", "--set", "data.sensors_per_district=4", "--set", "data.days=7",
         "--set", "train.rounds=2", "--set", "train.local_steps=5", "--set", "train.batch_size=8",
         "--set", "model.kind=gcn_gru", "--set", "model.hidden_units=8", "--set", f"job.runs_dir={tmp_path}",
-        "--run-id", "g",
+        "--set", "personalization.epochs=1", "--run-id", "g",
     ]
     result = tff_apps_in_process("run", "traffic", *job)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +106,13 @@ def test_a_graph_job_runs_through_tff_with_every_baseline(tmp_path: Path):
     # each sensor's scale stays in its district: the statement lists no speed normalization
     released = [entry["release"] for entry in summary["privacy"]["released_outside_epsilon"]]
     assert "speed_normalization" not in released and "site_counts" in released
+    # personalization weighs each sensor's errors by its own std: the global model's
+    # personalized MAE ("before") is the federated report's district MAE at 60 min, in mph
+    districts = summary["results"]["federated"]["districts"]
+    assert set(summary["personalization"]) == set(districts)
+    for name, entry in summary["personalization"].items():
+        assert entry["before"] == pytest.approx(districts[name]["mae_60min"], rel=1e-4), name
+        assert entry["after"] != entry["before"] and 0.5 < entry["after"] < 40
 
 
 def test_a_graph_model_without_any_edge_is_refused_before_the_run(tmp_path: Path):
