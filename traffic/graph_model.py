@@ -15,17 +15,19 @@ road, and a downstream sensor's history tells what is coming):
 Every weight acts on one sensor's features (shapes [features, units]), so the model does
 not depend on a district's sensor count and FedAvg averages districts of any size.
 
-Input x [batch, nodes, history * N_FEATURES + nodes]: each sensor's flattened window
-(``traffic.windows``), then its row of the district's graph (W[i, :], the edges from
-sensor i). TFF needs one input shape for every client, so districts are padded to the
+Input x [batch, nodes, history * N_FEATURES + history + horizon + nodes]: each sensor's
+flattened window (``traffic.windows``), its typical speed at each step of that hour and of the
+hour to forecast (``traffic.typical``), then its row of the district's graph (W[i, :], the
+edges from sensor i). TFF needs one input shape for every client, so districts are padded to the
 largest district's sensor count: a padded sensor has no features, no edges (its rows and
 columns are 0) and NaN targets, so it neither feeds a real sensor nor counts in the loss.
 Putting the graph in every example costs nodes^2 floats a window (at most about as much
 as the window itself) and keeps the engine's plain (x, y) datasets.
 
 Output [batch, nodes, horizon]: every sensor's next `horizon` normalized speeds. The head
-sees the final graph-GRU state and the sensor's own window (a skip connection: the sensor's
-own recent history reaches the output without passing through the recurrence).
+sees the final graph-GRU state, the sensor's own window (a skip connection: the sensor's own
+recent history reaches the output without passing through the recurrence) and its typical
+speeds (what this sensor usually does at this hour, which shared weights cannot know).
 
 Speed (measured, docs/traffic.md "Graph models"): a graph convolution over all supports is two
 products (`_convolve`) and the Keras baselines run each step as one XLA program (traffic/app.py,
@@ -135,14 +137,16 @@ def build(kind: str, units: int, history: int, n_features: int, n_nodes: int, ho
     """The Keras graph forecaster (uncompiled), for districts padded to `n_nodes` sensors."""
     glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=seed + k)  # noqa: E731
     width = history * n_features
-    inputs = tf.keras.Input(shape=(n_nodes, width + n_nodes), name="x")
+    typical_width = history + horizon  # the sensor's typical speed at each step (traffic/typical.py)
+    inputs = tf.keras.Input(shape=(n_nodes, width + typical_width + n_nodes), name="x")
     windows = inputs[:, :, :width]
-    graph = inputs[:, :, width:]
+    typical = inputs[:, :, width : width + typical_width]
+    graph = inputs[:, :, width + typical_width :]
     per_step = READINGS_PER_STEP if history % READINGS_PER_STEP == 0 else 1
     sequence = tf.reshape(windows, (-1, n_nodes, history // per_step, per_step * n_features))
     state = GraphGRU(kind, units, history // per_step, per_step * n_features, seed, name="graph_gru")([sequence, graph])
     hidden = tf.keras.layers.Dense(units, activation="relu", kernel_initializer=glorot(2))(
-        tf.concat([state, windows], axis=-1)
+        tf.concat([state, windows, typical], axis=-1)
     )
     outputs = tf.keras.layers.Dense(horizon, kernel_initializer=glorot(3))(hidden)
     return tf.keras.Model(inputs, outputs)

@@ -98,7 +98,7 @@ def input_spec(history: int, n_features: int, horizon: int, n_nodes: int = 0) ->
 
     if n_nodes:
         return collections.OrderedDict(
-            x=tf.TensorSpec([None, n_nodes, history * n_features + n_nodes], tf.float32),
+            x=tf.TensorSpec([None, n_nodes, history * n_features + history + horizon + n_nodes], tf.float32),
             y=tf.TensorSpec([None, n_nodes, horizon], tf.float32),
         )
     return collections.OrderedDict(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +19,7 @@ import tensorflow_federated as tff
 
 from tff_apps.sites import site_computations
 from traffic.evaluate import HORIZONS, STEPS_PER_WEEK
+from traffic.typical import DAY_TYPES, SMOOTHING_MINUTES
 from traffic.windows import EPOCH_WEEKDAY_SHIFT, N_FEATURES, SECONDS_PER_DAY, SECONDS_PER_WEEK
 
 SERIES = "series.tfrecord"
@@ -35,6 +37,17 @@ class Windowing:
     history: int
     horizon: int
     n_nodes: int = 0  # graph models: sensors every example is padded to (the largest district's)
+    interval_minutes: int = 5  # of the readings (graph models: the typical speeds' slots of the day)
+
+
+class SiteWindows(NamedTuple):
+    """A site's windows of one split and what evaluation needs beside them (TF tensors)."""
+
+    x: tf.Tensor  # [W * S, history, N_FEATURES]
+    y: tf.Tensor  # [W * S, horizon]
+    speeds: tf.Tensor  # the raw readings [T, S]
+    graph: tf.Tensor  # [S, S]
+    typical: tf.Tensor | None  # graph models: [W * S, history + horizon] (`traffic.typical`)
 
 
 # ------------------------------------------------------------------ the site's folder
@@ -84,11 +97,16 @@ def tf_time_features(seconds):
     return tf.stack([tf.sin(day), tf.cos(day), tf.sin(week), tf.cos(week)], axis=-1)
 
 
+def first_targets(bounds: tuple[int, int], history: int, horizon: int):
+    """The time step of each window's first target (`make_windows`: history and targets inside `bounds`)."""
+    start, end = bounds
+    return tf.range(start + history, max(end - horizon + 1, start + history))
+
+
 def tf_windows(normalized, seconds, bounds: tuple[int, int], history: int, horizon: int):
     """`traffic.windows.make_windows` in TF ops: (x float32 [W * S, history, N_FEATURES],
     y float32 [W * S, horizon]), rows time-major (window w, sensor s at w * S + s)."""
-    start, end = bounds
-    first_target = tf.range(start + history, max(end - horizon + 1, start + history))
+    first_target = first_targets(bounds, history, horizon)
     history_steps = first_target[:, None] + tf.range(-history, 0)[None, :]  # [W, history]
     target_steps = first_target[:, None] + tf.range(horizon)[None, :]  # [W, horizon]
     speeds = tf.gather(normalized, history_steps)  # [W, history, S]
@@ -104,34 +122,67 @@ def tf_windows(normalized, seconds, bounds: tuple[int, int], history: int, horiz
     return tf.cast(x, tf.float32), tf.cast(y, tf.float32)
 
 
-def tf_graph_examples(x, y, graph, n_nodes: int):
+def tf_typical(normalized, seconds, windowing: Windowing, bounds: tuple[int, int]):
+    """`traffic.typical` in TF ops: each sensor's typical speed at every history and target step
+    of the windows in `bounds`, float32 [W * S, history + horizon], rows as `tf_windows`'."""
+    interval = windowing.interval_minutes * 60.0
+    slots_per_day = int(round(SECONDS_PER_DAY / interval))
+    weekend = tf.math.floormod(tf.math.floordiv(seconds + EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY), 7.0) >= 5.0
+    slot = tf.math.floormod(tf.floor(tf.math.floormod(seconds, SECONDS_PER_DAY) / interval), slots_per_day)
+    key = tf.cast(tf.cast(weekend, tf.float64) * slots_per_day + slot, tf.int32)  # [T]: day type, slot
+    train_end = windowing.bounds["train"][1]
+    train = normalized[:train_end]
+    present = tf.logical_not(tf.math.is_nan(train))
+    shape = [DAY_TYPES, slots_per_day, -1]
+    sums = tf.reshape(tf.math.unsorted_segment_sum(
+        tf.where(present, train, tf.zeros_like(train)), key[:train_end], DAY_TYPES * slots_per_day), shape)
+    counts = tf.reshape(tf.math.unsorted_segment_sum(
+        tf.cast(present, tf.float64), key[:train_end], DAY_TYPES * slots_per_day), shape)
+    reach = int(SMOOTHING_MINUTES // windowing.interval_minutes)
+    sums = tf.add_n([tf.roll(sums, k, axis=1) for k in range(-reach, reach + 1)])
+    counts = tf.add_n([tf.roll(counts, k, axis=1) for k in range(-reach, reach + 1)])
+    mean = tf.math.divide_no_nan(sums, counts)
+    table = tf.where(counts > 0, mean, tf.where(counts[::-1] > 0, mean[::-1], tf.zeros_like(mean)))
+    table = tf.reshape(table, [DAY_TYPES * slots_per_day, -1])
+    first_target = first_targets(bounds, windowing.history, windowing.horizon)
+    steps = first_target[:, None] + tf.range(-windowing.history, windowing.horizon)[None, :]
+    values = tf.gather(table, tf.gather(key, steps))  # [W, history + horizon, S]
+    return tf.cast(tf.reshape(tf.transpose(values, [0, 2, 1]), [-1, windowing.history + windowing.horizon]), tf.float32)
+
+
+def tf_graph_examples(x, y, typical, graph, n_nodes: int):
     """`traffic.windows.graph_examples` in TF ops: one example per time window, each sensor's
-    flattened window then its graph row, padded to n_nodes sensors (zero inputs, NaN targets)."""
+    flattened window, its typical speeds, then its graph row, padded to n_nodes sensors (zero
+    inputs, NaN targets)."""
     n_sensors = tf.shape(graph)[0]
     history, horizon = x.shape[1], y.shape[1]
     flat = tf.reshape(x, tf.stack([-1, n_sensors, history * N_FEATURES]))
+    typical = tf.reshape(typical, tf.stack([-1, n_sensors, history + horizon]))
     edges = tf.broadcast_to(tf.cast(graph, tf.float32)[None], tf.stack([tf.shape(flat)[0], n_sensors, n_sensors]))
     padding = n_nodes - n_sensors
-    nodes = tf.concat([flat, tf.pad(edges, [[0, 0], [0, 0], [0, padding]])], axis=2)
-    graph_x = tf.ensure_shape(tf.pad(nodes, [[0, 0], [0, padding], [0, 0]]), [None, n_nodes, history * N_FEATURES + n_nodes])
+    nodes = tf.concat([flat, typical, tf.pad(edges, [[0, 0], [0, 0], [0, padding]])], axis=2)
+    width = history * N_FEATURES + history + horizon + n_nodes
+    graph_x = tf.ensure_shape(tf.pad(nodes, [[0, 0], [0, padding], [0, 0]]), [None, n_nodes, width])
     targets = tf.reshape(y, tf.stack([-1, n_sensors, horizon]))
     graph_y = tf.pad(targets, [[0, 0], [0, padding], [0, 0]], constant_values=np.nan)
     return graph_x, tf.ensure_shape(graph_y, [None, n_nodes, horizon])
 
 
-def site_windows(folder, windowing: Windowing, split: str):
+def site_windows(folder, windowing: Windowing, split: str) -> SiteWindows:
     """At the site: its sensor windows of `split` and what evaluation needs beside them."""
     speeds, seconds, graph = read_series(folder)
     normalized = (speeds - windowing.mean) / windowing.std
-    x, y = tf_windows(normalized, seconds, windowing.bounds[split], windowing.history, windowing.horizon)
-    return x, y, speeds, graph
+    bounds = windowing.bounds[split]
+    x, y = tf_windows(normalized, seconds, bounds, windowing.history, windowing.horizon)
+    typical = tf_typical(normalized, seconds, windowing, bounds) if windowing.n_nodes else None
+    return SiteWindows(x, y, speeds, graph, typical)
 
 
-def model_examples(x, y, graph, windowing: Windowing):
+def model_examples(windows: SiteWindows, windowing: Windowing):
     """(x, y) the model trains on: the sensor windows, or for the graph models the district's."""
     if not windowing.n_nodes:
-        return x, y
-    return tf_graph_examples(x, y, graph, windowing.n_nodes)
+        return windows.x, windows.y
+    return tf_graph_examples(windows.x, windows.y, windows.typical, windows.graph, windowing.n_nodes)
 
 
 def round_dataset_fn(windowing: Windowing, batch_size: int):
@@ -140,8 +191,7 @@ def round_dataset_fn(windowing: Windowing, batch_size: int):
 
     @tff.tensorflow.computation(site_computations.round_input_type())
     def open_round(reference):
-        x, y, _, graph = site_windows(reference.folder, windowing, "train")
-        x, y = model_examples(x, y, graph, windowing)
+        x, y = model_examples(site_windows(reference.folder, windowing, "train"), windowing)
         data = collections.OrderedDict(x=tf.gather(x, reference.order), y=tf.gather(y, reference.order))
         return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
 
@@ -154,8 +204,7 @@ def split_datasets_fn(windowing: Windowing):
     @tff.tensorflow.computation(np.str_)
     def open_splits(folder):
         def dataset(split: str):
-            x, y, _, graph = site_windows(folder, windowing, split)
-            x, y = model_examples(x, y, graph, windowing)
+            x, y = model_examples(site_windows(folder, windowing, split), windowing)
             return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
 
         return collections.OrderedDict(train_data=dataset("train"), test_data=dataset("test"))
@@ -205,12 +254,12 @@ def model_sums_fn(model_fn, weights_type, windowing: Windowing, split: str):
 
     @tff.tensorflow.computation(weights_type, np.str_)
     def site_sums(weights, folder):
-        x, y, _, graph = site_windows(folder, windowing, split)
-        examples, _ = model_examples(x, y, graph, windowing)
+        windows = site_windows(folder, windowing, split)
+        examples, _ = model_examples(windows, windowing)
         outputs = site_computations.predict_with(model_fn, weights, lambda: examples)
         if windowing.n_nodes:  # back to the sensor windows' rows (`traffic.windows.sensor_rows`)
-            outputs = tf.reshape(outputs[:, : tf.shape(graph)[0]], [-1, windowing.horizon])
-        return tf_metric_sums(_to_mph(y, windowing), _to_mph(outputs, windowing))
+            outputs = tf.reshape(outputs[:, : tf.shape(windows.graph)[0]], [-1, windowing.horizon])
+        return tf_metric_sums(_to_mph(windows.y, windowing), _to_mph(outputs, windowing))
 
     @tff.federated_computation(tff.FederatedType(weights_type, tff.SERVER), tff.FederatedType(np.str_, tff.CLIENTS))
     def sums(weights, folders):
@@ -241,8 +290,7 @@ def tf_historical_average(speeds, windowing: Windowing, split: str):
     counts = tf.math.unsorted_segment_sum(tf.cast(present, tf.float64), slots, STEPS_PER_WEEK)
     sensor_mean = tf.reduce_sum(filled, axis=0) / tf.maximum(tf.reduce_sum(tf.cast(present, tf.float64), axis=0), 1.0)
     table = tf.where(counts > 0, sums / tf.maximum(counts, 1.0), sensor_mean[None, :])  # [week slots, S]
-    start, end = windowing.bounds[split]
-    first_target = tf.range(start + windowing.history, max(end - windowing.horizon + 1, start + windowing.history))
+    first_target = first_targets(windowing.bounds[split], windowing.history, windowing.horizon)
     steps = (first_target[:, None] + tf.range(windowing.horizon)[None, :]) % STEPS_PER_WEEK  # [W, horizon]
     forecast = tf.transpose(tf.gather(table, steps), [0, 2, 1])  # [W, S, horizon]
     return tf.reshape(forecast, [-1, windowing.horizon])
@@ -254,10 +302,10 @@ def baseline_sums_fn(windowing: Windowing):
 
     @tff.tensorflow.computation(np.str_)
     def site_sums(folder):
-        x, y, speeds, _ = site_windows(folder, windowing, "test")
-        actual = _to_mph(y, windowing)
-        persistence = _to_mph(tf_persistence(x, windowing.horizon), windowing)
-        average = tf_historical_average(speeds, windowing, "test")
+        windows = site_windows(folder, windowing, "test")
+        actual = _to_mph(windows.y, windowing)
+        persistence = _to_mph(tf_persistence(windows.x, windowing.horizon), windowing)
+        average = tf_historical_average(windows.speeds, windowing, "test")
         return tf.concat([tf_metric_sums(actual, persistence), tf_metric_sums(actual, average)], axis=0)
 
     @tff.federated_computation(tff.FederatedType(np.str_, tff.CLIENTS))

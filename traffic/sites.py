@@ -243,7 +243,10 @@ def federated_windowing(cfg: JobConfig, prepared: SitesPrepared, history: int, h
     folders = [site.data for site in prepared.sites]
     moments = site_computations.site_moments(folders, at_sites.training_readings(train_end), 1, readings)
     n_nodes = max(prepared.sensors.values()) if cfg.model.kind in GRAPH_KINDS else 0
-    return at_sites.Windowing(float(moments.mean[0]), float(np.sqrt(moments.var[0])), bounds, history, horizon, n_nodes)
+    return at_sites.Windowing(
+        float(moments.mean[0]), float(np.sqrt(moments.var[0])), bounds, history, horizon, n_nodes,
+        int(prepared.schema["interval_minutes"]),
+    )
 
 
 def _site_process(cfg: JobConfig, process, windowing, clients, prepared: SitesPrepared, run):

@@ -86,6 +86,7 @@ def sensor_normalization(data, train_end: int) -> dict[str, tuple[np.ndarray, np
 def district_splits(cfg, data, bounds, evaluate_on: str = "test", stats=None, reuse=None):
     """Per district: training windows (`reuse`'s if given) and evaluation windows, scaled with
     `stats` (district -> (mean, std), scalars or one a sensor), by default the job's scaling."""
+    from traffic import typical
     from traffic.evaluate import DistrictSplit
     from traffic.windows import epoch_seconds, make_windows
 
@@ -101,6 +102,11 @@ def district_splits(cfg, data, bounds, evaluate_on: str = "test", stats=None, re
         normalized = (district.speeds - mean) / std  # a sensor's own scale broadcasts over time
         train = reuse[i].train if reuse else make_windows(normalized, seconds, bounds["train"], HISTORY, HORIZON)
         held_out = make_windows(normalized, seconds, bounds[evaluate_on], HISTORY, HORIZON)
+        if n_nodes:  # each sensor's typical speed, from the district's own training readings
+            table = typical.typical_table(normalized, seconds, train_end, data.interval_minutes)
+            for windows in (train, held_out) if not reuse else (held_out,):
+                steps = windows.target_start[:, None] + np.arange(-HISTORY, HORIZON)[None, :]
+                windows.typical = typical.typical_at(table, seconds, steps, windows.sensor, data.interval_minutes)
         graph = district.graph if district.graph is not None else np.zeros((len(district.sensor_ids),) * 2)
         splits.append(DistrictSplit(district.name, train, held_out, mean, std, graph, n_nodes))
     return splits

@@ -28,12 +28,16 @@ class Windows:
     y: np.ndarray  # [N, horizon] normalized targets, NaN = missing
     sensor: np.ndarray  # [N] sensor index within the district
     target_start: np.ndarray  # [N] time index of the first target step
+    # graph models: the sensor's typical speed at each history and target step ([N, history +
+    # horizon], normalized; traffic/typical.py), None for the models of one sensor
+    typical: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def every(self, stride: int) -> "Windows":
-        return Windows(self.x[::stride], self.y[::stride], self.sensor[::stride], self.target_start[::stride])
+        typical = None if self.typical is None else self.typical[::stride]
+        return Windows(self.x[::stride], self.y[::stride], self.sensor[::stride], self.target_start[::stride], typical)
 
 
 def epoch_seconds(timestamps: pd.DatetimeIndex) -> np.ndarray:
@@ -104,15 +108,18 @@ def _empty_windows(history: int, horizon: int) -> Windows:
 
 def graph_examples(windows: Windows, graph: np.ndarray, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     """A district's windows as graph examples, one per time window (traffic/graph_model.py):
-    x [W, n_nodes, history * N_FEATURES + n_nodes] (each sensor's flattened window, then its
-    graph row), y [W, n_nodes, horizon]; sensors past the district's own are padding (zero
-    inputs, no edges, NaN targets). `windows` rows are time-major (`make_windows`)."""
+    x [W, n_nodes, history * N_FEATURES + history + horizon + n_nodes] (each sensor's flattened
+    window, its typical speeds (`Windows.typical`), then its graph row), y [W, n_nodes, horizon];
+    sensors past the district's own are padding (zero inputs, no edges, NaN targets).
+    `windows` rows are time-major (`make_windows`)."""
     n_sensors = graph.shape[0]
     n_windows = len(windows) // n_sensors
     history, horizon = windows.x.shape[1], windows.y.shape[1]
-    x = np.zeros((n_windows, n_nodes, history * N_FEATURES + n_nodes), np.float32)
+    width = history * N_FEATURES + history + horizon
+    x = np.zeros((n_windows, n_nodes, width + n_nodes), np.float32)
     x[:, :n_sensors, : history * N_FEATURES] = windows.x.reshape(n_windows, n_sensors, -1)
-    x[:, :n_sensors, history * N_FEATURES : history * N_FEATURES + n_sensors] = graph[None]
+    x[:, :n_sensors, history * N_FEATURES : width] = windows.typical.reshape(n_windows, n_sensors, -1)
+    x[:, :n_sensors, width : width + n_sensors] = graph[None]
     y = np.full((n_windows, n_nodes, horizon), np.nan, np.float32)
     y[:, :n_sensors] = windows.y.reshape(n_windows, n_sensors, horizon)
     return x, y

@@ -21,7 +21,8 @@ def _district(n_sensors: int, n_windows: int = 3, seed: int = 0) -> Windows:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n_windows * n_sensors, HISTORY, N_FEATURES)).astype(np.float32)
     y = rng.normal(size=(n_windows * n_sensors, HORIZON)).astype(np.float32)
-    return Windows(x, y, np.tile(np.arange(n_sensors), n_windows), np.repeat(np.arange(n_windows), n_sensors))
+    typical = rng.normal(size=(n_windows * n_sensors, HISTORY + HORIZON)).astype(np.float32)
+    return Windows(x, y, np.tile(np.arange(n_sensors), n_windows), np.repeat(np.arange(n_windows), n_sensors), typical)
 
 
 def _chain(n: int) -> np.ndarray:
@@ -36,9 +37,11 @@ def _model(kind: str, n_nodes: int):
 def test_examples_pad_a_district_and_come_back_as_sensor_rows():
     windows = _district(3)
     x, y = graph_examples(windows, _chain(3), n_nodes=5)
-    assert x.shape == (3, 5, HISTORY * N_FEATURES + 5) and y.shape == (3, 5, HORIZON)
+    width = HISTORY * N_FEATURES + HISTORY + HORIZON  # the window, then the typical speeds
+    assert x.shape == (3, 5, width + 5) and y.shape == (3, 5, HORIZON)
     assert np.array_equal(x[1, 2, : HISTORY * N_FEATURES], windows.x[1 * 3 + 2].ravel())  # window 1, sensor 2
-    assert x[0, 0, HISTORY * N_FEATURES + 1] == 0.5 and not x[:, 3:].any()  # sensor 0's edge; padding empty
+    assert np.array_equal(x[1, 2, HISTORY * N_FEATURES : width], windows.typical[1 * 3 + 2])
+    assert x[0, 0, width + 1] == 0.5 and not x[:, 3:].any()  # sensor 0's edge; padding empty
     assert np.isnan(y[:, 3:]).all()  # padded sensors: no target, no loss
     assert np.array_equal(sensor_rows(y, 3), windows.y)
 
@@ -60,7 +63,7 @@ def test_a_neighbour_history_reaches_a_sensor_only_along_edges(kind):
     when the edge was cut (sensor 1 then lies in another district's data)."""
     model = _model(kind, 3)
     windows = _district(3, n_windows=1)
-    changed = Windows(windows.x.copy(), windows.y, windows.sensor, windows.target_start)
+    changed = Windows(windows.x.copy(), windows.y, windows.sensor, windows.target_start, windows.typical)
     changed.x[1, :, 0] += 3.0  # sensor 1's speeds
     linked, cut = _chain(3), np.zeros((3, 3))
     for graph, moves in ((linked, True), (cut, False)):

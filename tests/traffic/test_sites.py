@@ -134,7 +134,8 @@ def test_site_prepare_fingerprints_the_time_grid_not_the_sensor_count(tmp_path):
 def test_the_sites_windows_are_make_windows_own():
     import tensorflow as tf
 
-    from traffic.site_computations import tf_graph_examples, tf_windows
+    from traffic import typical
+    from traffic.site_computations import Windowing, tf_graph_examples, tf_typical, tf_windows
     from traffic.windows import epoch_seconds, graph_examples, make_windows, split_bounds
 
     app, cfg = resolve_job("traffic", None, DATA)
@@ -142,13 +143,21 @@ def test_the_sites_windows_are_make_windows_own():
     district = data.districts[1]
     normalized = (district.speeds - 55.0) / 12.0
     seconds = epoch_seconds(data.timestamps)
-    for bounds in split_bounds(len(seconds)).values():
+    all_bounds = split_bounds(len(seconds))
+    windowing = Windowing(55.0, 12.0, all_bounds, 12, 12, 5, data.interval_minutes)
+    table = typical.typical_table(normalized, seconds, all_bounds["train"][1], data.interval_minutes)
+    for bounds in all_bounds.values():
         expected = make_windows(normalized, seconds, bounds, 12, 12)
         x, y = tf_windows(tf.constant(normalized), tf.constant(seconds), bounds, 12, 12)
         np.testing.assert_array_equal(x.numpy(), expected.x)
         np.testing.assert_array_equal(y.numpy(), expected.y)
+        steps = expected.target_start[:, None] + np.arange(-12, 12)[None, :]
+        expected.typical = typical.typical_at(table, seconds, steps, expected.sensor, data.interval_minutes)
+        at_site = tf_typical(tf.constant(normalized), tf.constant(seconds), windowing, bounds).numpy()
+        np.testing.assert_allclose(at_site, expected.typical, atol=1e-6)
+    assert np.abs(expected.typical).max() > 0.1  # a real table, not zeros
     graph_x, graph_y = graph_examples(expected, district.graph, 5)
-    x, y = tf_graph_examples(x, y, tf.constant(district.graph), 5)
-    np.testing.assert_array_equal(x.numpy(), graph_x)
+    x, y = tf_graph_examples(x, y, tf.constant(at_site), tf.constant(district.graph), 5)
+    np.testing.assert_allclose(x.numpy(), graph_x, atol=1e-6)
     np.testing.assert_array_equal(y.numpy(), graph_y)
     assert np.isnan(expected.y).any() and (expected.x[:, :, 1] == 0).any()  # missing readings were windowed
