@@ -82,6 +82,7 @@ class HealthcareApp:
         from tff_apps.learning import factory
         from tff_apps.program import round_summary
         from tff_apps.program import round_loop
+        from tff_apps.program.alongside import alongside
         from tff_apps.learning import client_data
 
         trains, tests, data = prepared.trains, prepared.tests, prepared.data
@@ -112,13 +113,17 @@ class HealthcareApp:
             weights.assign_weights_to(global_model)
             return evaluate.headline_metrics(evaluate.evaluate_sites(tests, predict))
 
-        result = round_loop.run_rounds(
-            process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
-            privacy=run.privacy, init_from=run.init_from, federation=settings,
-        )
-        result.weights.assign_weights_to(global_model)
-        reports = {"federated": evaluate.evaluate_sites(tests, predict)}
-        reports.update(run_baselines(cfg, prepared))
+        def federated():
+            trained = round_loop.run_rounds(
+                process, clients, cfg.train, cfg.job.seed, run.dir, evaluate_round, evaluate.HEADLINE,
+                privacy=run.privacy, init_from=run.init_from, federation=settings,
+            )
+            trained.weights.assign_weights_to(global_model)
+            return trained, evaluate.evaluate_sites(tests, predict)
+
+        # the Keras baselines share nothing with the rounds (TFF's worker runs those): train them beside
+        (result, federated_report), baselines = alongside(lambda: run_baselines(cfg, prepared), federated)
+        reports = {"federated": federated_report, **baselines}
         summary = {
             "data": describe_data(data, trains, tests),
             "rounds": len(result.history),
