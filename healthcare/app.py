@@ -122,7 +122,7 @@ class HealthcareApp:
             return trained, evaluate.evaluate_sites(tests, predict)
 
         # the Keras baselines share nothing with the rounds (TFF's worker runs those): train them beside
-        (result, federated_report), baselines = alongside(lambda: run_baselines(cfg, prepared), federated)
+        (result, federated_report), baselines = alongside(lambda stop: run_baselines(cfg, prepared, stop), federated)
         reports = {"federated": federated_report, **baselines}
         summary = {
             "data": describe_data(data, trains, tests),
@@ -229,7 +229,8 @@ def personalize_sites(cfg: JobConfig, prepared: Prepared, preprocessor_of, weigh
     return personalization.summary(results, "auc", also=("accuracy",))
 
 
-def run_baselines(cfg: JobConfig, prepared: Prepared) -> dict[str, dict]:
+def run_baselines(cfg: JobConfig, prepared: Prepared, stop=None) -> dict[str, dict]:
+    """The centralized and local-only baselines; `stop` (a threading.Event) set ends them early."""
     from healthcare import evaluate
 
     epochs = cfg.evaluate.baseline_epochs or cfg.train.rounds * cfg.train.local_epochs
@@ -240,7 +241,7 @@ def run_baselines(cfg: JobConfig, prepared: Prepared) -> dict[str, dict]:
         batch_size=cfg.train.batch_size,
         learning_rate=cfg.train.client_learning_rate,
         seed=cfg.job.seed,
-        fitter=evaluate.KerasFitter(),  # one model, traced once, for every baseline
+        fitter=evaluate.KerasFitter(stop),  # one model, traced once, for every baseline
     )
     reports = {}
     if cfg.evaluate.centralized_baseline:

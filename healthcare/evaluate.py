@@ -14,6 +14,7 @@ from healthcare.model import ModelConfig, build_keras_model
 from shared.metrics import ScoredReport, binary_report, summarize_sites
 from shared.tabular import ClientTable
 from tff_apps.learning.preprocessing import Preprocessor, fit_local
+from tff_apps.program.alongside import stop_callbacks
 
 HEADLINE = "test_auc"
 SUMMARY_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
@@ -64,9 +65,10 @@ class KerasFitter:
     with its seed has and from a zeroed optimizer: it computes what a fresh model would. A
     fit's model is valid until the next fit."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop=None) -> None:
         self._model: tf.keras.Model | None = None
         self._key: tuple = ()
+        self._stop = stop  # a threading.Event: set, the fit ends (`alongside`)
 
     def fit(
         self, x: np.ndarray, y: np.ndarray, model_cfg: ModelConfig, epochs: int, batch_size: int,
@@ -86,7 +88,10 @@ class KerasFitter:
             self._model.set_weights(fresh.get_weights())
             for variable in self._model.optimizer.variables:  # the step count (SGD without momentum)
                 variable.assign(tf.zeros_like(variable))
-        self._model.fit(x, y.astype(np.float32), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0)
+        self._model.fit(
+            x, y.astype(np.float32), batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+            callbacks=stop_callbacks(self._stop),
+        )
         return self._model
 
 

@@ -248,7 +248,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         trained.weights.assign_weights_to(global_model)
         return trained, evaluate.evaluate_districts(splits, keras_forecaster(global_model))
 
-    (result, federated_report), baselines = alongside(lambda: run_baselines(cfg, data, splits, bounds), federated)
+    (result, federated_report), baselines = alongside(lambda stop: run_baselines(cfg, data, splits, bounds, stop), federated)
     privacy = result.privacy if run.privacy is not None else plain_statement
     reports = {"federated": federated_report, **baselines}
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None
@@ -337,7 +337,9 @@ def keras_forecaster(model):
     return predict
 
 
-def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str, dict]:
+def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds, stop=None) -> dict[str, dict]:
+    """Persistence, the historical average and the Keras baselines; `stop` (a threading.Event)
+    set ends the Keras fits early (`alongside`)."""
     from traffic import evaluate
 
     reports = {
@@ -347,7 +349,7 @@ def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds) -> dict[str
             evaluate.historical_average_fn({d.name: d.speeds for d in data.districts}, bounds["train"][1]),
         ),
     }
-    fitter = baseline_fitter(cfg, splits[0].n_nodes)  # one model, traced once, for every Keras baseline
+    fitter = baseline_fitter(cfg, splits[0].n_nodes, stop)  # one model, traced once, for every Keras baseline
     if cfg.evaluate.local_baseline:
         own_stats = (  # each district's own scale: its sensors' (as in federated training), or its own
             sensor_normalization(data, bounds["train"][1]) if uses_sensor_scaling(cfg)
@@ -371,7 +373,7 @@ def steps_of(cfg: JobConfig, split) -> int:
     return cfg.train.rounds * per_round
 
 
-def baseline_fitter(cfg: JobConfig, n_nodes: int):
+def baseline_fitter(cfg: JobConfig, n_nodes: int, stop=None):
     """The model, optimizer and loss of federated training (graph models: one XLA program a step)."""
     import tensorflow as tf
 
@@ -381,7 +383,9 @@ def baseline_fitter(cfg: JobConfig, n_nodes: int):
 
     optimizer = tf.keras.optimizers.Adam if cfg.train.client_optimizer == "adam" else tf.keras.optimizers.SGD
     build = lambda seed: build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed, n_nodes)  # noqa: E731
-    return KerasBaselines(build, optimizer(cfg.train.client_learning_rate), masked_mae, cfg.model.kind in GRAPH_KINDS)
+    return KerasBaselines(
+        build, optimizer(cfg.train.client_learning_rate), masked_mae, cfg.model.kind in GRAPH_KINDS, stop=stop
+    )
 
 
 def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int, fitter):

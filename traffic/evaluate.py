@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from shared.metrics import mae, mape, rmse
+from tff_apps.program.alongside import stop_callbacks
 from traffic.windows import Windows, graph_examples, sensor_rows
 
 HORIZONS = {"15min": 3, "30min": 6, "60min": 12}  # minutes -> step (1-based)
@@ -164,9 +165,10 @@ class KerasBaselines:
 
     STEPS_PER_CALL = 500  # steps in one call of the training function: no Keras Python cost per step
 
-    def __init__(self, build: Callable, optimizer, loss, jit_compile: bool = False):
+    def __init__(self, build: Callable, optimizer, loss, jit_compile: bool = False, stop=None):
         self._build, self._optimizer, self._loss, self._jit_compile = build, optimizer, loss, jit_compile
         self._model = None
+        self._stop = stop  # a threading.Event: set, the fit ends (`alongside`)
 
     def fit(self, x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: int, seed: int):
         """One pass over the rows `order` of (x, y) (it may repeat rows), in batches, from a fresh start."""
@@ -187,5 +189,5 @@ class KerasBaselines:
         x, y = tf.constant(x), tf.constant(y)
         batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
         batches = batches.map(lambda rows: (tf.gather(x, rows), tf.gather(y, rows))).prefetch(tf.data.AUTOTUNE)
-        self._model.fit(batches, epochs=1, verbose=0)
+        self._model.fit(batches, epochs=1, verbose=0, callbacks=stop_callbacks(self._stop))
         return self._model
