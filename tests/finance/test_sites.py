@@ -33,7 +33,7 @@ from tff_apps.sites.prepare import prepare_site
 from tff_apps.sites.sites_config import SiteRef
 
 NAMES = ["lender", "partner", "partner2"]
-EPOCHS = 3
+EPOCHS = 2
 JOB = ["--set", f"train.rounds={EPOCHS}", "--set", "train.batch_size=32", "--set", "train.checkpoint_every=1",
        "--set", "train.eval_every=1", "--set", "evaluate.centralized_baseline=false",
        "--set", "evaluate.local_baseline=false"]
