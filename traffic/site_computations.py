@@ -125,29 +125,37 @@ def tf_windows(normalized, seconds, bounds: tuple[int, int], history: int, horiz
 def tf_typical(normalized, seconds, windowing: Windowing, bounds: tuple[int, int]):
     """`traffic.typical` in TF ops: each sensor's typical speed at every history and target step
     of the windows in `bounds`, float32 [W * S, history + horizon], rows as `tf_windows`'."""
-    interval = windowing.interval_minutes * 60.0
-    slots_per_day = int(round(SECONDS_PER_DAY / interval))
-    weekend = tf.math.floormod(tf.math.floordiv(seconds + EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY), 7.0) >= 5.0
-    slot = tf.math.floormod(tf.floor(tf.math.floormod(seconds, SECONDS_PER_DAY) / interval), slots_per_day)
-    key = tf.cast(tf.cast(weekend, tf.float64) * slots_per_day + slot, tf.int32)  # [T]: day type, slot
+    key, slots_per_day = _day_slot_keys(seconds, windowing.interval_minutes)
     train_end = windowing.bounds["train"][1]
-    train = normalized[:train_end]
-    present = tf.logical_not(tf.math.is_nan(train))
-    shape = [DAY_TYPES, slots_per_day, -1]
-    sums = tf.reshape(tf.math.unsorted_segment_sum(
-        tf.where(present, train, tf.zeros_like(train)), key[:train_end], DAY_TYPES * slots_per_day), shape)
-    counts = tf.reshape(tf.math.unsorted_segment_sum(
-        tf.cast(present, tf.float64), key[:train_end], DAY_TYPES * slots_per_day), shape)
-    reach = int(SMOOTHING_MINUTES // windowing.interval_minutes)
-    sums = tf.add_n([tf.roll(sums, k, axis=1) for k in range(-reach, reach + 1)])
-    counts = tf.add_n([tf.roll(counts, k, axis=1) for k in range(-reach, reach + 1)])
-    mean = tf.math.divide_no_nan(sums, counts)
-    table = tf.where(counts > 0, mean, tf.where(counts[::-1] > 0, mean[::-1], tf.zeros_like(mean)))
-    table = tf.reshape(table, [DAY_TYPES * slots_per_day, -1])
+    table = _typical_table(normalized[:train_end], key[:train_end], slots_per_day, windowing.interval_minutes)
     first_target = first_targets(bounds, windowing.history, windowing.horizon)
     steps = first_target[:, None] + tf.range(-windowing.history, windowing.horizon)[None, :]
     values = tf.gather(table, tf.gather(key, steps))  # [W, history + horizon, S]
     return tf.cast(tf.reshape(tf.transpose(values, [0, 2, 1]), [-1, windowing.history + windowing.horizon]), tf.float32)
+
+
+def _day_slot_keys(seconds, interval_minutes: int):
+    """(day type * slots a day + slot of the day [T] int32, slots a day): `typical.day_slots`."""
+    interval = interval_minutes * 60.0
+    slots_per_day = int(round(SECONDS_PER_DAY / interval))
+    weekend = tf.math.floormod(tf.math.floordiv(seconds + EPOCH_WEEKDAY_SHIFT, SECONDS_PER_DAY), 7.0) >= 5.0
+    slot = tf.math.floormod(tf.floor(tf.math.floormod(seconds, SECONDS_PER_DAY) / interval), slots_per_day)
+    return tf.cast(tf.cast(weekend, tf.float64) * slots_per_day + slot, tf.int32), slots_per_day
+
+
+def _typical_table(train, key, slots_per_day: int, interval_minutes: int):
+    """`typical.typical_table` from the training readings and their keys: [DAY_TYPES * slots, S]."""
+    present = tf.logical_not(tf.math.is_nan(train))
+    shape = [DAY_TYPES, slots_per_day, -1]
+    segments = DAY_TYPES * slots_per_day
+    sums = tf.reshape(tf.math.unsorted_segment_sum(tf.where(present, train, tf.zeros_like(train)), key, segments), shape)
+    counts = tf.reshape(tf.math.unsorted_segment_sum(tf.cast(present, tf.float64), key, segments), shape)
+    reach = int(SMOOTHING_MINUTES // interval_minutes)
+    sums = tf.add_n([tf.roll(sums, k, axis=1) for k in range(-reach, reach + 1)])  # the day wraps around
+    counts = tf.add_n([tf.roll(counts, k, axis=1) for k in range(-reach, reach + 1)])
+    mean = tf.math.divide_no_nan(sums, counts)
+    table = tf.where(counts > 0, mean, tf.where(counts[::-1] > 0, mean[::-1], tf.zeros_like(mean)))  # [::-1]: the other day type
+    return tf.reshape(table, [segments, -1])
 
 
 def tf_graph_examples(x, y, typical, graph, n_nodes: int):
