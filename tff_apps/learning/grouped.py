@@ -53,14 +53,13 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.aggregators import differential_privacy
-from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
 from tff_apps.config import TrainSection
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
 from tff_apps.learning.grouped_masked import masked_next
 from tff_apps.learning.grouped_process import (
-    GroupedProcess, apply_update, stacked_group_type, stacked_optimizer_state, where_client,
+    GroupedProcess, apply_update, server_start, stacked_group_type, stacked_optimizer_state, where_client,
 )
 from tff_apps.learning.grouped_robust import RobustAggregation, concatenating_sum
 
@@ -105,22 +104,9 @@ def build_grouped_process(
         aggregation = dataclasses.replace(aggregation, query=robust)
         params_type = tff.tensorflow.computation(robust.initial_state).type_signature.result
     train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type, params_type)
-    server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
-        weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
+    initialize_fn, server_next = server_start(
+        train, model_fn, weights_type, dp.initial_state if dp else robust.initial_state if robust else tuple
     )
-
-    @tff.tensorflow.computation
-    def initialize_tf():
-        model = model_fn()
-        return tff.learning.templates.LearningAlgorithmState(
-            global_model_weights=tff.learning.models.ModelWeights.from_model(model),
-            distributor=(), client_work=(), finalizer=server_init(),
-            aggregator=dp.initial_state() if dp else robust.initial_state() if robust else (),
-        )
-
-    @tff.federated_computation
-    def initialize_fn():
-        return tff.federated_eval(initialize_tf, tff.SERVER)
 
     sums_type = train_group.type_signature.result
 

@@ -37,7 +37,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.common_libs import structure
-from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
 from shared.errors import UserError
 from tff_apps.config import TrainSection
@@ -45,7 +44,7 @@ from tff_apps.learning import grouped_data
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain
 from tff_apps.learning.grouped_aggregation import Aggregation, finish_mean, per_client_sums
 from tff_apps.learning.grouped_process import (
-    GroupedProcess, apply_update, stacked_group_type, stacked_optimizer_state, where_client,
+    GroupedProcess, apply_update, server_start, stacked_group_type, stacked_optimizer_state, where_client,
 )
 
 POISSON_FIELDS = ("x", "y", "mask", "expected_batch_size", "active")
@@ -127,21 +126,8 @@ def build_dp_sgd_process(train: TrainSection, model_fn, plan, aggregation: Aggre
         chain, optimizers.client_optimizer(train), float(plan.section.clip_norm), float(plan.noise_multiplier),
         aggregation, weights_type, group_type,
     )
-    server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
-        weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
-    )
-
-    @tff.tensorflow.computation
-    def initialize_tf():
-        return tff.learning.templates.LearningAlgorithmState(
-            global_model_weights=tff.learning.models.ModelWeights.from_model(model_fn()),
-            # the aggregator's state: the stock UnweightedMeanFactory's (its two sums')
-            distributor=(), client_work=(), aggregator=((), ()), finalizer=server_init(),
-        )
-
-    @tff.federated_computation
-    def initialize_fn():
-        return tff.federated_eval(initialize_tf, tff.SERVER)
+    # the aggregator's state: the stock UnweightedMeanFactory's (its two sums')
+    initialize_fn, server_next = server_start(train, model_fn, weights_type, lambda: ((), ()))
 
     @tff.tensorflow.computation(train_group.type_signature.result)
     def finish(sums):

@@ -11,6 +11,7 @@ import collections.abc
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.python.learning.templates import apply_optimizer_finalizer
 
 from tff_apps.learning.dense_chain import refuse_model
 from tff_apps.learning.grouped_data import round_groups
@@ -88,6 +89,30 @@ def _robust_fields(spec, groups: list[collections.OrderedDict]) -> list[collecti
     return [
         g if "scale" in g else collections.OrderedDict(g, scale=np.ones(len(g["mask"]), np.float32)) for g in groups
     ]
+
+
+def server_start(train, model_fn, weights_type, aggregator_state=tuple):
+    """(initialize_fn, server_next): the process's initial state at SERVER (the model's weights,
+    `aggregator_state()`'s value, called in the TF computation, and the server optimizer's state)
+    and TFF's apply-optimizer step for `train`'s server optimizer (`apply_update` runs it)."""
+    from tff_apps.learning import optimizers
+
+    server_init, server_next = apply_optimizer_finalizer._build_tff_optimizer_initialize_and_next(
+        weights_type, optimizers.server_optimizer(train), apply_optimizer_finalizer.reject_non_finite_update
+    )
+
+    @tff.tensorflow.computation
+    def initialize_tf():
+        return tff.learning.templates.LearningAlgorithmState(
+            global_model_weights=tff.learning.models.ModelWeights.from_model(model_fn()),
+            distributor=(), client_work=(), finalizer=server_init(), aggregator=aggregator_state(),
+        )
+
+    @tff.federated_computation
+    def initialize_fn():
+        return tff.federated_eval(initialize_tf, tff.SERVER)
+
+    return initialize_fn, server_next
 
 
 def apply_update(server_next, state, update, aggregator):
