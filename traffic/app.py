@@ -19,9 +19,8 @@ from tff_apps.config import JobConfig
 from tff_apps.program.job import Run, data_fingerprint
 from traffic.data import DataConfig, TrafficData, load
 from traffic.model import GRAPH_KINDS, ModelConfig
-from traffic.splits import (
-    HISTORY, HORIZON, district_splits, normalization, sensor_normalization, uses_sensor_scaling, with_kind_defaults,
-)
+from traffic.baselines import keras_forecaster, run_baselines
+from traffic.splits import HISTORY, HORIZON, district_splits, uses_sensor_scaling, with_kind_defaults
 from traffic.windows import split_bounds
 
 MAE_60_LABEL = "MAE at 60 min (mph)"
@@ -248,6 +247,8 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         trained.weights.assign_weights_to(global_model)
         return trained, evaluate.evaluate_districts(splits, keras_forecaster(global_model))
 
+    # the baselines share nothing with the rounds (TFF's worker runs those): trained beside them. Not
+    # before the process is built: Keras models built in two threads while TFF traces one break Keras
     (result, federated_report), baselines = alongside(lambda stop: run_baselines(cfg, data, splits, bounds, stop), federated)
     privacy = result.privacy if run.privacy is not None else plain_statement
     reports = {"federated": federated_report, **baselines}
@@ -325,82 +326,6 @@ def mirror_speeds(normalized_targets: np.ndarray) -> np.ndarray:
     its scale and spread stay plausible, so no range check would catch it. Missing readings
     (NaN) stay missing; the district's test windows keep the true speeds."""
     return -normalized_targets
-
-
-def keras_forecaster(model):
-    def predict(split) -> np.ndarray:
-        x = split.examples("test")[0]
-        chunk = 8192 // max(1, split.n_nodes)  # graph examples hold a district each
-        outputs = [model(x[i : i + chunk], training=False).numpy() for i in range(0, len(x), chunk)]
-        return split.to_mph(split.rows(np.concatenate(outputs)))
-
-    return predict
-
-
-def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds, stop=None) -> dict[str, dict]:
-    """Persistence, the historical average and the Keras baselines; `stop` (a threading.Event)
-    set ends the Keras fits early (`alongside`)."""
-    from traffic import evaluate
-
-    reports = {
-        "persistence": evaluate.evaluate_districts(splits, evaluate.persistence),
-        "historical_average": evaluate.evaluate_districts(
-            splits,
-            evaluate.historical_average_fn({d.name: d.speeds for d in data.districts}, bounds["train"][1]),
-        ),
-    }
-    fitter = baseline_fitter(cfg, splits[0].n_nodes, stop)  # one model, traced once, for every Keras baseline
-    if cfg.evaluate.local_baseline:
-        own_stats = (  # each district's own scale: its sensors' (as in federated training), or its own
-            sensor_normalization(data, bounds["train"][1]) if uses_sensor_scaling(cfg)
-            else normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
-        )
-        local_splits = district_splits(cfg, data, bounds, stats=own_stats)
-        forecasts = {  # each forecast is made before the next fit resets the model
-            s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), cfg.job.seed + i, fitter))(s)
-            for i, s in enumerate(local_splits)
-        }
-        reports["local_only"] = evaluate.evaluate_districts(local_splits, lambda s: forecasts[s.name])
-    if cfg.evaluate.centralized_baseline:
-        model = fit_forecaster(cfg, splits, sum(steps_of(cfg, s) for s in splits), cfg.job.seed, fitter)
-        reports["centralized"] = evaluate.evaluate_districts(splits, keras_forecaster(model))
-    return reports
-
-
-def steps_of(cfg: JobConfig, split) -> int:
-    """The SGD steps a district makes over the whole federated run (baselines get the same)."""
-    per_round = cfg.train.local_steps or cfg.train.local_epochs * -(-split.n_examples() // cfg.train.batch_size)
-    return cfg.train.rounds * per_round
-
-
-def baseline_fitter(cfg: JobConfig, n_nodes: int, stop=None):
-    """The model, optimizer and loss of federated training (graph models: one XLA program a step)."""
-    import tensorflow as tf
-
-    from traffic.evaluate import KerasBaselines
-    from traffic.model import build_keras_model, masked_mae
-    from traffic.windows import N_FEATURES
-
-    optimizer = tf.keras.optimizers.Adam if cfg.train.client_optimizer == "adam" else tf.keras.optimizers.SGD
-    build = lambda seed: build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, seed, n_nodes)  # noqa: E731
-    return KerasBaselines(
-        build, optimizer(cfg.train.client_learning_rate), masked_mae, cfg.model.kind in GRAPH_KINDS, stop=stop
-    )
-
-
-def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int, fitter):
-    """CENTRALIZED BASELINE when given several districts: pools their training windows.
-
-    The same model, optimizer, batch size and number of steps as federated training
-    (a district alone: its own steps; pooled: the sum over districts).
-    """
-    pairs = [s.examples("train") for s in splits]
-    x = np.concatenate([p[0] for p in pairs])
-    y = np.concatenate([p[1] for p in pairs])
-    rng = np.random.default_rng(seed)
-    wanted = steps * cfg.train.batch_size
-    order = np.concatenate([rng.permutation(len(x)) for _ in range(-(-wanted // len(x)))])[:wanted]
-    return fitter.fit(x, y, order, cfg.train.batch_size, seed)
 
 
 def export_forecaster(

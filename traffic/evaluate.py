@@ -166,7 +166,7 @@ class KerasBaselines:
     STEPS_PER_CALL = 500  # steps in one call of the training function: no Keras Python cost per step
 
     def __init__(self, build: Callable, optimizer, loss, jit_compile: bool = False, stop=None):
-        self._build, self._optimizer, self._loss, self._jit_compile = build, optimizer, loss, jit_compile
+        self.build, self._optimizer, self._loss, self._jit_compile = build, optimizer, loss, jit_compile
         self._model = None
         self._stop = stop  # a threading.Event: set, the fit ends (`alongside`)
 
@@ -175,7 +175,7 @@ class KerasBaselines:
         import tensorflow as tf
 
         tf.keras.utils.set_random_seed(seed)
-        fresh = self._build(seed)
+        fresh = self.build(seed)
         if self._model is None:
             self._model = fresh
             self._model.compile(

@@ -198,10 +198,31 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
     clients, steps = tf.shape(mask)[0], tf.shape(mask)[1]
     anchor = [tf.tile(tf.expand_dims(w, 0), [clients] + [1] * w.shape.rank) for w in start]
     optimizer_state = stacked_optimizer_state(optimizer, start, clients)
-    sums = _zero_metric_sums(chain)
+    final, _, sums = stacked_steps(
+        chain, optimizer, anchor, optimizer_state, lambda s: (x[:, s], y[:, s], mask[:, s]), steps,
+        proximal=proximal, sums=_zero_metric_sums(chain),
+    )
+    updates = [a - w for a, w in zip(anchor, final)]
+    finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
+    )
+    updates = [where_client(finite, u, tf.zeros_like(u)) for u in updates]
+    # NUM_EXAMPLES weights; the unweighted aggregations ignore them, as TFF's
+    # as_weighted_aggregator does, so one definition serves every aggregation.
+    weight = tf.where(finite, tf.reduce_sum(mask, axis=[1, 2]), 0.0)
+    return updates, weight, sums
+
+
+def stacked_steps(chain: DenseChain, optimizer, weights, state, batches, steps, proximal: float = 0.0, sums=None):
+    """`steps` steps of every client's local training at once: `weights` [clients, ...] per
+    tensor, `state` the client optimizer's (`stacked_optimizer_state`), `batches(s)` -> (x, y,
+    mask) of step s ([clients, batch, ...]; a client without examples at a step keeps its
+    weights and state). FedProx's anchor is `weights` as given. Returns (weights, state, metric
+    sums), the sums only when `sums` (`_zero_metric_sums`) is given."""
+    anchor, track = weights, sums is not None
 
     def step(s, weights, state, sums):
-        batch_x, batch_y, batch_mask = x[:, s], y[:, s], mask[:, s]
+        batch_x, batch_y, batch_mask = batches(s)
         examples = tf.reduce_sum(batch_mask, axis=1)  # [clients]
         with tf.GradientTape() as tape:
             tape.watch(weights)
@@ -215,21 +236,13 @@ def _local_training(chain: DenseChain, optimizer, proximal: float, start: list[t
         active = examples > 0  # a client's padding steps come after its last batch
         new_weights = [where_client(active, n, w) for n, w in zip(new_weights, weights)]
         new_state = tf.nest.map_structure(lambda n, o: where_client(active, n, o), new_state, state)
-        sums = _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples)
+        if track:
+            sums = _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, examples)
         return s + 1, new_weights, new_state, sums
 
-    _, final, _, sums = tf.while_loop(
-        lambda s, *_: s < steps, step, (tf.constant(0), anchor, optimizer_state, sums)
-    )
-    updates = [a - w for a, w in zip(anchor, final)]
-    finite = tf.reduce_all(
-        tf.stack([tf.reduce_all(tf.math.is_finite(u), axis=list(range(1, u.shape.rank))) for u in updates]), 0
-    )
-    updates = [where_client(finite, u, tf.zeros_like(u)) for u in updates]
-    # NUM_EXAMPLES weights; the unweighted aggregations ignore them, as TFF's
-    # as_weighted_aggregator does, so one definition serves every aggregation.
-    weight = tf.where(finite, tf.reduce_sum(mask, axis=[1, 2]), 0.0)
-    return updates, weight, sums
+    initial = (tf.constant(0), list(weights), state, sums if track else ())
+    _, final, state, sums = tf.while_loop(lambda s, *_: s < steps, step, initial)
+    return final, state, sums
 
 
 def _zero_metric_sums(chain: DenseChain) -> collections.OrderedDict:

@@ -1,0 +1,74 @@
+"""The local-only baseline's districts trained side by side equal their one-by-one Keras fits."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from tff_apps.config import TrainSection
+from traffic.evaluate import KerasBaselines
+from traffic.local_fits import batch_order, fit_side_by_side
+from traffic.model import ModelConfig, build_keras_model, masked_mae, tff_model_fn
+from traffic.windows import N_FEATURES
+
+HISTORY, HORIZON, BATCH = 12, 4, 8
+
+
+def _district(rows: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, HISTORY, N_FEATURES)).astype(np.float32)
+    y = (x[:, -1, :1] * 0.5 + rng.normal(scale=0.1, size=(rows, HORIZON))).astype(np.float32)
+    y[rng.random(y.shape) < 0.25] = np.nan  # missing readings do not count in the loss
+    return x, y
+
+
+def _keras_fit(model_cfg, train, x, y, steps, seed):
+    import tensorflow as tf
+
+    optimizer = tf.keras.optimizers.Adam if train.client_optimizer == "adam" else tf.keras.optimizers.SGD
+    fitter = KerasBaselines(
+        lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s), optimizer(train.client_learning_rate),
+        masked_mae,
+    )
+    return fitter.fit(x, y, batch_order(len(x), steps, BATCH, seed), BATCH, seed).get_weights()
+
+
+@pytest.mark.parametrize("kind, optimizer", [("mlp", "adam"), ("gru", "sgd")])
+def test_side_by_side_fits_are_the_one_by_one_keras_fits(kind, optimizer):
+    model_cfg = ModelConfig(kind=kind, hidden_units=8)
+    train = TrainSection(client_optimizer=optimizer, client_learning_rate=0.01 if optimizer == "adam" else 0.1)
+    build = lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s)  # noqa: E731
+    # a district with fewer rows than a batch's worth of steps repeats them; the second takes fewer steps
+    districts = [(*_district(40, 1), 12, 7), (*_district(25, 2), 5, 8)]
+    trained = fit_side_by_side(train, tff_model_fn(model_cfg, HISTORY, N_FEATURES, HORIZON), build, districts, BATCH)
+    for (x, y, steps, seed), weights in zip(districts, trained):
+        expected = _keras_fit(model_cfg, train, x, y, steps, seed)
+        start = build(seed).get_weights()
+        assert max(np.abs(a - b).max() for a, b in zip(start, expected)) > 1e-3  # the fit moved the weights
+        assert max(np.abs(a - b).max() for a, b in zip(weights, expected)) < 1e-5
+
+
+def test_graph_models_are_fit_one_by_one_and_a_set_stop_ends_the_fits():
+    from tff_apps.program.alongside import Cancelled
+
+    graph = ModelConfig(kind="gcn_gru", hidden_units=4)
+    train = TrainSection(client_optimizer="adam", client_learning_rate=0.01)
+    graph_fn = tff_model_fn(graph, HISTORY, N_FEATURES, HORIZON, n_nodes=3)
+    assert fit_side_by_side(train, graph_fn, None, [], BATCH) is None
+
+    mlp = ModelConfig(kind="mlp", hidden_units=4)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        fit_side_by_side(
+            train, tff_model_fn(mlp, HISTORY, N_FEATURES, HORIZON),
+            lambda s: build_keras_model(mlp, HISTORY, N_FEATURES, HORIZON, s), [(*_district(20, 3), 4, 0)], BATCH, stop,
+        )
+
+
+def test_batch_order_takes_whole_shuffled_passes():
+    order = batch_order(10, 7, 4, seed=3)  # 28 rows: two passes and 8 of a third
+    assert len(order) == 28
+    assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
+    assert len(set(order[20:])) == 8
+    np.testing.assert_array_equal(order, batch_order(10, 7, 4, seed=3))
