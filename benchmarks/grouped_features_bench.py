@@ -9,7 +9,8 @@ The round is `engine_bench`'s (healthcare MLP 30-64-1, 57 examples per client, b
 local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on ([robustness] and
 [communication]: median, trimmed_mean 0.2, clip_zero, scaled_update with a tenth of the clients
 bad, 8-bit quantize / hadamard / dft; secure_masked: the Bonawitz protocol over every client of
-the round, in Python; dp_record: record-level DP-SGD, clip 1.0, noise 1.0, on Poisson round inputs
+the round, in Python; ddp_simulated / ddp_masked: distributed DP, clip 1.0, z 1.0, its integer
+vectors summed plainly or by the Bonawitz protocol; dp_record: record-level DP-SGD, clip 1.0, noise 1.0, on Poisson round inputs
 of the same expected batch and steps). The limit is the
 plain FedAvg round of `engine_bench.build_limit` (the same local SGD steps in one tf.function,
 data in memory, no clipping, noise or quantization), so a ratio above the plain mean's is the
@@ -39,6 +40,7 @@ RESULTS_MD = ROOT / "benchmarks" / "grouped_features.md"
 
 FEATURES = (
     "mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "dp_record", "secure_simulated", "secure_masked",
+    "ddp_simulated", "ddp_masked",
 )
 # [robustness] and [communication] (grouped_robust.py): a tenth of the clients bad for scaled_update
 ROBUST_FEATURES = ("median", "trimmed_mean", "clip_zero", "scaled_update", "quantize", "hadamard", "dft")
@@ -47,6 +49,7 @@ LARGE = 10_000  # the plain mean only: a large federation's round
 # The Bonawitz protocol's Shamir shares (pycryptodome, pure-Python GF(2^128)) grow as clients^2:
 # 100 clients take ~50 s a round in the protocol alone, on either engine; larger rounds are skipped.
 MASKED_MAX_CLIENTS = 100
+MASKED_FEATURES = ("secure_masked", "ddp_masked")
 TIMED_ROUNDS = {10: 5, 100: 4, 1000: 3, LARGE: 4}
 
 
@@ -68,6 +71,16 @@ def process_for(feature: str, n_clients: int):
     if feature == "dp_record":  # DP-SGD at every client (grouped_dp_sgd.py): per-example clipping and noise
         section = PrivacySection(level="record", clip_norm=1.0)
         return train, {"privacy": types.SimpleNamespace(level="record", section=section, noise_multiplier=1.0)}
+    if feature.startswith("ddp_"):  # distributed DP (grouped_ddp.py): TFF's DistributedDpSumFactory, z = 1
+        from engine_bench import EXAMPLES
+
+        section = PrivacySection(level="client", clipping="fixed", clip_norm=1.0, noise_multiplier=1.0,
+                                 secure_aggregation=feature.removeprefix("ddp_"))
+        plan = types.SimpleNamespace(
+            level="client", section=section, noise_multiplier=1.0, sampling=types.SimpleNamespace(participants=n_clients)
+        )
+        secure = secure_settings.secure_aggregation(section, train, {f"c{i}": EXAMPLES for i in range(n_clients)})
+        return train, {"privacy": types.SimpleNamespace(plan=plan, secure=secure), "secure": secure}
     if feature.startswith("dp_"):
         section = PrivacySection(level="client", clipping=feature.removeprefix("dp_"), clip_norm=1.0)
         plan = types.SimpleNamespace(
@@ -174,7 +187,7 @@ def main() -> None:
         return
     from engine_bench import machine
 
-    cells = [(f, n) for f in args.features for n in args.clients if f != "secure_masked" or n <= MASKED_MAX_CLIENTS]
+    cells = [(f, n) for f in args.features for n in args.clients if f not in MASKED_FEATURES or n <= MASKED_MAX_CLIENTS]
     cells += [("mean", LARGE)] if args.large else []
     rows = []
     for feature, n in cells:

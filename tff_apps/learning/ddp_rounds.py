@@ -36,6 +36,7 @@ import tensorflow_federated as tff
 
 from shared import secagg
 from tff_apps.learning.dp_aggregators import ddp_factory
+from tff_apps.learning.secure_rounds import round_metrics
 from tff_apps.learning.split_rounds import LearningProcessOutput, SplitRoundProcess
 
 SECURE_SUMS = 1  # the element of `work`'s result holding the secure_sum_bitwidth inputs
@@ -64,7 +65,7 @@ class DdpSplit:
 
         @tff.tensorflow.computation(self.work.type_signature.result)
         def flatten(outputs):
-            return tf.concat([tf.reshape(tf.cast(x, tf.float64), [-1]) for x in outputs[SECURE_SUMS]], axis=0)
+            return _secure_sum_vector(outputs)
 
         state_type = self.process.initialize.type_signature.result
 
@@ -75,6 +76,20 @@ class DdpSplit:
             return tff.federated_map(flatten, outputs)
 
         self.encode = encode
+
+    def stacked_encoder(self, stacked_type):
+        """`encode` for the grouped engine: (each client's update stacked [clients, ...], the
+        aggregator's state) -> the clients' vectors [clients, length], in ONE TF call that runs
+        each client's `work` in a tf.map_fn (TF's unseeded random ops draw afresh each time)."""
+        work = _concrete_work(self.work)
+
+        @tff.tensorflow.computation(stacked_type, self.prepare.type_signature.result)
+        def encode_all(updates, broadcast):
+            flat_broadcast = tff.structure.flatten(broadcast)
+            return tf.map_fn(lambda update: work(*update, *flat_broadcast), tuple(updates),
+                             fn_output_signature=tf.float64)
+
+        return lambda updates, state: np.asarray(encode_all(updates, self.prepare(state)))
 
     def _check_form(self, form) -> None:
         """Only secure sums of at most `bits` bits: the masked ring carries them all."""
@@ -96,6 +111,40 @@ class DdpSplit:
             parts.append(chunk.astype(np.int32).reshape(shape) if shape else np.int32(chunk[0]))
         new_state, (mean, measurements) = self.update([state, [(), parts, (), ()]])
         return new_state, mean, measurements
+
+
+def _secure_sum_vector(outputs) -> tf.Tensor:
+    """`work`'s secure-sum inputs as one float64 vector (the masked protocol's input)."""
+    return tf.concat([tf.reshape(tf.cast(x, tf.float64), [-1]) for x in outputs[SECURE_SUMS]], axis=0)
+
+
+def _concrete_work(work):
+    """TFF's `work` computation as a TF function of its flattened argument, which a loop body
+    can call (a TFF computation called inside tf.map_fn cannot: TFF imports its graph by tensor
+    names the loop's graph does not hold). Stamped by TFF 0.87's own deserializer."""
+    from tensorflow_federated.python.core.impl.computation.computation_impl import ConcreteComputation
+    from tensorflow_federated.python.core.impl.utils import tensorflow_utils
+
+    specs = _tensor_specs(work.type_signature.parameter)
+    proto = ConcreteComputation.get_proto(work)
+
+    def body(*flat):
+        arg = tf.nest.pack_sequence_as(specs, list(flat))
+        graph = tf.compat.v1.get_default_graph()
+        _, outputs = tensorflow_utils.deserialize_and_call_tf_computation(proto, arg, graph, "", tf.constant("work"))
+        return _secure_sum_vector(outputs)
+
+    return tf.compat.v1.wrap_function(body, tf.nest.flatten(specs))
+
+
+def _tensor_specs(type_spec):
+    """A TFF type as TensorSpecs, its named structs as OrderedDicts and the others as lists."""
+    if isinstance(type_spec, tff.TensorType):
+        return tf.TensorSpec(type_spec.shape, type_spec.dtype)
+    elements = list(tff.structure.iter_elements(type_spec))
+    if elements and all(name for name, _ in elements):
+        return collections.OrderedDict((name, _tensor_specs(t)) for name, t in elements)
+    return [_tensor_specs(t) for _, t in elements]
 
 
 def _dimension(value_type) -> int:
@@ -130,13 +179,10 @@ class MaskedDdpProcess(SplitRoundProcess):
         vectors = [np.asarray(v) for v in self.split.encode(phase.updates, state.aggregator)]
         result = secagg.secure_sum(vectors, self.secure.secagg_config(len(vectors)),
                                    dropouts_after_masking=dropouts_after_masking)
-        return self.finish_masked(state, phase, result.total, secure_aggregation=collections.OrderedDict(
-            secagg_seconds=float(result.seconds),
-            secagg_bytes=int(sum(r.bytes_to_server + r.bytes_from_server for r in result.rounds)),
-            secagg_survivors=len(result.survivors), secagg_dropped=len(result.dropped),
-        ))
+        return self.finish_masked(state, phase, result.total, secure_aggregation=round_metrics(result))
 
     def finish_masked(self, state, phase, total: np.ndarray, **extra: Any) -> LearningProcessOutput:
         """The server's part once the masked sum is known."""
         aggregator_state, mean, measurements = self.split.decode(state.aggregator, total)
         return self.finish_round(state, phase, list(mean), aggregator_state, measurements, **extra)
+

@@ -370,7 +370,7 @@ def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> No
     record = privacy.level == "record"  # grouped_aggregation.aggregation_of refuses the same
     scaled = robustness.bad_clients > 0 and robustness.bad_client_mode == "scaled_update"
     refused = {
-        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and privacy.level != "none",
+        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and record,
         "robustness.aggregation": record and robustness.aggregation != "mean",
         "robustness.bad_client_mode": record and scaled,
         "communication.compression": record and federation.communication.compression != "none",

@@ -38,8 +38,11 @@ a grouped client phase and the server phase (`grouped_masked`).
 Record-level DP-SGD (per-example clipping and noise at every client, the uniform mean) is
 `grouped_dp_sgd`'s, on the Poisson round inputs of `dp_sgd`.
 
+Distributed DP (client-level DP with a secure sum) runs TFF's own DistributedDpSumFactory split
+at its secure sums after a grouped client phase (`grouped_ddp`).
+
 What it does not run is refused: `federation.check_engine` refuses configs (UserError
-before the run folder: distributed DP, DP-SGD with secure sums, [robustness] or [communication]);
+before the run folder: DP-SGD with secure sums, [robustness] or [communication]);
 `build_grouped_process` refuses models other than a chain of Keras Dense layers with a
 per-example loss (`read_dense_chain`).
 """
@@ -57,6 +60,7 @@ from tensorflow_federated.python.aggregators import differential_privacy
 from tff_apps.config import TrainSection
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
+from tff_apps.learning.grouped_ddp import build_ddp_process
 from tff_apps.learning.grouped_masked import masked_next
 from tff_apps.learning.grouped_process import (
     GroupedProcess, apply_update, server_start, stacked_group_type, stacked_optimizer_state, where_client,
@@ -114,6 +118,9 @@ def build_grouped_process(
     def finish_metrics(sums):
         return _finalize_metrics(chain, sums)
 
+    if aggregation.kind == "ddp":  # TFF's distributed DP, split at its secure sums, between TFF calls
+        return build_ddp_process(train, model_fn, plan, secure, privacy, weights_type, train_group, finish_metrics,
+                                 group_type)
     if aggregation.kind == "masked":  # the secure sum runs in Python between two TFF calls
         @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(weights_type.trainable, tff.SERVER))
         def server_phase(state, update):
@@ -178,7 +185,7 @@ def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggr
         start = [tf.convert_to_tensor(w) for w in weights.trainable]
         updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
         clients = tf.shape(group["mask"], out_type=tf.int64)[0]
-        if aggregation.kind in ("robust", "masked"):  # grouped_robust's sums (weight sum included), or the stacks
+        if aggregation.kind in ("robust", "masked", "ddp"):  # grouped_robust's sums (weight sum included), or the stacks
             value = aggregation.query.client_sums(updates, client_weights, params, group)
             return collections.OrderedDict(value=value, clients=clients, metrics=metrics)
         value, weight = per_client_sums(aggregation, updates, client_weights, params)

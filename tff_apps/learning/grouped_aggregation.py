@@ -22,7 +22,8 @@ from tff_apps.learning.dense_chain import ENGINE_KEY
 class Aggregation:
     """Which stock aggregator the round reproduces."""
 
-    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure", "robust", "masked"
+    kind: str  # "mean" (weighted), "unweighted", "dp" (TFF's client-level DP query), "secure", "robust", "masked",
+    # "ddp" (distributed DP)
     weighted: bool = True
     query: Any = field(default=None, compare=False)  # dp: the DP query TFF's DifferentiallyPrivateFactory runs
     value_bound: float = 0.0  # secure: each coordinate of w*u (or of u) clipped to +-bound
@@ -35,8 +36,9 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
     from tff_apps.learning.optimizers import is_weighted
 
     level = plan.level if plan is not None else "none"
-    if secure is not None and level != "none":
-        raise UserError(f"{ENGINE_KEY} = 'grouped' does not run this privacy setting; use {ENGINE_KEY} = 'tff'")
+    if secure is not None and level == "record":
+        raise UserError(f"{ENGINE_KEY} = 'grouped' does not run record-level DP with secure aggregation; "
+                        f"use {ENGINE_KEY} = 'tff'")
     robust = robust_spec(train, federation)
     if level == "record":  # DP-SGD (`grouped_dp_sgd`): noised at the clients, then the plain uniform mean
         if robust is not None:
@@ -47,6 +49,10 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
         if level != "none" or secure is not None:  # federation.check refuses these first
             raise UserError(f"{ENGINE_KEY} = 'grouped' runs [robustness] and [communication] without DP or secure sums")
         return Aggregation("robust", weighted=robust.weighted, robust=robust)
+    if secure is not None and level == "client":  # distributed DP (`grouped_ddp`): each client's update, stacked
+        from tff_apps.learning.grouped_masked import StackedUpdates
+
+        return Aggregation("ddp", weighted=False, query=StackedUpdates())
     if secure is not None and secure.mode == "masked":  # `grouped_masked`: each client's update, stacked
         from tff_apps.learning.grouped_masked import StackedUpdates
 

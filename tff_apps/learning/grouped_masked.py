@@ -42,13 +42,7 @@ def masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure
     """The masked round as `grouped_process.GroupedProcess`'s next_fn: (state, groups) -> (new state, metrics).
     `train_group` returns each client's update and weight stacked (`StackedUpdates`),
     `server_phase(state, update)` -> (new state, finalizer measurements)."""
-    from tff_apps.learning.grouped_robust import concatenating_sum
-
-    @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
-    def client_phase(state, groups):
-        weights = tff.federated_broadcast(state.global_model_weights)
-        sums = concatenating_sum(tff.federated_map(train_group, (weights, groups)))
-        return sums["value"], tff.federated_map(finish_metrics, sums["metrics"])
+    client_phase = stacked_client_phase(initialize_fn.type_signature.result, train_group, finish_metrics, group_type)
 
     def next_fn(state, groups, dropouts_after_sharing=(), dropouts_after_masking=()):
         """One round; the dropouts (tests) as `secure_rounds.MaskedLearningProcess.next`'s: too
@@ -70,3 +64,17 @@ def masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure
         )
 
     return next_fn
+
+
+def stacked_client_phase(state_type, train_group, finish_metrics, group_type):
+    """(state, groups) -> (each client's update and weight stacked, in client order over the
+    groups; the round's training metrics), one TFF call."""
+    from tff_apps.learning.grouped_robust import concatenating_sum
+
+    @tff.federated_computation(state_type, tff.FederatedType(group_type, tff.CLIENTS))
+    def client_phase(state, groups):
+        weights = tff.federated_broadcast(state.global_model_weights)
+        sums = concatenating_sum(tff.federated_map(train_group, (weights, groups)))
+        return sums["value"], tff.federated_map(finish_metrics, sums["metrics"])
+
+    return client_phase

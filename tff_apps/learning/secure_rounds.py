@@ -132,12 +132,15 @@ class MaskedLearningProcess(SplitRoundProcess):
         )
 
 
-def round_metrics(result: secagg.SecAggResult, clipped: int) -> collections.OrderedDict:
-    """The protocol's seconds, bytes, survivors and dropouts of a round (metrics' `secure_aggregation`)."""
-    return collections.OrderedDict(
+def round_metrics(result: secagg.SecAggResult, clipped: int | None = None) -> collections.OrderedDict:
+    """The protocol's seconds, bytes, survivors and dropouts of a round (metrics' `secure_aggregation`),
+    and the clients whose update the secure bound clipped (not with distributed DP: TFF clips there)."""
+    metrics = collections.OrderedDict(
         secagg_seconds=float(result.seconds),
         secagg_bytes=int(sum(r.bytes_to_server + r.bytes_from_server for r in result.rounds)),
         secagg_survivors=len(result.survivors),
         secagg_dropped=len(result.dropped),
-        secagg_clipped_clients=clipped,
     )
+    if clipped is not None:
+        metrics["secagg_clipped_clients"] = clipped
+    return metrics

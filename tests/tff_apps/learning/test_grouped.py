@@ -297,7 +297,6 @@ def grouped_input_spec():
     "override, key",
     [
         (["privacy.level=record", "privacy.secure_aggregation=simulated"], "privacy.secure_aggregation"),  # DP-SGD
-        (["privacy.secure_aggregation=masked", "privacy.level=client"], "privacy.secure_aggregation"),  # distributed DP
     ],
 )
 def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
