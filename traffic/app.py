@@ -216,6 +216,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
     from tff_apps.program.alongside import alongside
     from tff_apps.learning import client_data
     from traffic import evaluate
+    from traffic.local_fits import stackable_chain
     from traffic.model import build_keras_model, tff_model_fn
     from traffic.windows import N_FEATURES
 
@@ -249,7 +250,10 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
 
     # the baselines share nothing with the rounds (TFF's worker runs those): trained beside them. Not
     # before the process is built: Keras models built in two threads while TFF traces one break Keras
-    (result, federated_report), baselines = alongside(lambda stop: run_baselines(cfg, data, splits, bounds, stop), federated)
+    chain = stackable_chain(model_fn) if cfg.evaluate.local_baseline else None  # here: it builds Keras in a tf.Graph
+    (result, federated_report), baselines = alongside(
+        lambda stop: run_baselines(cfg, data, splits, bounds, stop, chain), federated
+    )
     privacy = result.privacy if run.privacy is not None else plain_statement
     reports = {"federated": federated_report, **baselines}
     personalized = personalize_districts(cfg, splits, model_fn, result.weights) if cfg.personalization.epochs else None

@@ -23,9 +23,10 @@ def keras_forecaster(model):
     return predict
 
 
-def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds, stop=None) -> dict[str, dict]:
+def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds, stop=None, chain=None) -> dict[str, dict]:
     """Persistence, the historical average and the Keras baselines; `stop` (a threading.Event)
-    set ends the Keras fits early (`alongside`)."""
+    set ends the Keras fits early (`alongside`); `chain`: the model as it stacks
+    (`local_fits.stackable_chain`), to fit the local-only models side by side."""
     from traffic import evaluate
 
     reports = {
@@ -42,7 +43,7 @@ def run_baselines(cfg: JobConfig, data: TrafficData, splits, bounds, stop=None) 
             else normalization(cfg.replace("preprocess", normalization="per_site"), data, bounds["train"][1])
         )
         local_splits = district_splits(cfg, data, bounds, stats=own_stats)
-        forecasts = local_forecasts(cfg, local_splits, fitter, stop)
+        forecasts = local_forecasts(cfg, local_splits, fitter, chain, stop)
         reports["local_only"] = evaluate.evaluate_districts(local_splits, lambda s: forecasts[s.name])
     if cfg.evaluate.centralized_baseline:
         model = fit_forecaster(cfg, splits, sum(steps_of(cfg, s) for s in splits), cfg.job.seed, fitter)
@@ -85,22 +86,19 @@ def fit_forecaster(cfg: JobConfig, splits, steps: int, seed: int, fitter):
     return fitter.fit(x, y, batch_order(len(x), steps, cfg.train.batch_size, seed), cfg.train.batch_size, seed)
 
 
-def local_forecasts(cfg: JobConfig, splits, fitter, stop=None) -> dict[str, np.ndarray]:
+def local_forecasts(cfg: JobConfig, splits, fitter, chain=None, stop=None) -> dict[str, np.ndarray]:
     """Each district's forecasts by its own model, trained on its own windows: side by side
-    where the model stacks (traffic/local_fits.py), else one Keras fit after another."""
+    where the model stacks (`chain`, traffic/local_fits.py), else one Keras fit after another."""
     from traffic.local_fits import fit_side_by_side
-    from traffic.model import tff_model_fn
-    from traffic.windows import N_FEATURES
 
     seeds = [cfg.job.seed + i for i in range(len(splits))]
-    model_fn = tff_model_fn(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed, splits[0].n_nodes)
-    districts = [(*s.examples("train"), steps_of(cfg, s), seed) for s, seed in zip(splits, seeds)]
-    trained = fit_side_by_side(cfg.train, model_fn, fitter.build, districts, cfg.train.batch_size, stop)
-    if trained is None:  # each forecast is made before the next fit resets the model
+    if chain is None:  # each forecast is made before the next fit resets the model
         return {
             s.name: keras_forecaster(fit_forecaster(cfg, [s], steps_of(cfg, s), seed, fitter))(s)
             for s, seed in zip(splits, seeds)
         }
+    districts = [(*s.examples("train"), steps_of(cfg, s), seed) for s, seed in zip(splits, seeds)]
+    trained = fit_side_by_side(cfg.train, chain, fitter.build, districts, cfg.train.batch_size, stop)
     model = fitter.build(cfg.job.seed)
     forecasts = {}
     for s, weights in zip(splits, trained):

@@ -6,8 +6,8 @@ Each district's fit is the one `baselines.fit_forecaster` makes for it alone: th
 the district's seed, the client optimizer of [train] from a zeroed state, the same rows in the
 same batches (`batch_order`), the masked MAE over the observed targets. The weights agree
 with the one-by-one Keras fits up to float rounding (tests/traffic/test_local_fits.py). Only
-models the grouped engine can stack qualify (the MLP and the GRU); the graph models are fit
-one by one (`fit_side_by_side` returns None).
+models the grouped engine can stack qualify (the MLP and the GRU, `stackable_chain`); the graph
+models are fit one by one.
 """
 
 from __future__ import annotations
@@ -27,26 +27,34 @@ def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarr
     return np.concatenate([rng.permutation(n_rows) for _ in range(-(-wanted // n_rows))])[:wanted]
 
 
-def fit_side_by_side(
-    train, model_fn, build: Callable, districts: list[tuple[np.ndarray, np.ndarray, int, int]],
-    batch_size: int, stop: threading.Event | None = None,
-) -> list[list[np.ndarray]] | None:
-    """Each district's trained weights (Keras order), or None if `model_fn`'s model cannot be
-    stacked. `districts`: (x, y, steps, seed) each; `build(seed)` the uncompiled Keras model
-    its fit starts from; `train` the [train] section (its client optimizer)."""
-    import tensorflow as tf
-
+def stackable_chain(model_fn):
+    """`model_fn`'s model as the grouped engine stacks it, or None (the graph models). Read it
+    before other threads use Keras: it builds a throwaway model in a tf.Graph, and Keras then
+    fails eager models being built or called in another thread ("Your Layer or Model is in an
+    invalid state")."""
     from shared.errors import UserError
     from tff_apps.learning.dense_chain import read_dense_chain
+
+    try:
+        return read_dense_chain(model_fn)
+    except UserError:
+        return None
+
+
+def fit_side_by_side(
+    train, chain, build: Callable, districts: list[tuple[np.ndarray, np.ndarray, int, int]],
+    batch_size: int, stop: threading.Event | None = None,
+) -> list[list[np.ndarray]]:
+    """Each district's trained weights (Keras order). `chain`: `stackable_chain`'s; `districts`:
+    (x, y, steps, seed) each; `build(seed)` the uncompiled Keras model its fit starts from;
+    `train` the [train] section (its client optimizer)."""
+    import tensorflow as tf
+
     from tff_apps.learning.grouped import stacked_steps
     from tff_apps.learning.grouped_process import stacked_optimizer_state
     from tff_apps.learning.optimizers import client_optimizer
     from tff_apps.program.alongside import Cancelled
 
-    try:
-        chain = read_dense_chain(model_fn)
-    except UserError:
-        return None
     optimizer = client_optimizer(train)
     weights = [tf.constant(np.stack(ws)) for ws in zip(*(_initial_weights(build, seed) for *_, seed in districts))]
     state = stacked_optimizer_state(optimizer, [w[0] for w in weights], len(districts))

@@ -7,7 +7,7 @@ import pytest
 
 from tff_apps.config import TrainSection
 from traffic.evaluate import KerasBaselines
-from traffic.local_fits import batch_order, fit_side_by_side
+from traffic.local_fits import batch_order, fit_side_by_side, stackable_chain
 from traffic.model import ModelConfig, build_keras_model, masked_mae, tff_model_fn
 from traffic.windows import N_FEATURES
 
@@ -40,7 +40,9 @@ def test_side_by_side_fits_are_the_one_by_one_keras_fits(kind, optimizer):
     build = lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s)  # noqa: E731
     # a district with fewer rows than a batch's worth of steps repeats them; the second takes fewer steps
     districts = [(*_district(40, 1), 12, 7), (*_district(25, 2), 5, 8)]
-    trained = fit_side_by_side(train, tff_model_fn(model_cfg, HISTORY, N_FEATURES, HORIZON), build, districts, BATCH)
+    trained = fit_side_by_side(
+        train, stackable_chain(tff_model_fn(model_cfg, HISTORY, N_FEATURES, HORIZON)), build, districts, BATCH
+    )
     for (x, y, steps, seed), weights in zip(districts, trained):
         expected = _keras_fit(model_cfg, train, x, y, steps, seed)
         start = build(seed).get_weights()
@@ -54,14 +56,14 @@ def test_graph_models_are_fit_one_by_one_and_a_set_stop_ends_the_fits():
     graph = ModelConfig(kind="gcn_gru", hidden_units=4)
     train = TrainSection(client_optimizer="adam", client_learning_rate=0.01)
     graph_fn = tff_model_fn(graph, HISTORY, N_FEATURES, HORIZON, n_nodes=3)
-    assert fit_side_by_side(train, graph_fn, None, [], BATCH) is None
+    assert stackable_chain(graph_fn) is None
 
     mlp = ModelConfig(kind="mlp", hidden_units=4)
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
         fit_side_by_side(
-            train, tff_model_fn(mlp, HISTORY, N_FEATURES, HORIZON),
+            train, stackable_chain(tff_model_fn(mlp, HISTORY, N_FEATURES, HORIZON)),
             lambda s: build_keras_model(mlp, HISTORY, N_FEATURES, HORIZON, s), [(*_district(20, 3), 4, 0)], BATCH, stop,
         )
 
