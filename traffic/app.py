@@ -248,9 +248,10 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         trained.weights.assign_weights_to(global_model)
         return trained, evaluate.evaluate_districts(splits, keras_forecaster(global_model))
 
-    # the baselines share nothing with the rounds (TFF's worker runs those): trained beside them. Not
-    # before the process is built: Keras models built in two threads while TFF traces one break Keras
-    chain = stackable_chain(model_fn) if cfg.evaluate.local_baseline else None  # here: it builds Keras in a tf.Graph
+    # The baselines share nothing with the rounds (TFF's worker runs those): trained beside them, but only
+    # once this thread builds no more Keras in a tf.Graph (TFF's tracing above, `stackable_chain`): Keras
+    # fails the eager models of another thread meanwhile.
+    chain = stackable_chain(model_fn) if cfg.evaluate.local_baseline else None
     (result, federated_report), baselines = alongside(
         lambda stop: run_baselines(cfg, data, splits, bounds, stop, chain), federated
     )

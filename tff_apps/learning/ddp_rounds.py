@@ -185,4 +185,3 @@ class MaskedDdpProcess(SplitRoundProcess):
         """The server's part once the masked sum is known."""
         aggregator_state, mean, measurements = self.split.decode(state.aggregator, total)
         return self.finish_round(state, phase, list(mean), aggregator_state, measurements, **extra)
-

@@ -33,8 +33,8 @@ from shared.errors import UserError
 from tff_apps.learning.ddp_rounds import DdpSplit
 from tff_apps.learning.dense_chain import ENGINE_KEY
 from tff_apps.learning.grouped_masked import stacked_client_phase
-from tff_apps.learning.secure_rounds import round_metrics
 from tff_apps.learning.grouped_process import GroupedProcess, apply_update, server_start
+from tff_apps.learning.secure_rounds import round_metrics
 
 
 def build_ddp_process(train, model_fn, plan, secure, privacy, weights_type, train_group, finish_metrics, group_type):
