@@ -360,7 +360,8 @@ def check_personalization(cfg, federation: Federation, client_rows: dict[str, in
 def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> None:
     """`train.engine = "grouped"` (tff_apps/learning/grouped.py) runs the plain (un)weighted mean, client-level
     DP with fixed or adaptive clipping, record-level DP-SGD with the plain uniform mean (grouped_dp_sgd.py), the
-    "simulated" and "masked" secure-sum means without DP, every robustness.aggregation and bad-client mode, and
+    "simulated" and "masked" secure-sum means, distributed DP (client-level DP with either, grouped_ddp.py), every
+    robustness.aggregation and bad-client mode, and
     communication.compression without DP-SGD (grouped_robust.py); anything else is refused
     rather than computed differently. (Its model must be a chain of Keras Dense layers: checked
     when the process is built.)"""
