@@ -151,7 +151,7 @@ def test_auto_engine_runs_record_level_dp_grouped_but_not_with_secure_sums_or_co
         PrivacySection(level="record", noise_multiplier=1.0, secure_aggregation="simulated"), auto, rows
     )
     assert factory.engine_of(factory.build_learning_process(auto, model_fn, privacy=plan, secure=spec)) == "tff"
-    with pytest.raises(UserError, match="train.engine = 'grouped' does not run this privacy setting"):
+    with pytest.raises(UserError, match="train.engine = 'grouped' does not run record-level DP with secure aggregation; use train.engine = 'tff'"):
         factory.build_learning_process(dataclasses.replace(auto, engine="grouped"), model_fn, privacy=plan, secure=spec)
 
 
