@@ -231,6 +231,11 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         cfg.train, model_fn, privacy=run.privacy, secure=factory.secure_aggregation(cfg, clients),
         federation=settings, client_names=[c.name for c in clients],
     )
+    # Keras swaps its model classes' base classes (globally) to the mode each model is built in:
+    # a model built in a tf.Graph (TFF's tracing, `stackable_chain`) leaves them in graph mode until
+    # the next eager build, and an eager model called meanwhile, here or in the baselines' thread,
+    # fails ("Your Layer or Model is in an invalid state"). So every graph-mode build comes first.
+    chain = stackable_chain(model_fn) if cfg.evaluate.local_baseline else None
     global_model = build_keras_model(cfg.model, HISTORY, N_FEATURES, HORIZON, cfg.job.seed, n_nodes)
     stats = {s.name: (s.mean, s.std) for s in splits}  # the test splits' normalization and training windows
     validation = district_splits(cfg, data, bounds, evaluate_on="validation", stats=stats, reuse=splits)
@@ -248,10 +253,7 @@ def train_and_evaluate(cfg: JobConfig, data: TrafficData, run: Run, plain_statem
         trained.weights.assign_weights_to(global_model)
         return trained, evaluate.evaluate_districts(splits, keras_forecaster(global_model))
 
-    # The baselines share nothing with the rounds (TFF's worker runs those): trained beside them, but only
-    # once this thread builds no more Keras in a tf.Graph (TFF's tracing above, `stackable_chain`): Keras
-    # fails the eager models of another thread meanwhile.
-    chain = stackable_chain(model_fn) if cfg.evaluate.local_baseline else None
+    # the baselines share nothing with the rounds (TFF's worker runs those): trained beside them
     (result, federated_report), baselines = alongside(
         lambda stop: run_baselines(cfg, data, splits, bounds, stop, chain), federated
     )

@@ -28,10 +28,9 @@ def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarr
 
 
 def stackable_chain(model_fn):
-    """`model_fn`'s model as the grouped engine stacks it, or None (the graph models). Read it
-    before other threads use Keras: it builds a throwaway model in a tf.Graph, and Keras then
-    fails eager models being built or called in another thread ("Your Layer or Model is in an
-    invalid state")."""
+    """`model_fn`'s model as the grouped engine stacks it, or None (the graph models). It builds
+    a throwaway model in a tf.Graph: call it before an eager model is built and before other
+    threads use Keras (`train_and_evaluate` says why)."""
     from shared.errors import UserError
     from tff_apps.learning.dense_chain import read_dense_chain
 
