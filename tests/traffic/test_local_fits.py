@@ -74,3 +74,36 @@ def test_batch_order_takes_whole_shuffled_passes():
     assert sorted(order[:10]) == list(range(10)) and sorted(order[10:20]) == list(range(10))
     assert len(set(order[20:])) == 8
     np.testing.assert_array_equal(order, batch_order(10, 7, 4, seed=3))
+
+
+def test_the_first_evaluation_needs_no_model_built_by_the_baselines(tmp_path, monkeypatch):
+    """Keras swaps its model classes' base classes, for every thread, to the mode of the latest
+    model built; the job builds its eager global model after every graph-mode build (TFF's
+    tracing, `stackable_chain`), so its evaluations work even while the baselines' thread has
+    built nothing (here it waits for the rounds to end). Reading the chain after the global
+    model failed round 1's evaluation: "Your Layer or Model is in an invalid state"."""
+    from tff_apps.program import round_loop
+    from tff_apps.program.job import resolve_job, run_job
+    from traffic import app as traffic_app
+
+    rounds_done = threading.Event()
+    baselines, rounds = traffic_app.run_baselines, round_loop.run_rounds
+
+    def after_the_rounds(*args, **kwargs):
+        rounds_done.wait(300)
+        return baselines(*args, **kwargs)
+
+    def rounds_then_signal(*args, **kwargs):
+        try:
+            return rounds(*args, **kwargs)
+        finally:
+            rounds_done.set()
+
+    monkeypatch.setattr(traffic_app, "run_baselines", after_the_rounds)
+    monkeypatch.setattr(round_loop, "run_rounds", rounds_then_signal)
+    job = ["data.n_districts=2", "data.sensors_per_district=2", "data.days=7", "train.rounds=2",
+           "train.local_steps=5", "train.eval_every=1", "export.enabled=false", f'job.runs_dir="{tmp_path}"']
+    app, cfg = resolve_job("traffic", None, job)
+    _, summary = run_job(app, cfg.replace("job", run_id="first_evaluation"))
+    assert summary["status"] == "succeeded", summary.get("error")
+    assert summary["results"]["local_only"]["overall"]["mae_60min"] > 0
