@@ -71,7 +71,7 @@ def fit_side_by_side(
     steps = order.shape[1]
     for first in range(0, steps, STEPS_PER_CALL):
         if stop is not None and stop.is_set():
-            raise Cancelled("the rounds ended before the baselines")
+            raise Cancelled()
         weights, state = run(weights, state, tf.constant(first), tf.constant(min(first + STEPS_PER_CALL, steps)))
     return [[w[d].numpy() for w in weights] for d in range(len(districts))]
 

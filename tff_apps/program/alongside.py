@@ -15,6 +15,9 @@ Foreground = TypeVar("Foreground")
 class Cancelled(Exception):
     """Raised in the background's fits once the foreground has failed or was stopped."""
 
+    def __init__(self, message: str = "the rounds ended before the baselines"):
+        super().__init__(message)
+
 
 def alongside(
     background: Callable[[threading.Event], Background], foreground: Callable[[], Foreground]
@@ -54,6 +57,6 @@ def stop_callbacks(stop: threading.Event | None) -> list:
         @staticmethod
         def _check():
             if stop.is_set():
-                raise Cancelled("the rounds ended before the baselines")
+                raise Cancelled()
 
     return [StopWhenSet()]
