@@ -30,7 +30,7 @@ recent history reaches the output without passing through the recurrence) and it
 speeds (what this sensor usually does at this hour, which shared weights cannot know).
 
 Speed (measured, docs/traffic.md "Graph models"): a graph convolution over all supports is two
-products (`_convolve`) and the Keras baselines run each step as one XLA program (traffic/app.py,
+products (`convolve`) and the Keras baselines run each step as one XLA program (traffic/app.py,
 `fit_forecaster`); what is left is arithmetic, about (supports x units x 3 units) a sensor and
 GRU step, so the GRU reads the hour in 2 steps of 30 minutes (`READINGS_PER_STEP`) and dcrnn
 diffuses one step each way (`DIFFUSION_STEPS`): dcrnn's training step took 3.0 ms instead of
@@ -38,6 +38,9 @@ diffuses one step each way (`DIFFUSION_STEPS`): dcrnn's training step took 3.0 m
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import tensorflow as tf
 
@@ -72,6 +75,11 @@ def supports(kind: str, weights: tf.Tensor) -> list[tf.Tensor]:
     return found
 
 
+def support_count(kind: str) -> int:
+    """How many matrices `supports` gives for `kind`."""
+    return 1 if kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS
+
+
 def _row_normalized(weights: tf.Tensor) -> tf.Tensor:
     degree = tf.reduce_sum(weights, axis=-1, keepdims=True)
     return tf.math.divide_no_nan(weights, degree)  # a node without edges keeps a zero row
@@ -83,13 +91,12 @@ class GraphGRU(tf.keras.layers.Layer):
     def __init__(self, kind: str, units: int, history: int, n_features: int, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.kind, self.units, self.history, self.n_features, self.seed = kind, units, history, n_features, seed
-        self.n_supports = 1 if kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS
 
     def build(self, input_shape):
         glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=self.seed + k)  # noqa: E731
-        units, wide = self.units, self.n_supports
+        units, wide = self.units, support_count(self.kind)
         # [x, h] W = x W_x + h W_h: the input part of every step is one product before the loop.
-        # Each kernel holds one block per support side by side ([in, supports * out], see `_convolve`).
+        # Each kernel holds one block per support side by side ([in, supports * out], see `convolve`).
         self.input_kernel = self.add_weight("input_kernel", (self.n_features, wide * 3 * units), initializer=glorot(10))
         self.gate_h = self.add_weight("gate_h", (units, wide * 2 * units), initializer=glorot(11))
         self.candidate_h = self.add_weight("candidate_h", (units, wide * units), initializer=glorot(13))
@@ -100,53 +107,100 @@ class GraphGRU(tf.keras.layers.Layer):
     def call(self, inputs):
         """[sequence [batch, nodes, history, features], graph [batch, nodes, nodes]] -> [batch, nodes, units]."""
         sequence, graph = inputs
-        mixing = concatenated(supports(self.kind, graph))
-        batch, nodes, units = tf.shape(sequence)[0], tf.shape(sequence)[1], self.units
-        # every step's input part at once: the steps ride along as extra columns of the product
-        per_step = tf.einsum("bntf,fo->bnto", sequence, self.input_kernel)  # [b, n, T, supports * 3u]
-        per_step = tf.reshape(per_step, (batch, nodes, self.history, self.n_supports, 3 * units))
-        per_step = tf.reshape(tf.transpose(per_step, (0, 1, 3, 2, 4)), (batch, nodes * self.n_supports, -1))
-        per_step = tf.reshape(tf.matmul(mixing, per_step), (batch, nodes, self.history, 3 * units))
-        gate_inputs = per_step[..., : 2 * units] + self.gate_bias
-        candidate_inputs = per_step[..., 2 * units :] + self.candidate_bias
-        state = tf.zeros((batch, nodes, units), sequence.dtype)
-        for t in range(self.history):
-            gates = tf.sigmoid(gate_inputs[:, :, t] + self._convolve(mixing, state, self.gate_h))
-            reset, update = tf.split(gates, 2, axis=-1)
-            candidate = tf.tanh(candidate_inputs[:, :, t] + self._convolve(mixing, reset * state, self.candidate_h))
-            state = update * state + (1.0 - update) * candidate
-        return state
+        weights = (self.input_kernel, self.gate_h, self.candidate_h, self.gate_bias, self.candidate_bias)
+        return graph_gru_state(self.kind, self.units, self.history, weights, sequence, graph)
 
-    def _convolve(self, mixing, state, kernel):
-        """sum_k M_k state W_k in two products: state [b, n, u] @ kernel [u, supports * out] gives
-        [b, n, supports * out], read as [b, n * supports, out] (row j * supports + k: node j's
-        state through W_k), which `mixing` (row i: M_k[i, j] at column j * supports + k) sums."""
-        batch, nodes = tf.shape(state)[0], tf.shape(state)[1]
-        blocks = tf.reshape(tf.matmul(state, kernel), (batch, nodes * self.n_supports, -1))
-        return tf.matmul(mixing, blocks)
+
+def graph_gru_state(kind: str, units: int, history: int, weights, sequence: tf.Tensor, graph: tf.Tensor) -> tf.Tensor:
+    """`GraphGRU` as a function of its weights (input kernel, gate_h, candidate_h, gate bias,
+    candidate bias): the final state [batch, nodes, units]."""
+    input_kernel, gate_h, candidate_h, gate_bias, candidate_bias = weights
+    mixing = concatenated(supports(kind, graph))
+    n_supports = support_count(kind)
+    batch, nodes = tf.shape(sequence)[0], tf.shape(sequence)[1]
+    # every step's input part at once: the steps ride along as extra columns of the product
+    per_step = tf.einsum("bntf,fo->bnto", sequence, input_kernel)  # [b, n, T, supports * 3u]
+    per_step = tf.reshape(per_step, (batch, nodes, history, n_supports, 3 * units))
+    per_step = tf.reshape(tf.transpose(per_step, (0, 1, 3, 2, 4)), (batch, nodes * n_supports, -1))
+    per_step = tf.reshape(tf.matmul(mixing, per_step), (batch, nodes, history, 3 * units))
+    gate_inputs = per_step[..., : 2 * units] + gate_bias
+    candidate_inputs = per_step[..., 2 * units :] + candidate_bias
+    state = tf.zeros((batch, nodes, units), sequence.dtype)
+    for t in range(history):
+        gates = tf.sigmoid(gate_inputs[:, :, t] + convolve(mixing, state, gate_h, n_supports))
+        reset, update = tf.split(gates, 2, axis=-1)
+        candidate = tf.tanh(candidate_inputs[:, :, t] + convolve(mixing, reset * state, candidate_h, n_supports))
+        state = update * state + (1.0 - update) * candidate
+    return state
+
+
+def convolve(mixing: tf.Tensor, state: tf.Tensor, kernel: tf.Tensor, n_supports: int) -> tf.Tensor:
+    """sum_k M_k state W_k in two products: state [b, n, u] @ kernel [u, supports * out] gives
+    [b, n, supports * out], read as [b, n * supports, out] (row j * supports + k: node j's
+    state through W_k), which `mixing` (row i: M_k[i, j] at column j * supports + k) sums."""
+    batch, nodes = tf.shape(state)[0], tf.shape(state)[1]
+    blocks = tf.reshape(tf.matmul(state, kernel), (batch, nodes * n_supports, -1))
+    return tf.matmul(mixing, blocks)
 
 
 def concatenated(mats: list[tf.Tensor]) -> tf.Tensor:
-    """[batch, nodes, nodes * supports] with M_k[i, j] at [i, j * supports + k] (see `GraphGRU._convolve`)."""
+    """[batch, nodes, nodes * supports] with M_k[i, j] at [i, j * supports + k] (see `convolve`)."""
     stacked = tf.stack(mats, axis=-1)  # [batch, nodes, nodes, supports]
     shape = tf.shape(stacked)
     return tf.reshape(stacked, (shape[0], shape[1], shape[2] * len(mats)))
 
 
+@dataclass(frozen=True)
+class GraphShape:
+    """What `build` makes a model of: its kind, width and the windows it reads."""
+
+    kind: str
+    units: int
+    history: int
+    n_features: int
+    n_nodes: int
+    horizon: int
+
+    @property
+    def per_step(self) -> int:
+        return READINGS_PER_STEP if self.history % READINGS_PER_STEP == 0 else 1
+
+    def parts(self, x):
+        """x [batch, nodes, ...] (module docstring) -> (windows, typical speeds, graph rows,
+        the GRU's input sequence [batch, nodes, steps, per_step * features])."""
+        width, typical_width = self.history * self.n_features, self.history + self.horizon
+        windows = x[:, :, :width]
+        sequence = tf.reshape(windows, (-1, self.n_nodes, self.history // self.per_step, self.per_step * self.n_features))
+        return windows, x[:, :, width : width + typical_width], x[:, :, width + typical_width :], sequence
+
+
 def build(kind: str, units: int, history: int, n_features: int, n_nodes: int, horizon: int, seed: int):
-    """The Keras graph forecaster (uncompiled), for districts padded to `n_nodes` sensors."""
+    """The Keras graph forecaster (uncompiled), for districts padded to `n_nodes` sensors. It carries
+    `stacked_forward` (the grouped engine's form of it: learning/dense_chain.py)."""
     glorot = lambda k: tf.keras.initializers.GlorotUniform(seed=seed + k)  # noqa: E731
-    width = history * n_features
+    shape = GraphShape(kind, units, history, n_features, n_nodes, horizon)
     typical_width = history + horizon  # the sensor's typical speed at each step (traffic/typical.py)
-    inputs = tf.keras.Input(shape=(n_nodes, width + typical_width + n_nodes), name="x")
-    windows = inputs[:, :, :width]
-    typical = inputs[:, :, width : width + typical_width]
-    graph = inputs[:, :, width + typical_width :]
-    per_step = READINGS_PER_STEP if history % READINGS_PER_STEP == 0 else 1
-    sequence = tf.reshape(windows, (-1, n_nodes, history // per_step, per_step * n_features))
-    state = GraphGRU(kind, units, history // per_step, per_step * n_features, seed, name="graph_gru")([sequence, graph])
+    inputs = tf.keras.Input(shape=(n_nodes, history * n_features + typical_width + n_nodes), name="x")
+    windows, typical, graph, sequence = shape.parts(inputs)
+    gru = GraphGRU(kind, units, history // shape.per_step, shape.per_step * n_features, seed, name="graph_gru")
     hidden = tf.keras.layers.Dense(units, activation="relu", kernel_initializer=glorot(2))(
-        tf.concat([state, windows, typical], axis=-1)
+        tf.concat([gru([sequence, graph]), windows, typical], axis=-1)
     )
     outputs = tf.keras.layers.Dense(horizon, kernel_initializer=glorot(3))(hidden)
-    return tf.keras.Model(inputs, outputs)
+    model = tf.keras.Model(inputs, outputs)
+    model.stacked_forward = functools.partial(stacked_forward, shape)
+    return model
+
+
+def stacked_forward(shape: GraphShape, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """The model of `build` with every client's weights stacked (Keras order, a leading client
+    axis) on x [clients, batch, nodes, ...]: predictions [clients, batch, nodes, horizon]."""
+    return tf.vectorized_map(lambda args: _forward(shape, *args), (list(weights), x))
+
+
+def _forward(shape: GraphShape, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+    """One client's model as a function of its weights (`build`'s layers, in their order)."""
+    windows, typical, graph, sequence = shape.parts(x)
+    state = graph_gru_state(shape.kind, shape.units, shape.history // shape.per_step, weights[:5], sequence, graph)
+    hidden = tf.nn.relu(tf.tensordot(tf.concat([state, windows, typical], axis=-1), weights[5], 1) + weights[6])
+    return tf.tensordot(hidden, weights[7], 1) + weights[8]

@@ -6,8 +6,8 @@ Each district's fit is the one `baselines.fit_forecaster` makes for it alone: th
 the district's seed, the client optimizer of [train] from a zeroed state, the same rows in the
 same batches (`batch_order`), the masked MAE over the observed targets. The weights agree
 with the one-by-one Keras fits up to float rounding (tests/traffic/test_local_fits.py). Only
-models the grouped engine can stack qualify (the MLP and the GRU, `stackable_chain`); the graph
-models are fit one by one.
+models the grouped engine can stack qualify (`stackable_chain`: traffic's MLP, GRU and graph
+models all do); another model is fit one district after another.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def batch_order(n_rows: int, steps: int, batch_size: int, seed: int) -> np.ndarr
 
 
 def stackable_chain(model_fn):
-    """`model_fn`'s model as the grouped engine stacks it, or None (the graph models). It builds
+    """`model_fn`'s model as the grouped engine stacks it, or None (it does not stack). It builds
     a throwaway model in a tf.Graph: call it before an eager model is built and before other
     threads use Keras (`train_and_evaluate` says why)."""
     from shared.errors import UserError

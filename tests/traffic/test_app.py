@@ -76,20 +76,6 @@ def test_predict_forecasts_from_raw_history_with_timestamps(traffic_run: Path, t
     assert not (tmp_path / "bad_out.csv").exists()
 
 
-@pytest.mark.parametrize(("setting", "expected"), [
-    # a graph model is no chain of Dense layers (the MLP and the GRU run grouped)
-    ("train.engine=grouped", "train.engine = 'grouped' runs chains of Dense layers"),
-])
-def test_what_a_graph_model_does_not_run_is_refused_before_the_run_folder(tmp_path: Path, setting, expected):
-    result = tff_apps_in_process(
-        "run", "traffic", *SMALL_JOB, "--set", f"job.runs_dir={tmp_path}", "--set", setting,
-        "--set", "model.kind=gcn_gru",
-    )
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
-    assert expected in result.stderr and "model.kind = 'gcn_gru'" in result.stderr
-    assert not (tmp_path / "traffic").exists()
-
-
 def test_no_district_reading_is_released_in_the_export_or_the_report(traffic_run: Path):
     """Every sensor's readings, as rows of 12 consecutive steps (a window, what the serving
     check used to carry), are looked for in every released file."""

@@ -74,18 +74,17 @@ def test_a_neighbour_history_reaches_a_sensor_only_along_edges(kind):
 
 @pytest.mark.parametrize("kind", ["gcn_gru", "dcrnn"])
 def test_the_two_product_convolution_is_the_sum_over_supports(kind):
-    """GraphGRU._convolve (one product with the concatenated supports) against the textbook
+    """graph_model.convolve (one product with the concatenated supports) against the textbook
     sum over supports of M_k @ state @ W_k, with W_k the k-th block of the kernel."""
-    from traffic.graph_model import DIFFUSION_STEPS, GraphGRU, concatenated, supports
+    from traffic.graph_model import DIFFUSION_STEPS, concatenated, convolve, supports
 
     rng = np.random.default_rng(3)
     graph = np.stack([_chain(5), rng.uniform(size=(5, 5)) * (rng.uniform(size=(5, 5)) < 0.4)]).astype(np.float32)
     mats = [m.numpy() for m in supports(kind, graph)]
-    layer = GraphGRU(kind, units=4, history=2, n_features=3, seed=0)
     state = rng.normal(size=(2, 5, 4)).astype(np.float32)
     kernel = rng.normal(size=(4, len(mats) * 6)).astype(np.float32)
     expected = sum(m @ state @ kernel[:, 6 * k : 6 * (k + 1)] for k, m in enumerate(mats))
-    got = layer._convolve(concatenated([np.asarray(m) for m in mats]), state, kernel).numpy()
+    got = convolve(concatenated([np.asarray(m) for m in mats]), state, kernel, len(mats)).numpy()
     assert len(mats) == (1 if kind == "gcn_gru" else 1 + 2 * DIFFUSION_STEPS)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -101,6 +100,7 @@ def test_a_graph_job_runs_through_tff_with_every_baseline_and_personalization(tm
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "traffic" / "g" / "summary.json").read_text())
     assert set(summary["results"]) == {"federated", "persistence", "historical_average", "local_only", "centralized"}
+    assert summary["engine"] == "grouped"  # train.engine = "auto": the model's own stacked form
     for report in summary["results"].values():
         assert set(report["districts"]) == {"district_1", "district_2"}
         assert 0 < report["overall"]["mae_60min"] < report["overall"]["rmse_60min"] < 40

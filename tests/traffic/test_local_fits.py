@@ -8,56 +8,61 @@ import pytest
 from tff_apps.config import TrainSection
 from traffic.evaluate import KerasBaselines
 from traffic.local_fits import batch_order, fit_side_by_side, stackable_chain
-from traffic.model import ModelConfig, build_keras_model, masked_mae, tff_model_fn
+from traffic.model import GRAPH_KINDS, ModelConfig, build_keras_model, masked_mae, tff_model_fn
 from traffic.windows import N_FEATURES
 
 HISTORY, HORIZON, BATCH = 12, 4, 8
+NODES = 3  # the graph models' districts: 3 sensors
 
 
-def _district(rows: int, seed: int):
+def _district(rows: int, seed: int, nodes: int = 0):
+    """Windows of one sensor each, or (nodes > 0) of a district's sensors with their typical
+    speeds and graph rows (traffic/graph_model.py)."""
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, HISTORY, N_FEATURES)).astype(np.float32)
-    y = (x[:, -1, :1] * 0.5 + rng.normal(scale=0.1, size=(rows, HORIZON))).astype(np.float32)
+    if nodes:
+        graph = rng.random((rows, nodes, nodes)) * (rng.random((rows, nodes, nodes)) < 0.5)
+        x = np.concatenate([rng.normal(size=(rows, nodes, HISTORY * (N_FEATURES + 1) + HORIZON)), graph], axis=-1)
+        y = x[:, :, HISTORY * N_FEATURES - N_FEATURES : HISTORY * N_FEATURES - N_FEATURES + 1] * 0.5
+        y = y + rng.normal(scale=0.1, size=(rows, nodes, HORIZON))
+    else:
+        x = rng.normal(size=(rows, HISTORY, N_FEATURES))
+        y = x[:, -1, :1] * 0.5 + rng.normal(scale=0.1, size=(rows, HORIZON))
     y[rng.random(y.shape) < 0.25] = np.nan  # missing readings do not count in the loss
-    return x, y
+    return x.astype(np.float32), y.astype(np.float32)
 
 
-def _keras_fit(model_cfg, train, x, y, steps, seed):
+def _keras_fit(model_cfg, train, x, y, steps, seed, nodes):
     import tensorflow as tf
 
     optimizer = tf.keras.optimizers.Adam if train.client_optimizer == "adam" else tf.keras.optimizers.SGD
-    fitter = KerasBaselines(
-        lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s), optimizer(train.client_learning_rate),
-        masked_mae,
+    fitter = KerasBaselines(  # as `baselines.baseline_fitter`: the graph models' steps in XLA
+        lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s, nodes), optimizer(train.client_learning_rate),
+        masked_mae, bool(nodes),
     )
     return fitter.fit(x, y, batch_order(len(x), steps, BATCH, seed), BATCH, seed).get_weights()
 
 
-@pytest.mark.parametrize("kind, optimizer", [("mlp", "adam"), ("gru", "sgd")])
+@pytest.mark.parametrize("kind, optimizer", [("mlp", "adam"), ("gru", "sgd"), ("gcn_gru", "adam"), ("dcrnn", "sgd")])
 def test_side_by_side_fits_are_the_one_by_one_keras_fits(kind, optimizer):
     model_cfg = ModelConfig(kind=kind, hidden_units=8)
+    nodes = NODES if kind in GRAPH_KINDS else 0
     train = TrainSection(client_optimizer=optimizer, client_learning_rate=0.01 if optimizer == "adam" else 0.1)
-    build = lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s)  # noqa: E731
+    build = lambda s: build_keras_model(model_cfg, HISTORY, N_FEATURES, HORIZON, s, nodes)  # noqa: E731
     # a district with fewer rows than a batch's worth of steps repeats them; the second takes fewer steps
-    districts = [(*_district(40, 1), 12, 7), (*_district(25, 2), 5, 8)]
-    trained = fit_side_by_side(
-        train, stackable_chain(tff_model_fn(model_cfg, HISTORY, N_FEATURES, HORIZON)), build, districts, BATCH
-    )
+    districts = [(*_district(40, 1, nodes), 12, 7), (*_district(25, 2, nodes), 5, 8)]
+    chain = stackable_chain(tff_model_fn(model_cfg, HISTORY, N_FEATURES, HORIZON, n_nodes=nodes))
+    trained = fit_side_by_side(train, chain, build, districts, BATCH)
     for (x, y, steps, seed), weights in zip(districts, trained):
-        expected = _keras_fit(model_cfg, train, x, y, steps, seed)
+        expected = _keras_fit(model_cfg, train, x, y, steps, seed, nodes)
         start = build(seed).get_weights()
         assert max(np.abs(a - b).max() for a, b in zip(start, expected)) > 1e-3  # the fit moved the weights
         assert max(np.abs(a - b).max() for a, b in zip(weights, expected)) < 1e-5
 
 
-def test_graph_models_are_fit_one_by_one_and_a_set_stop_ends_the_fits():
+def test_a_set_stop_ends_the_fits():
     from tff_apps.program.alongside import Cancelled
 
-    graph = ModelConfig(kind="gcn_gru", hidden_units=4)
     train = TrainSection(client_optimizer="adam", client_learning_rate=0.01)
-    graph_fn = tff_model_fn(graph, HISTORY, N_FEATURES, HORIZON, n_nodes=3)
-    assert stackable_chain(graph_fn) is None
-
     mlp = ModelConfig(kind="mlp", hidden_units=4)
     stop = threading.Event()
     stop.set()

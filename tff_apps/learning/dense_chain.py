@@ -1,6 +1,15 @@
 """What the grouped engine can stack per client: a chain of Keras Dense layers (after an
 optional Flatten of the input, or after a GRU over the input sequence) with a per-example loss
-or a masked mean loss, read from the model function (anything else is refused in one line).
+or a masked mean loss, read from the model function (anything else is refused in one line);
+or a Keras model that carries its own stacked form.
+
+A model's own stacked form is a `stacked_forward(weights, x)` attribute of the Keras model: the
+model's output with every client's weights stacked (Keras' trainable order, a leading client
+axis) on x [clients, batch, ...] (e.g. traffic's graph forecasters, through `tf.vectorized_map`
+of the model written as a function of its weights). The engine takes it as the model: its
+equivalence with the Keras model is the model's to test (traffic's: tests/tff_apps/learning/
+test_grouped.py against the stock engine, tests/traffic/test_local_fits.py against Keras fits).
+It must have no regularization losses.
 
 A GRU first layer (traffic's `gru`) runs Keras 2.14's GRU cell with every client's weights
 stacked: the default configuration only (tanh, sigmoid recurrent activation, reset_after,
@@ -43,6 +52,12 @@ class DenseChain:
     metric_names: list[str]  # every metric TFF reports, in TFF's order
     flatten: bool = False  # a Flatten layer first: x [clients, batch, ...] flattened per example
     gru: bool = False  # a GRU first (module docstring): its kernel, recurrent kernel and bias lead the weights
+    stacked_forward: Callable | None = None  # the model's own stacked form (module docstring): no layers read
+
+    @property
+    def shaped_input(self) -> bool:
+        """Whether an example is more than a vector (flattened, a sequence, the model's own)."""
+        return self.flatten or self.gru or self.stacked_forward is not None
 
     @property
     def first_dense(self) -> int:
@@ -52,6 +67,8 @@ class DenseChain:
     def forward(self, weights: list[tf.Tensor], x: tf.Tensor) -> tf.Tensor:
         """x [clients, batch, inputs] ([clients, batch, steps, features] with a GRU) ->
         predictions [clients, batch, outputs]."""
+        if self.stacked_forward is not None:
+            return self.stacked_forward(weights, x)
         if self.flatten:
             x = tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0))
         if self.gru:
@@ -132,6 +149,8 @@ def read_dense_chain(model_fn) -> DenseChain:
         previous = keras_model.inputs
         if len(previous) != 1:
             refuse_model("the model has several inputs")
+        if getattr(keras_model, "stacked_forward", None) is not None:
+            return _own_stacked_form(model, keras_model)
         previous, chain_weights = previous[0], []
         activations, use_bias, l2 = [], [], []
         flatten = bool(layers) and type(layers[0]) is tf.keras.layers.Flatten and layers[0].input is previous
@@ -163,16 +182,26 @@ def read_dense_chain(model_fn) -> DenseChain:
             refuse_model("the model's output is not its last Dense layer")
         if [id(v) for v in chain_weights] != [id(v) for v in keras_model.trainable_variables]:
             refuse_model("the model's trainable weights are not the Dense layers' in order")
-        loss = _single_loss(model)
-        metric_names, metrics = [], []
-        for metric in model.get_metrics():
-            metric_names.append(metric.name)
-            if metric.name in ADDED_METRICS:
-                continue
-            if not isinstance(metric, MeanMetricWrapper):
-                refuse_model(f"metric {metric.name} is a {type(metric).__name__}, not a per-example mean metric")
-            metrics.append((metric.name, metric))
-    return DenseChain(activations, use_bias, l2, loss, metrics, metric_names, flatten, gru)
+        return DenseChain(activations, use_bias, l2, _single_loss(model), *_metrics(model), flatten, gru)
+
+
+def _own_stacked_form(model, keras_model) -> DenseChain:
+    if keras_model.losses:
+        refuse_model("the model carries its stacked form and has regularization losses")
+    return DenseChain([], [], [], _single_loss(model), *_metrics(model), stacked_forward=keras_model.stacked_forward)
+
+
+def _metrics(model) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(the user's metrics as (name, Keras MeanMetricWrapper), every metric TFF reports)."""
+    metric_names, metrics = [], []
+    for metric in model.get_metrics():
+        metric_names.append(metric.name)
+        if metric.name in ADDED_METRICS:
+            continue
+        if not isinstance(metric, MeanMetricWrapper):
+            refuse_model(f"metric {metric.name} is a {type(metric).__name__}, not a per-example mean metric")
+        metrics.append((metric.name, metric))
+    return metrics, metric_names
 
 
 GRU_DEFAULTS = dict(activation="tanh", recurrent_activation="sigmoid", use_bias=True, reset_after=True, dropout=0.0,
@@ -216,4 +245,4 @@ def _single_loss(model):
 
 
 def refuse_model(what: str):
-    raise UserError(f"{ENGINE_KEY} = 'grouped' runs Keras chains of Dense layers only: {what}; use {ENGINE_KEY} = 'tff'")
+    raise UserError(f"{ENGINE_KEY} = 'grouped' runs Keras chains of Dense layers and models carrying their stacked form only: {what}; use {ENGINE_KEY} = 'tff'")

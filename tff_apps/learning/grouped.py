@@ -97,7 +97,7 @@ def build_grouped_process(
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = stacked_group_type(input_spec, chain.flatten or chain.gru, spec)
+    group_type = stacked_group_type(input_spec, chain.shaped_input, spec)
     optimizer = optimizers.client_optimizer(train)
     proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
     dp = dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None

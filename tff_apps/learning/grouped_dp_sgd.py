@@ -156,7 +156,8 @@ def _stock_metrics(finalizer_measurements):
 
 def _refuse_unmatched_loss(chain: DenseChain) -> None:
     """Refuses models whose per-example loss here would differ from `dp_sgd.keras_per_example_loss`'s."""
-    what = "a masked mean loss" if hasattr(chain.loss, "masked_parts") else "a GRU layer" if chain.gru else ""
+    what = ("a masked mean loss" if hasattr(chain.loss, "masked_parts") else "a GRU layer" if chain.gru
+            else "a model carrying its own stacked form" if chain.stacked_forward else "")
     if what:
         raise UserError(
             f"{ENGINE_KEY} = 'grouped' runs record-level DP-SGD for Dense chains with a per-example Keras loss only, "

@@ -204,23 +204,31 @@ def test_masked_secure_aggregation_matches_stock(runtime, algorithm):
         dataclasses.replace(train, engine="auto"), tff_model_fn(MLP, D, 0), secure=spec)) == "grouped"
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gru"])
+@pytest.mark.parametrize("kind", ["mlp", "gru", "gcn_gru", "dcrnn"])
 def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime, kind):
-    """Traffic's MLP (a Flatten, then Dense layers) and GRU (a Keras GRU over the history, then
-    Dense layers) and their MAE over the observed targets only: a quarter of the targets are
-    missing (NaN), so the per-client masked mean matters."""
+    """Traffic's MLP (a Flatten, then Dense layers), GRU (a Keras GRU over the history, then
+    Dense layers) and graph forecasters (their own stacked form, `graph_model.stacked_forward`),
+    and their MAE over the observed targets only: a quarter of the targets are missing (NaN),
+    so the per-client masked mean matters."""
+    from traffic.model import GRAPH_KINDS
     from traffic.model import ModelConfig as TrafficModel
     from traffic.model import tff_model_fn as traffic_model_fn
 
     rng = np.random.default_rng(3)
+    nodes = 3 if kind in GRAPH_KINDS else 0
     clients = []
     for i, n in enumerate((7, 12, 5)):
-        x = rng.standard_normal((n, 4, 3)).astype(np.float32)
-        y = (x[:, -1, :1] + 0.1 * i + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
+        if nodes:  # a district: 3 sensors' windows (4 steps x 3 features), typical speeds (4 + 2), graph rows
+            graph = rng.random((n, nodes, nodes)) * (rng.random((n, nodes, nodes)) < 0.5)
+            x = np.concatenate([rng.standard_normal((n, nodes, 4 * 3 + 4 + 2)), graph], axis=-1).astype(np.float32)
+            y = (x[:, :, 9:10] + 0.1 * i + 0.1 * rng.standard_normal((n, nodes, 2))).astype(np.float32)
+        else:
+            x = rng.standard_normal((n, 4, 3)).astype(np.float32)
+            y = (x[:, -1, :1] + 0.1 * i + 0.1 * rng.standard_normal((n, 2))).astype(np.float32)
         y[rng.random(y.shape) < 0.25] = np.nan
         clients.append(client_data.ClientTrainData(f"d{i}", x, y))
     train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.01)
-    model_fn = traffic_model_fn(TrafficModel(kind=kind, hidden_units=8), 4, 3, 2, 0)
+    model_fn = traffic_model_fn(TrafficModel(kind=kind, hidden_units=8), 4, 3, 2, 0, n_nodes=nodes)
     finals = {}
     for engine in ("tff", "grouped"):
         process = factory.build_learning_process(dataclasses.replace(train, engine=engine), model_fn)
@@ -235,32 +243,41 @@ def test_traffic_forecaster_with_its_masked_loss_matches_stock(runtime, kind):
 
 
 def test_auto_engine_falls_back_to_stock_where_grouped_does_not_run(runtime):
-    from traffic.model import ModelConfig as TrafficModel
-    from traffic.model import tff_model_fn as traffic_model_fn
-
     auto = dataclasses.replace(TRAIN, engine="auto")
     assert factory.engine_of(factory.build_learning_process(auto, tff_model_fn(MLP, D, 0))) == "grouped"
-    graph = traffic_model_fn(TrafficModel(kind="gcn_gru", hidden_units=4), 4, 1, 2, 0, n_nodes=3)
-    assert factory.engine_of(factory.build_learning_process(auto, graph)) == "tff"
+    assert factory.engine_of(factory.build_learning_process(auto, reshape_model_fn)) == "tff"
     with pytest.raises(UserError, match="not a Dense layer"):
-        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), graph)
+        factory.build_learning_process(dataclasses.replace(TRAIN, engine="grouped"), reshape_model_fn)
+
+
+def reshape_model_fn():
+    """A model the grouped engine does not stack: a Reshape is no Dense layer."""
+    import tensorflow_federated as tff
+
+    inputs = tf.keras.Input(shape=(D,))
+    hidden = tf.keras.layers.Reshape((D, 1))(inputs)
+    outputs = tf.keras.layers.Dense(1)(tf.keras.layers.Flatten()(hidden))
+    return tff.learning.models.from_keras_model(
+        tf.keras.Model(inputs, outputs), loss=tf.keras.losses.MeanSquaredError(), input_spec=grouped_input_spec(),
+    )
 
 
 def test_grouped_engine_refuses_what_it_does_not_run():
-    import tensorflow as tf
     import tensorflow_federated as tff
 
-    def conv_model_fn():
+    with pytest.raises(UserError, match="layer .* is a Reshape, not a Dense layer; use train.engine = 'tff'"):
+        dense_chain.read_dense_chain(reshape_model_fn)
+
+    def regularized_own_form():  # its stacked form could not add the regularization Keras adds
         inputs = tf.keras.Input(shape=(D,))
-        hidden = tf.keras.layers.Reshape((D, 1))(inputs)
-        outputs = tf.keras.layers.Dense(1)(tf.keras.layers.Flatten()(hidden))
+        keras_model = tf.keras.Model(inputs, tf.keras.layers.Dense(1, kernel_regularizer="l2")(inputs))
+        keras_model.stacked_forward = lambda weights, x: tf.matmul(x, weights[0]) + weights[1][:, None]
         return tff.learning.models.from_keras_model(
-            tf.keras.Model(inputs, outputs), loss=tf.keras.losses.MeanSquaredError(),
-            input_spec=grouped_input_spec(),
+            keras_model, loss=tf.keras.losses.MeanSquaredError(), input_spec=grouped_input_spec()
         )
 
-    with pytest.raises(UserError, match="layer .* is a Reshape, not a Dense layer; use train.engine = 'tff'"):
-        dense_chain.read_dense_chain(conv_model_fn)
+    with pytest.raises(UserError, match="carries its stacked form and has regularization losses"):
+        dense_chain.read_dense_chain(regularized_own_form)
 
 
 @pytest.mark.parametrize(("option", "message"), [
