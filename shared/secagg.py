@@ -18,8 +18,9 @@ Rounds (U1 ⊇ U2 ⊇ U3 ⊇ U4 are the clients heard from in each round)
    ``(u, c_u^PK, s_u^PK)``. The server broadcasts the list from U1 (|U1| >= t).
 1. Share keys. Client u checks the list (its own keys present, >= t clients, no repeated
    key), draws a self-mask seed b_u (16 random bytes), and splits with Shamir
-   (threshold t, n shares, share index v + 1 for client v) three 16-byte secrets: b_u,
-   and the two halves of s_u^SK (32 bytes). The three shares for client v travel in one
+   (threshold t, n shares, share index v + 1 for client v) two 16-byte secrets: b_u, and
+   m_u, the seed s_u^SK was derived from (s_u^SK = HKDF(m_u): a 32-byte key would be two
+   secrets to share). The two shares for client v travel in one
    ChaCha20-Poly1305 ciphertext under ``k_uv = HKDF(X25519(c_u^SK, c_v^PK))`` with a
    fresh random nonce and the direction (u, v) as associated data; the server relays
    ciphertexts it cannot read. U2 = clients whose shares arrived (>= t).
@@ -32,9 +33,9 @@ Rounds (U1 ⊇ U2 ⊇ U3 ⊇ U4 are the clients heard from in each round)
    and keeps no individual y_u.
 3. Unmask. The server sends U3. Each client in U3 checks U3 ⊆ U2, |U3| >= t, u in U3,
    and that it has not answered before, then returns its share of b_w for every w in
-   U3 and its shares of s_v^SK for every v in U2 \\ U3 - never both kinds for one
+   U3 and its shares of m_v (the seed of s_v^SK) for every v in U2 \\ U3 - never both kinds for one
    client. With t responses (U4, >= t) the server reconstructs each b_w and removes
-   PRG(b_w), and each dropped s_v^SK and removes the masks PRG(s_uv) that survivors
+   PRG(b_w), and each dropped m_v, derives s_v^SK and removes the masks PRG(s_uv) that survivors
    u added for v. What remains is sum_{u in U3} q(x_u), which it dequantizes.
 A round with fewer than t clients raises `SecAggError` (a RuntimeError) naming how many
 responded and the threshold, and no sum is produced.
@@ -61,7 +62,7 @@ substitute public keys; no consistency-check round; Sybil clients), malicious cl
 the sum itself reveals (with one honest survivor, the sum is its input; across rounds,
 differences of sums; use differential privacy for that).
 
-Randomness: keys and b_u come from ``os.urandom``. Passing ``seed`` (tests only) derives
+Randomness: keys, m_u and b_u come from ``os.urandom``. Passing ``seed`` (tests only) derives
 them with HKDF from the seed instead, so masked inputs become reproducible - and anyone
 who knows the seed can unmask every input; never seed a real run. Shamir polynomials
 (pycryptodome's own RNG) and encryption nonces are always fresh. The unmasked sum does
@@ -81,7 +82,6 @@ from typing import Sequence
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from shared.secagg_client import SecAggClient
 from shared.secagg_messages import (
@@ -100,7 +100,9 @@ from shared.secagg_ring import (
     SecAggConfig,
     SecAggError,
     dequantize,
+    mask_key_from_seed,
     pairwise_mask,
+    private_bytes,
     require_quorum,
     self_mask,
 )
@@ -207,7 +209,7 @@ class SecAggServer:
         dropped = self._u2 - self._u3
         for r in responses:
             owners_b = [w for w, _ in r.self_mask_shares]
-            owners_s = [v for v, _, _ in r.mask_key_shares]
+            owners_s = [v for v, _ in r.mask_key_shares]
             if owners_b != sorted(self._u3) or owners_s != sorted(dropped):
                 raise SecAggError(f"server in round 3: client {r.sender} answered for the wrong clients")
         # pycryptodome's combine takes exactly t shares; use those of the t lowest ids.
@@ -219,10 +221,8 @@ class SecAggServer:
             self._self_mask_seeds[w] = seed
             total -= self_mask(seed, length, cfg)
         for i, v in enumerate(sorted(dropped)):
-            low = Shamir.combine([(r.sender + 1, r.mask_key_shares[i][1]) for r in quorum])
-            high = Shamir.combine([(r.sender + 1, r.mask_key_shares[i][2]) for r in quorum])
-            self._dropped_mask_keys[v] = low + high
-            key = X25519PrivateKey.from_private_bytes(low + high)
+            key = mask_key_from_seed(Shamir.combine([(r.sender + 1, r.mask_key_shares[i][1]) for r in quorum]))
+            self._dropped_mask_keys[v] = private_bytes(key)
             for u in sorted(self._u3):
                 mask = pairwise_mask(key, self._keys[u].mask_public_key, v, u, length, cfg)
                 # survivor u added +mask for v > u and -mask for v < u; undo that

@@ -33,8 +33,8 @@ from shared.secagg_ring import (
     SecAggError,
     direction_label,
     is_int,
+    mask_key_from_seed,
     pairwise_mask,
-    private_bytes,
     public_bytes,
     quantize,
     require_quorum,
@@ -46,8 +46,7 @@ from shared.secagg_ring import (
 @dataclass(frozen=True)
 class _HeldShares:
     self_mask: bytes
-    mask_key_low: bytes
-    mask_key_high: bytes
+    mask_seed: bytes  # of s^SK (`mask_key_from_seed`)
 
 
 class SecAggClient:
@@ -63,9 +62,8 @@ class SecAggClient:
         self._cfg = cfg
         self._random = Randomness(seed)
         self._cipher_key = X25519PrivateKey.from_private_bytes(self._random.draw("cipher key", KEY_BYTES))
-        self._mask_key: X25519PrivateKey | None = X25519PrivateKey.from_private_bytes(
-            self._random.draw("mask key", KEY_BYTES)
-        )
+        self._mask_seed: bytes | None = self._random.draw("mask key seed", SECRET_BYTES)
+        self._mask_key: X25519PrivateKey | None = mask_key_from_seed(self._mask_seed)
         self._stage = "new"
         self._advertised: KeyAdvertisement | None = None
         self._peer_keys: dict[int, KeyAdvertisement] = {}  # U1
@@ -104,11 +102,7 @@ class SecAggClient:
         self._peer_keys = keys
 
         self._self_seed = self._random.draw("self-mask seed", SECRET_BYTES)
-        mask_secret = private_bytes(self._mask_key)
-        splits = [
-            Shamir.split(cfg.threshold, cfg.n_clients, secret)
-            for secret in (self._self_seed, mask_secret[:SECRET_BYTES], mask_secret[SECRET_BYTES:])
-        ]
+        splits = [Shamir.split(cfg.threshold, cfg.n_clients, secret) for secret in (self._self_seed, self._mask_seed)]
         bundles = {}
         for position, per_secret in enumerate(zip(*splits)):
             indices = {index for index, _ in per_secret}
@@ -121,7 +115,7 @@ class SecAggClient:
             if v == u:
                 continue
             bundle = bundles[v]
-            plaintext = direction_label(u, v) + bundle.self_mask + bundle.mask_key_low + bundle.mask_key_high
+            plaintext = direction_label(u, v) + bundle.self_mask + bundle.mask_seed
             nonce = os.urandom(NONCE_BYTES)
             cipher = share_cipher(self._cipher_key, keys[v].cipher_public_key, u, v)
             ciphertext = cipher.encrypt(nonce, plaintext, DOMAIN + direction_label(u, v))
@@ -143,10 +137,10 @@ class SecAggClient:
                 plaintext = cipher.decrypt(item.nonce, item.ciphertext, DOMAIN + direction_label(v, u))
             except InvalidTag:
                 raise SecAggError(f"client {u}: the shares from client {v} fail authentication") from None
-            if plaintext[: 2 * ID_BYTES] != direction_label(v, u) or len(plaintext) != 2 * ID_BYTES + 3 * SECRET_BYTES:
+            if plaintext[: 2 * ID_BYTES] != direction_label(v, u) or len(plaintext) != 2 * ID_BYTES + 2 * SECRET_BYTES:
                 raise SecAggError(f"client {u}: malformed share bundle from client {v}")
             body = plaintext[2 * ID_BYTES :]
-            self._held[v] = _HeldShares(body[:SECRET_BYTES], body[SECRET_BYTES:-SECRET_BYTES], body[-SECRET_BYTES:])
+            self._held[v] = _HeldShares(body[:SECRET_BYTES], body[SECRET_BYTES:])
         self._u2 = frozenset(self._held)
         require_quorum(f"client {u} in round 2 (masked input)", len(self._u2), len(self._peer_keys), cfg.threshold)
 
@@ -158,7 +152,7 @@ class SecAggClient:
         y = cfg.reduce(y)  # a modular ring narrower than its words: uniform in Z_{2^k}, top bits 0
         # b_u and s_u^SK are no longer needed: only shares of them remain with the clients.
         self._self_seed = None
-        self._mask_key = None
+        self._mask_seed = self._mask_key = None
         return MaskedInput(u, y)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
@@ -173,5 +167,5 @@ class SecAggClient:
         return UnmaskResponse(
             u,
             tuple((w, self._held[w].self_mask) for w in sorted(survivors)),
-            tuple((v, self._held[v].mask_key_low, self._held[v].mask_key_high) for v in sorted(dropped)),
+            tuple((v, self._held[v].mask_seed) for v in sorted(dropped)),
         )

@@ -37,7 +37,7 @@ class KeyList:
 
 @dataclass(frozen=True)
 class EncryptedShares:
-    """One client's three Shamir shares (b, s^SK low half, s^SK high half) for another,
+    """One client's two Shamir shares (of b and of the seed of s^SK) for another,
     encrypted so only the recipient can read them."""
 
     sender: int
@@ -105,17 +105,17 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Round 3, client -> server: shares of b_w for survivors w, and of s_v^SK (two
-    halves) for dropped v; never both for one client."""
+    """Round 3, client -> server: shares of b_w for survivors w, and of the seed of s_v^SK
+    for dropped v; never both for one client."""
 
     sender: int
     self_mask_shares: tuple[tuple[int, bytes], ...]  # (owner w, share of b_w)
-    mask_key_shares: tuple[tuple[int, bytes, bytes], ...]  # (owner v, share of s_v^SK[:16], of [16:])
+    mask_key_shares: tuple[tuple[int, bytes], ...]  # (owner v, share of s_v^SK's seed)
 
     @property
     def nbytes(self) -> int:
         return (
             ID_BYTES
             + len(self.self_mask_shares) * (ID_BYTES + SECRET_BYTES)
-            + len(self.mask_key_shares) * (ID_BYTES + 2 * SECRET_BYTES)
+            + len(self.mask_key_shares) * (ID_BYTES + SECRET_BYTES)
         )

@@ -42,7 +42,7 @@ from shared.errors import UserError
 
 DOMAIN = b"tff-apps-secagg-v1"
 KEY_BYTES = 32  # X25519 keys, HKDF outputs
-SECRET_BYTES = 16  # b_u, and each half of s_u^SK: one Shamir secret / share each
+SECRET_BYTES = 16  # b_u, and the seed of s_u^SK: one Shamir secret / share each
 NONCE_BYTES = 12
 ID_BYTES = 4  # a client id on the wire
 RING_BITS = (32, 64)
@@ -247,6 +247,12 @@ def pairwise_mask(
 def share_cipher(own: X25519PrivateKey, peer_public: bytes, u: int, v: int) -> ChaCha20Poly1305:
     shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return ChaCha20Poly1305(hkdf(shared, b"/share-key/" + pair_label(u, v)))
+
+
+def mask_key_from_seed(seed: bytes) -> X25519PrivateKey:
+    """s_u^SK from the 16-byte seed that is Shamir-shared in its place: one secret to share
+    instead of the key's two 16-byte halves (as libsodium's seeded key pairs, a hash of a seed)."""
+    return X25519PrivateKey.from_private_bytes(hkdf(seed, b"/mask-key"))
 
 
 def public_bytes(key: X25519PrivateKey) -> bytes:

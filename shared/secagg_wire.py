@@ -148,7 +148,7 @@ def response_to_json(response: msg.UnmaskResponse) -> dict[str, Any]:
     return {
         "sender": response.sender,
         "b": [[w, b64(share)] for w, share in response.self_mask_shares],
-        "s": [[v, b64(low), b64(high)] for v, low, high in response.mask_key_shares],
+        "s": [[v, b64(share)] for v, share in response.mask_key_shares],
     }
 
 
@@ -157,7 +157,7 @@ def response_from_json(obj: dict[str, Any]) -> msg.UnmaskResponse:
         return msg.UnmaskResponse(
             int(obj["sender"]),
             tuple((int(w), unb64(share, "share")) for w, share in obj["b"]),
-            tuple((int(v), unb64(low, "share"), unb64(high, "share")) for v, low, high in obj["s"]),
+            tuple((int(v), unb64(share, "share")) for v, share in obj["s"]),
         )
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, WireError):
