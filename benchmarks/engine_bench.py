@@ -120,10 +120,16 @@ def build_limit(model_cfg, clients):
 
     from healthcare.model import build_keras_model
 
-    model = build_keras_model(model_cfg, FEATURES, 0)
-    loss_fn = tf.keras.losses.BinaryCrossentropy()
+    return plain_round(build_keras_model(model_cfg, FEATURES, 0), tf.keras.losses.BinaryCrossentropy())
+
+
+def plain_round(model, loss_fn, examples: int = EXAMPLES):
+    """`build_limit`'s round for any Keras `model` and loss: (round_fn(start, x, y) -> the new
+    weights, the model's start weights), x [clients, examples, ...]."""
+    import tensorflow as tf
+
     variables = model.trainable_variables
-    steps = [(s, min(s + BATCH, EXAMPLES)) for s in range(0, EXAMPLES, BATCH)]
+    steps = [(s, min(s + BATCH, examples)) for s in range(0, examples, BATCH)]
 
     @tf.function
     def round_fn(start, x, y):
@@ -136,8 +142,8 @@ def build_limit(model_cfg, clients):
                     loss = loss_fn(y[c, first:last], model(x[c, first:last], training=True))
                 for v, g in zip(variables, tape.gradient(loss, variables)):
                     v.assign_sub(CLIENT_LR * g)
-            total = [t + float(EXAMPLES) * (w - v) for t, w, v in zip(total, start, variables)]
-        n = tf.cast(tf.shape(x)[0] * EXAMPLES, tf.float32)
+            total = [t + float(examples) * (w - v) for t, w, v in zip(total, start, variables)]
+        n = tf.cast(tf.shape(x)[0] * examples, tf.float32)
         return [w - SERVER_LR * t / n for w, t in zip(start, total)]
 
     start = [tf.identity(v) for v in variables]

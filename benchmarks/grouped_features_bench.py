@@ -11,7 +11,10 @@ local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on ([robu
 bad, 8-bit quantize / hadamard / dft; secure_masked: the Bonawitz protocol over every client of
 the round, in Python; ddp_simulated / ddp_masked: distributed DP, clip 1.0, z 1.0, its integer
 vectors summed plainly or by the Bonawitz protocol; dp_record: record-level DP-SGD, clip 1.0, noise 1.0, on Poisson round inputs
-of the same expected batch and steps). The limit is the
+of the same expected batch and steps). The model rows (traffic_gru, traffic_gcn_gru,
+traffic_dcrnn) run the plain weighted mean with traffic's model instead of the MLP (32 units;
+history 12, horizon 12; the graph models' districts of 4 sensors; the masked MAE loss), on
+synthetic windows, the same 57 examples a client. The limit is the
 plain FedAvg round of `engine_bench.build_limit` (the same local SGD steps in one tf.function,
 data in memory, no clipping, noise or quantization), so a ratio above the plain mean's is the
 feature's own cost. The round time includes stacking the clients' datasets. One process per
@@ -44,6 +47,7 @@ FEATURES = (
 )
 # [robustness] and [communication] (grouped_robust.py): a tenth of the clients bad for scaled_update
 ROBUST_FEATURES = ("median", "trimmed_mean", "clip_zero", "scaled_update", "quantize", "hadamard", "dft")
+MODEL_FEATURES = ("traffic_gru", "traffic_gcn_gru", "traffic_dcrnn")  # the plain mean with another model
 CLIENT_COUNTS = (10, 100, 1000)
 LARGE = 10_000  # the plain mean only: a large federation's round
 # The Bonawitz protocol's Shamir shares (pycryptodome, pure-Python GF(2^128)) grow as clients^2:
@@ -120,13 +124,19 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
     from tff_apps.program.round_loop import next_round
     from tff_apps.runtime.context import Runtime
 
-    model_cfg = ModelConfig(kind="mlp", hidden_units=HIDDEN)
     train, kwargs = process_for(feature, n_clients)
-    clients = synthetic_clients(n_clients)
     timed = timed or TIMED_ROUNDS[n_clients]
     with PeakRss(os.getpid()) as peak, Runtime():
-        process = factory.build_learning_process(train, tff_model_fn(model_cfg, N_FEATURES, 0), **kwargs)
-        round_fn, start = build_limit(model_cfg, clients)
+        # the limit's eager Keras model is built after the process's graph-mode ones (Keras 2.14
+        # swaps its classes to the mode of the latest build: traffic/app.py `train_and_evaluate`)
+        if feature in MODEL_FEATURES:
+            model_fn, build_round, clients = traffic_model(feature.removeprefix("traffic_"), n_clients)
+        else:
+            model_cfg = ModelConfig(kind="mlp", hidden_units=HIDDEN)
+            clients = synthetic_clients(n_clients)
+            model_fn, build_round = tff_model_fn(model_cfg, N_FEATURES, 0), lambda: build_limit(model_cfg, clients)
+        process = factory.build_learning_process(train, model_fn, **kwargs)
+        round_fn, start = build_round()
         state, limit_state, times = process.initialize(), start, {"grouped": [], "limit": []}
         for r in range(timed + 1):  # each round's inputs made untimed, and dropped after it (peak RSS)
             inputs = (poisson_round_inputs if feature == "dp_record" else round_inputs)(clients, train, r)
@@ -144,6 +154,33 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
         "feature": feature, "clients": n_clients, "grouped_s": grouped, "limit_s": limit,
         "ratio": grouped / limit, "peak_rss_mb": mb(peak.peak), "engine": factory.engine_of(process),
     }
+
+
+def traffic_model(kind: str, n_clients: int):
+    """(TFF model function, a builder of the limit's (round_fn, start), clients) of traffic's `kind` on
+    synthetic windows (module docstring); a quarter of the targets missing."""
+    import numpy as np
+
+    from engine_bench import EXAMPLES, plain_round
+    from tff_apps.learning.client_data import ClientTrainData
+    from traffic.model import GRAPH_KINDS, ModelConfig, build_keras_model, masked_mae, tff_model_fn
+    from traffic.windows import N_FEATURES
+
+    history, horizon, nodes = 12, 12, 4 if kind in GRAPH_KINDS else 0
+    rng = np.random.default_rng(n_clients)
+    clients = []
+    for i in range(n_clients):
+        if nodes:  # a district's windows, typical speeds and graph rows (traffic/graph_model.py)
+            graph = rng.random((EXAMPLES, nodes, nodes)) * (rng.random((EXAMPLES, nodes, nodes)) < 0.5)
+            x = np.concatenate([rng.standard_normal((EXAMPLES, nodes, history * N_FEATURES + history + horizon)), graph], -1)
+            y = rng.standard_normal((EXAMPLES, nodes, horizon))
+        else:
+            x, y = rng.standard_normal((EXAMPLES, history, N_FEATURES)), rng.standard_normal((EXAMPLES, horizon))
+        y[rng.random(y.shape) < 0.25] = np.nan
+        clients.append(ClientTrainData(f"c{i}", x.astype(np.float32), y.astype(np.float32)))
+    cfg = ModelConfig(kind=kind, hidden_units=32)
+    limit = lambda: plain_round(build_keras_model(cfg, history, N_FEATURES, horizon, 0, nodes), masked_mae)  # noqa: E731
+    return tff_model_fn(cfg, history, N_FEATURES, horizon, 0, nodes), limit, clients
 
 
 def poisson_round_inputs(clients, train, round_number: int) -> list:
@@ -177,7 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)  # child: feature, clients
     parser.add_argument("--clients", type=int, nargs="*", default=list(CLIENT_COUNTS))
-    parser.add_argument("--features", nargs="*", default=list(FEATURES + ROBUST_FEATURES))
+    parser.add_argument("--features", nargs="*", default=list(FEATURES + ROBUST_FEATURES + MODEL_FEATURES))
     parser.add_argument("--large", action=argparse.BooleanOptionalAction, default=True, help="the 10,000-client row")
     parser.add_argument("--timed", type=int, default=0, help="timed rounds per cell (0: TIMED_ROUNDS)")
     parser.add_argument("--out", type=Path, default=RESULTS_MD)
