@@ -150,7 +150,7 @@ class SecAggClient:
             mask = pairwise_mask(self._mask_key, self._peer_keys[v].mask_public_key, u, v, y.size, cfg)
             y = y + mask if v > u else y - mask
         y = cfg.reduce(y)  # a modular ring narrower than its words: uniform in Z_{2^k}, top bits 0
-        # b_u and s_u^SK are no longer needed: only shares of them remain with the clients.
+        # b_u and m_u (with the key derived from it) are no longer needed: only shares remain with the clients.
         self._self_seed = None
         self._mask_seed = self._mask_key = None
         return MaskedInput(u, y)
