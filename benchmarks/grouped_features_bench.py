@@ -51,7 +51,7 @@ MODEL_FEATURES = ("traffic_gru", "traffic_gcn_gru", "traffic_dcrnn")  # the plai
 CLIENT_COUNTS = (10, 100, 1000)
 LARGE = 10_000  # the plain mean only: a large federation's round
 # The Bonawitz protocol's Shamir shares (pycryptodome, pure-Python GF(2^128)) grow as clients^2:
-# 100 clients take ~50 s a round in the protocol alone, on either engine; larger rounds are skipped.
+# 100 clients take ~30 s a round in the protocol alone, on either engine; larger rounds are skipped.
 MASKED_MAX_CLIENTS = 100
 MASKED_FEATURES = ("secure_masked", "ddp_masked")
 TIMED_ROUNDS = {10: 5, 100: 4, 1000: 3, LARGE: 4}
