@@ -54,7 +54,7 @@ def build_learning_process(
     whose bad clients are the first of `client_names` (the federation's clients in order).
 
     `train.engine = "grouped"`: the same mathematics with a round's clients trained in one
-    TFF call (`grouped_process.GroupedProcess`; `federation.check_engine` refuses what it does not run).
+    TFF call (`grouped_process.GroupedProcess`; `grouped.build_grouped_process` refuses the models it does not run).
     `"auto"`: grouped where it runs the job, else the stock process (the reason logged).
     """
     grouped_process = _grouped_or_none(train, model_fn, aggregator_factory, privacy, secure, federation, client_names)

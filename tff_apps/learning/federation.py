@@ -152,7 +152,7 @@ def check(cfg, client_rows: Mapping[str, int] | None) -> None:
                 f"config: {key} applies to horizontal apps (healthcare, traffic); remove it from this job"
             )
         return
-    for part in (check_communication, check_clients, check_robustness, check_personalization, check_engine):
+    for part in (check_communication, check_clients, check_robustness, check_personalization):
         part(cfg, federation, dict(client_rows))
 
 
@@ -355,35 +355,6 @@ def check_personalization(cfg, federation: Federation, client_rows: dict[str, in
             f"'{cfg.privacy.level}': the fine-tuned models' metrics would be released without differential "
             "privacy; set personalization.epochs = 0 or privacy.level = 'none'"
         )
-
-
-def check_engine(cfg, federation: Federation, client_rows: dict[str, int]) -> None:
-    """`train.engine = "grouped"` (tff_apps/learning/grouped.py) runs the plain (un)weighted mean, client-level
-    DP with fixed or adaptive clipping, record-level DP-SGD with the plain uniform mean (grouped_dp_sgd.py), the
-    "simulated" and "masked" secure-sum means, distributed DP (client-level DP with either, grouped_ddp.py), every
-    robustness.aggregation and bad-client mode, and
-    communication.compression without DP-SGD (grouped_robust.py); anything else is refused
-    rather than computed differently. (Its model must be a chain of Keras Dense layers: checked
-    when the process is built.)"""
-    if getattr(cfg.train, "engine", "tff") != "grouped":
-        return
-    privacy, robustness = cfg.privacy, federation.robustness
-    record = privacy.level == "record"  # grouped_aggregation.aggregation_of refuses the same
-    scaled = robustness.bad_clients > 0 and robustness.bad_client_mode == "scaled_update"
-    refused = {
-        "privacy.secure_aggregation": privacy.secure_aggregation != "none" and record,
-        "robustness.aggregation": record and robustness.aggregation != "mean",
-        "robustness.bad_client_mode": record and scaled,
-        "communication.compression": record and federation.communication.compression != "none",
-    }
-    for key, bad in refused.items():
-        if bad:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            raise UserError(
-                f"config: train.engine = 'grouped' does not run {key} = {value!r}; use train.engine = 'tff' "
-                f"or change {key}"
-            )
 
 
 def describe(federation: Federation) -> dict[str, Any]:

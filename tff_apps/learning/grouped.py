@@ -35,16 +35,19 @@ equivalence test, tests/tff_apps/learning/test_grouped.py, compares 3 rounds to 
 Masked secure aggregation (no DP) runs the stock masked round's secure sum in Python between
 a grouped client phase and the server phase (`grouped_masked`).
 
-Record-level DP-SGD (per-example clipping and noise at every client, the uniform mean) is
-`grouped_dp_sgd`'s, on the Poisson round inputs of `dp_sgd`.
+Record-level DP-SGD (per-example clipping and noise at every client) is `grouped_dp_sgd`'s local
+training, on the Poisson round inputs of `dp_sgd`; its updates then take the same aggregations
+as the stock record-level process: the uniform mean, compressed or inside clip_zero, or the
+uniform secure sums.
 
 Distributed DP (client-level DP with a secure sum) runs TFF's own DistributedDpSumFactory split
 at its secure sums after a grouped client phase (`grouped_ddp`).
 
-What it does not run is refused: `federation.check_engine` refuses configs (UserError
-before the run folder: DP-SGD with secure sums, [robustness] or [communication]);
-`build_grouped_process` refuses models other than a chain of Keras Dense layers with a
-per-example loss (`read_dense_chain`).
+It runs every horizontal configuration the stock engine runs. What it does not run is a model:
+`build_grouped_process` refuses (UserError) models other than a chain of Keras Dense layers (or
+a GRU) with a per-example loss and models carrying their own stacked form (`read_dense_chain`),
+and, for DP-SGD, the models whose per-example loss it would compute differently
+(`grouped_dp_sgd`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import functools
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -59,6 +63,7 @@ from tensorflow_federated.python.aggregators import differential_privacy
 
 from tff_apps.config import TrainSection
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, masked_sum, per_example_elements, read_dense_chain
+from tff_apps.learning.grouped_data import round_groups
 from tff_apps.learning.grouped_aggregation import aggregation_of, dp_computations, finish_mean, per_client_sums
 from tff_apps.learning.grouped_ddp import build_ddp_process
 from tff_apps.learning.grouped_masked import masked_next
@@ -83,10 +88,6 @@ def build_grouped_process(
     if secure is None:
         secure = getattr(privacy, "secure", None)
     aggregation = aggregation_of(train, plan, secure, federation)
-    if plan is not None and plan.level == "record":  # DP-SGD at every client, the uniform mean
-        from tff_apps.learning.grouped_dp_sgd import build_dp_sgd_process
-
-        return build_dp_sgd_process(train, model_fn, plan, aggregation)
     spec = aggregation.robust
     bad = ()
     if spec is not None and spec.scaled:
@@ -97,9 +98,17 @@ def build_grouped_process(
     with tf.Graph().as_default():
         weights_type = tff.learning.models.weights_type_from_model(model_fn())
         input_spec = model_fn().input_spec
-    group_type = stacked_group_type(input_spec, chain.shaped_input, spec)
     optimizer = optimizers.client_optimizer(train)
-    proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
+    group_round = round_groups
+    if plan is not None and plan.level == "record":  # DP-SGD at every client, on its Poisson round inputs
+        from tff_apps.learning.grouped_dp_sgd import dp_sgd_training, poisson_round_groups
+
+        local_training, group_type = dp_sgd_training(chain, optimizer, plan, input_spec)
+        group_round = poisson_round_groups
+    else:
+        proximal = float(train.proximal_strength) if train.algorithm == "fedprox" else 0.0
+        local_training = functools.partial(_local_training, chain, optimizer, proximal)
+        group_type = stacked_group_type(input_spec, chain.shaped_input, spec)
     dp = dp_computations(aggregation.query, weights_type) if aggregation.kind == "dp" else None
     params_type = dp.derive_params.type_signature.result if dp else None
     robust = None
@@ -107,7 +116,7 @@ def build_grouped_process(
         robust = RobustAggregation(spec, tff.types.type_to_tf_tensor_specs(weights_type.trainable))
         aggregation = dataclasses.replace(aggregation, query=robust)
         params_type = tff.tensorflow.computation(robust.initial_state).type_signature.result
-    train_group = _train_group_computation(chain, optimizer, proximal, aggregation, weights_type, group_type, params_type)
+    train_group = _train_group_computation(local_training, aggregation, weights_type, group_type, params_type)
     initialize_fn, server_next = server_start(
         train, model_fn, weights_type, dp.initial_state if dp else robust.initial_state if robust else tuple
     )
@@ -116,7 +125,7 @@ def build_grouped_process(
 
     @tff.tensorflow.computation(sums_type["metrics"])
     def finish_metrics(sums):
-        return _finalize_metrics(chain, sums)
+        return _finalize_metrics(sums)
 
     if aggregation.kind == "ddp":  # TFF's distributed DP, split at its secure sums, between TFF calls
         return build_ddp_process(train, model_fn, plan, secure, privacy, weights_type, train_group, finish_metrics,
@@ -128,19 +137,19 @@ def build_grouped_process(
 
         next_masked = masked_next(initialize_fn, train_group, server_phase, finish_metrics, secure, weights_type.trainable,
                                   group_type)
-        return GroupedProcess(initialize_fn, next_masked)
+        return GroupedProcess(initialize_fn, next_masked, group_round=group_round)
 
     if dp is None and robust is None:
         @tff.tensorflow.computation(sums_type)
         def finish(sums):
             mean = finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
-            return mean, _finalize_metrics(chain, sums["metrics"])
+            return mean, _finalize_metrics(sums["metrics"])
 
     if robust is not None:
         @tff.tensorflow.computation(sums_type, params_type)
         def robust_finish(sums, robust_state):
             update, new_state, measurements = robust.finish(sums["value"], robust_state, sums["clients"])
-            return update, new_state, measurements, _finalize_metrics(chain, sums["metrics"])
+            return update, new_state, measurements, _finalize_metrics(sums["metrics"])
 
     def aggregate(state, groups):
         """(mean update, aggregator state, aggregator measurements, train metrics), at SERVER."""
@@ -153,7 +162,7 @@ def build_grouped_process(
         if dp is None:
             sums = tff.federated_sum(tff.federated_map(train_group, (weights, groups)))
             update, train_metrics = tff.federated_map(finish, sums)
-            return update, state.aggregator, tff.federated_value((), tff.SERVER), train_metrics
+            return update, state.aggregator, _mean_measurements(aggregation), train_metrics
         params = tff.federated_broadcast(tff.federated_map(dp.derive_params, state.aggregator.query_state))
         sums = tff.federated_sum(tff.federated_map(train_group, (weights, params, groups)))
         update, query_state, event, query_metrics = tff.federated_map(dp.noised_mean, (sums["value"], state.aggregator.query_state))
@@ -175,15 +184,25 @@ def build_grouped_process(
         ))
         return new_state, metrics
 
-    return GroupedProcess(initialize_fn, next_fn, spec, bad, federation.robustness.bad_update_scale if bad else 1.0)
+    scale = federation.robustness.bad_update_scale if bad else 1.0
+    return GroupedProcess(initialize_fn, next_fn, spec, bad, scale, group_round=group_round)
 
 
-def _train_group_computation(chain: DenseChain, optimizer, proximal: float, aggregation, weights_type, group_type, params_type=None):
-    """(weights, [DP query's sample params or the robust aggregation's state,] group) -> the group's sums."""
+def _mean_measurements(aggregation):
+    """The stock mean's measurements (MeanFactory's, UnweightedMeanFactory's; none for a secure sum's), at SERVER."""
+    if aggregation.kind not in ("mean", "unweighted"):
+        return tff.federated_value((), tff.SERVER)
+    count = "mean_weight" if aggregation.weighted else "mean_count"
+    return tff.federated_value(collections.OrderedDict([("mean_value", ()), (count, ())]), tff.SERVER)
+
+
+def _train_group_computation(local_training, aggregation, weights_type, group_type, params_type=None):
+    """(weights, [DP query's sample params or the robust aggregation's state,] group) -> the group's sums;
+    `local_training(start, group)` -> (updates [clients, ...], weights [clients], metric sums)."""
 
     def sums(weights, group, params=None):
         start = [tf.convert_to_tensor(w) for w in weights.trainable]
-        updates, client_weights, metrics = _local_training(chain, optimizer, proximal, start, group)
+        updates, client_weights, metrics = local_training(start, group)
         clients = tf.shape(group["mask"], out_type=tf.int64)[0]
         if aggregation.kind in ("robust", "masked", "ddp"):  # grouped_robust's sums (weight sum included), or the stacks
             value = aggregation.query.client_sums(updates, client_weights, params, group)
@@ -282,9 +301,9 @@ def _add_metric_sums(chain, sums, batch_y, predictions, data_loss, batch_mask, e
     return added
 
 
-def _finalize_metrics(chain: DenseChain, sums) -> collections.OrderedDict:
+def _finalize_metrics(sums) -> collections.OrderedDict:
+    """The metric sums of `_zero_metric_sums` (none for DP-SGD) -> the metrics TFF's client work reports."""
     finalized = collections.OrderedDict()
-    for name in chain.metric_names:
-        value = sums[name]
+    for name, value in sums.items():
         finalized[name] = value if name in ("num_examples", "num_batches") else tf.math.divide_no_nan(value[0], value[1])
     return finalized

@@ -6,6 +6,7 @@ stock aggregators the grouped engine reproduces (`grouped.py`'s docstring lists 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,14 +37,16 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
     from tff_apps.learning.optimizers import is_weighted
 
     level = plan.level if plan is not None else "none"
-    if secure is not None and level == "record":
-        raise UserError(f"{ENGINE_KEY} = 'grouped' does not run record-level DP with secure aggregation; "
-                        f"use {ENGINE_KEY} = 'tff'")
     robust = robust_spec(train, federation)
-    if level == "record":  # DP-SGD (`grouped_dp_sgd`): noised at the clients, then the plain uniform mean
-        if robust is not None:
-            raise UserError(f"{ENGINE_KEY} = 'grouped' runs record-level DP without [robustness] and [communication]; "
-                            f"use {ENGINE_KEY} = 'tff'")
+    if level == "record" and robust is not None:
+        # DP-SGD's updates are noised at the clients: the stock process runs them through the
+        # job's uniform mean, compressed or inside clip_zero; a median, trimmed mean or scaled
+        # bad updates it refuses (federation.check_robustness, first)
+        if robust.stacks or robust.scaled or secure is not None:
+            raise UserError(f"{ENGINE_KEY} = 'grouped' runs record-level DP with the uniform mean, compressed or "
+                            "clip_zero, only")
+        return Aggregation("robust", weighted=False, robust=dataclasses.replace(robust, weighted=False))
+    if level == "record" and secure is None:  # DP-SGD (`grouped_dp_sgd`): noised at the clients, the uniform mean
         return Aggregation("unweighted", weighted=False)
     if robust is not None:
         if level != "none" or secure is not None:  # federation.check refuses these first

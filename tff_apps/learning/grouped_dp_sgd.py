@@ -19,9 +19,12 @@ Each step, for every client at once (`_local_dp_sgd`, `_dp_sgd_gradients`), does
   size, plus the gradient of the client's weight regularization;
 - the client optimizer steps where the step is active (its state restarts every round).
 
-The update is w0 - w (zeroed if non-finite); the server takes the uniform mean (the stock
-`as_weighted_aggregator(UnweightedMeanFactory())`: a zeroed client still counts) and applies
-TFF's server-optimizer finalizer. No training metrics, as in the stock process.
+The update is w0 - w (zeroed if non-finite), the client's weight 1 (0 if zeroed). The round
+then aggregates as the stock record-level process does (`grouped.py`): the uniform mean (the
+stock `as_weighted_aggregator(UnweightedMeanFactory())`: a zeroed client still counts), or that
+mean compressed or inside clip_zero ([communication], [robustness]), or the uniform "simulated"
+or "masked" secure sum; then TFF's server-optimizer finalizer. No training metrics, as in the
+stock process.
 
 Only models whose per-example loss the grouped chain computes exactly as
 `dp_sgd.keras_per_example_loss` does run here: a masked mean loss (`masked_parts`) or a GRU
@@ -39,13 +42,9 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.common_libs import structure
 
 from shared.errors import UserError
-from tff_apps.config import TrainSection
 from tff_apps.learning import grouped_data
-from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain, read_dense_chain
-from tff_apps.learning.grouped_aggregation import Aggregation, finish_mean, per_client_sums
-from tff_apps.learning.grouped_process import (
-    GroupedProcess, apply_update, server_start, stacked_group_type, stacked_optimizer_state, where_client,
-)
+from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain
+from tff_apps.learning.grouped_process import stacked_group_type, stacked_optimizer_state, where_client
 
 POISSON_FIELDS = ("x", "y", "mask", "expected_batch_size", "active")
 
@@ -108,50 +107,22 @@ def _poisson_steps(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
     }
 
 
-# -- the process -----------------------------------------------------------------------------
+# -- the round's local training ---------------------------------------------------------------
 
 
-def build_dp_sgd_process(train: TrainSection, model_fn, plan, aggregation: Aggregation):
-    """The grouped engine's `dp_sgd.build_learning_process` (the record-level branch of
-    `factory.build_learning_process`): clip `plan.section.clip_norm`, noise multiplier
-    `plan.noise_multiplier`, the uniform mean `aggregation` (`grouped_aggregation.aggregation_of`)."""
-    from tff_apps.learning import optimizers
-    chain = read_dense_chain(model_fn)
+def dp_sgd_training(chain: DenseChain, optimizer, plan, input_spec):
+    """What `grouped.build_grouped_process` runs at the clients for record-level DP: (local
+    training (start, group) -> (updates, weights, no metric sums: the stock DP-SGD process
+    reports none, they would not be private), the Poisson group type). Clip
+    `plan.section.clip_norm`, noise multiplier `plan.noise_multiplier`."""
     _refuse_unmatched_loss(chain)
-    with tf.Graph().as_default():
-        weights_type = tff.learning.models.weights_type_from_model(model_fn())
-        input_spec = model_fn().input_spec
-    group_type = _poisson_group_type(stacked_group_type(input_spec, chain.flatten))
-    train_group = _train_group_computation(
-        chain, optimizers.client_optimizer(train), float(plan.section.clip_norm), float(plan.noise_multiplier),
-        aggregation, weights_type, group_type,
-    )
-    # the aggregator's state: the stock UnweightedMeanFactory's (its two sums')
-    initialize_fn, server_next = server_start(train, model_fn, weights_type, lambda: ((), ()))
+    clip_norm, noise_multiplier = float(plan.section.clip_norm), float(plan.noise_multiplier)
 
-    @tff.tensorflow.computation(train_group.type_signature.result)
-    def finish(sums):
-        return finish_mean(aggregation, sums["value"], sums["weight"], sums["clients"])
+    def local_training(start, group):
+        updates, weights = _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group)
+        return updates, weights, collections.OrderedDict()
 
-    @tff.federated_computation(initialize_fn.type_signature.result, tff.FederatedType(group_type, tff.CLIENTS))
-    def next_fn(state, groups):
-        weights = tff.federated_broadcast(state.global_model_weights)
-        update = tff.federated_map(finish, tff.federated_sum(tff.federated_map(train_group, (weights, groups))))
-        new_state, finalizer_measurements = apply_update(server_next, state, update, state.aggregator)
-        return new_state, _stock_metrics(finalizer_measurements)
-
-    return GroupedProcess(initialize_fn, next_fn, group_round=poisson_round_groups)
-
-
-def _stock_metrics(finalizer_measurements):
-    """The metrics of the stock DP-SGD process, at SERVER: no training metrics (they would not
-    be private), the measurements of the uniform mean's two plain sums, the finalizer's."""
-    return tff.federated_zip(collections.OrderedDict(
-        distributor=tff.federated_value((), tff.SERVER),
-        client_work=tff.federated_value(collections.OrderedDict(train=collections.OrderedDict()), tff.SERVER),
-        aggregator=tff.federated_value(collections.OrderedDict(mean_value=(), mean_count=()), tff.SERVER),
-        finalizer=finalizer_measurements,
-    ))
+    return local_training, _poisson_group_type(stacked_group_type(input_spec, chain.flatten))
 
 
 def _refuse_unmatched_loss(chain: DenseChain) -> None:
@@ -171,20 +142,6 @@ def _poisson_group_type(base: tff.StructType) -> tff.StructType:
     fields += [(name, tff.TensorType(np.float32, [None, None])) for name in ("expected_batch_size", "active")]
     assert [name for name, _ in fields] == list(POISSON_FIELDS)
     return tff.types.StructWithPythonType(fields, collections.OrderedDict)
-
-
-def _train_group_computation(chain, optimizer, clip_norm, noise_multiplier, aggregation, weights_type, group_type):
-    """(weights, group) -> the group's sums: value [sum of updates], weight (clients), clients."""
-
-    @tff.tensorflow.computation(weights_type, group_type)
-    def train_group(weights, group):
-        start = [tf.convert_to_tensor(w) for w in weights.trainable]
-        updates, client_weights = _local_dp_sgd(chain, optimizer, clip_norm, noise_multiplier, start, group)
-        value, weight = per_client_sums(aggregation, updates, client_weights)
-        clients = tf.shape(group["mask"], out_type=tf.int64)[0]
-        return collections.OrderedDict(value=value, weight=weight, clients=clients)
-
-    return train_group
 
 
 # -- the local training ----------------------------------------------------------------------

@@ -311,25 +311,6 @@ def grouped_input_spec():
     return collections.OrderedDict(x=tf.TensorSpec([None, D], tf.float32), y=tf.TensorSpec([None, 1], tf.float32))
 
 
-@pytest.mark.parametrize(
-    "override, key",
-    [
-        (["privacy.level=record", "privacy.secure_aggregation=simulated"], "privacy.secure_aggregation"),  # DP-SGD
-    ],
-)
-def test_check_refuses_settings_the_grouped_engine_does_not_run(override, key):
-    from healthcare.app import HealthcareApp
-    from tff_apps.learning import federation
-    from tff_apps.config import resolve
-
-    app = HealthcareApp()
-    rows = {f"c{i}": 40 for i in range(5)}
-    federation.check(resolve(app.default_config, app.sections, None, ["train.engine=grouped"]), rows)  # accepted
-    cfg = resolve(app.default_config, app.sections, None, ["train.engine=grouped", *override])
-    with pytest.raises(UserError, match=f"train.engine = 'grouped' does not run {key} = .*use train.engine = 'tff'"):
-        federation.check(cfg, rows)
-
-
 def test_stacked_clients_hold_each_batch_in_order_with_a_mask_of_its_rows():
     rng = np.random.default_rng(0)
 

@@ -45,10 +45,11 @@ def round_inputs(train: TrainSection, round_number: int) -> list:
     return [dp_sgd.poisson_client_dataset(c, train, seed) for c, seed in zip(CLIENTS, seeds)]
 
 
-def run_engine(engine: str, train: TrainSection, plan, model: ModelConfig = MLP):
-    """(initial trainable weights, final trainable weights, last round's metrics)."""
+def run_engine(engine: str, train: TrainSection, plan, model: ModelConfig = MLP, **options):
+    """(initial trainable weights, final trainable weights, last round's metrics); `options`:
+    `factory.build_learning_process`'s secure and federation."""
     train = dataclasses.replace(train, engine=engine)
-    process = factory.build_learning_process(train, tff_model_fn(model, D, 0), privacy=plan)
+    process = factory.build_learning_process(train, tff_model_fn(model, D, 0), privacy=plan, **options)
     assert factory.engine_of(process) == engine
     state = process.initialize()
     initial = [np.asarray(w) for w in process.get_model_weights(state).trainable]
@@ -136,23 +137,58 @@ def one_round(process, datasets) -> tuple[np.ndarray, np.ndarray]:
     return flat(state), flat(process.next(state, datasets).state)
 
 
-def test_auto_engine_runs_record_level_dp_grouped_but_not_with_secure_sums_or_compression():
+def secure_spec(mode: str, train: TrainSection):
+    """The job's uniform secure sum of mode "simulated" or "masked" for record-level DP."""
+    section = PrivacySection(level="record", noise_multiplier=1.0, secure_aggregation=mode, secure_bound=1.0)
+    spec = secure_settings.secure_aggregation(section, train, {c.name: len(c.x) for c in CLIENTS})
+    assert not spec.weighted  # DP-SGD's mean is uniform
+    return spec
+
+
+@pytest.mark.parametrize("secure, compression, aggregation", [
+    ("simulated", "none", "mean"),
+    ("masked", "none", "mean"),
+    ("none", "hadamard", "mean"),
+    ("none", "none", "clip_zero"),
+])
+def test_dp_sgd_with_the_stock_aggregations_matches_stock(runtime, secure, compression, aggregation):
+    """DP-SGD's updates through the other aggregations the stock record-level process runs: the
+    uniform secure sums, the compressed mean (3 bits: a coarse grid) and clip_zero, whose
+    adaptive L2 clip binds at this learning rate (checked on both engines' measurements)."""
+    from tff_apps.learning.federation import CommunicationSection, Federation, RobustnessSection
+
+    clip_zero = aggregation == "clip_zero"  # larger steps: updates longer than the L2 clip's first bound, 1
+    train = dataclasses.replace(TRAIN, client_learning_rate=1.0 if clip_zero else 0.2)
+    federation = Federation(
+        communication=CommunicationSection(compression=compression, bits=3), robustness=RobustnessSection(aggregation=aggregation)
+    )
+    options = {"federation": federation}
+    if secure != "none":
+        options["secure"] = secure_spec(secure, train)
+    plan = record_plan(1.0 if clip_zero else BINDING_CLIP, 0.0)
+    initial, stock, stock_metrics = run_engine("tff", train, plan, **options)
+    _, grouped, grouped_metrics = run_engine("grouped", train, plan, **options)
+    assert max_difference(stock, initial) > 1e-2
+    assert max_difference(stock, grouped) <= TOLERANCE
+    assert grouped_metrics["client_work"] == stock_metrics["client_work"] == {"train": collections.OrderedDict()}
+    if clip_zero:
+        for metrics in (stock_metrics, grouped_metrics):
+            assert metrics["aggregator"]["zeroing"]["clipped_count"] >= 1
+        clip = grouped_metrics["aggregator"]["zeroing"]["clipping_norm"]
+        assert clip == pytest.approx(stock_metrics["aggregator"]["zeroing"]["clipping_norm"], rel=1e-6) and clip != 1.0
+    if secure == "masked":
+        assert grouped_metrics["secure_aggregation"]["secagg_survivors"] == len(CLIENTS)
+
+
+def test_auto_engine_runs_record_level_dp_grouped_with_secure_sums_and_compression():
     from tff_apps.learning.federation import CommunicationSection, Federation
 
     auto = dataclasses.replace(TRAIN, engine="auto")
     plan = record_plan(1.0, 1.0)
     model_fn = tff_model_fn(MLP, D, 0)
-    assert factory.engine_of(factory.build_learning_process(auto, model_fn, privacy=plan)) == "grouped"
     compressed = Federation(communication=CommunicationSection(compression="quantize", bits=8))
-    with_compression = factory.build_learning_process(auto, model_fn, privacy=plan, federation=compressed)
-    assert factory.engine_of(with_compression) == "tff"
-    rows = {c.name: len(c.x) for c in CLIENTS}
-    spec = secure_settings.secure_aggregation(
-        PrivacySection(level="record", noise_multiplier=1.0, secure_aggregation="simulated"), auto, rows
-    )
-    assert factory.engine_of(factory.build_learning_process(auto, model_fn, privacy=plan, secure=spec)) == "tff"
-    with pytest.raises(UserError, match="train.engine = 'grouped' does not run record-level DP with secure aggregation; use train.engine = 'tff'"):
-        factory.build_learning_process(dataclasses.replace(auto, engine="grouped"), model_fn, privacy=plan, secure=spec)
+    for options in ({}, {"federation": compressed}, {"secure": secure_spec("simulated", auto)}):
+        assert factory.engine_of(factory.build_learning_process(auto, model_fn, privacy=plan, **options)) == "grouped"
 
 
 def test_dp_sgd_refuses_a_masked_mean_loss():
@@ -191,7 +227,7 @@ def test_poisson_inputs_are_stacked_step_by_step_with_the_inactive_steps_marked(
         assert not stacked["active"][c, steps[c]:].any() and not stacked["mask"][c, steps[c]:].any()
 
 
-def test_check_accepts_record_level_dp_with_the_grouped_engine_but_not_with_secure_sums():
+def test_check_accepts_record_level_dp_with_the_grouped_engine_and_the_stock_aggregations():
     from healthcare.app import HealthcareApp
     from tff_apps.config import resolve
     from tff_apps.learning import federation
@@ -199,15 +235,9 @@ def test_check_accepts_record_level_dp_with_the_grouped_engine_but_not_with_secu
     app = HealthcareApp()
     rows = {f"c{i}": 40 for i in range(5)}
     record = ["train.engine=grouped", "privacy.level=record", "privacy.noise_multiplier=1.0"]
-    federation.check(resolve(app.default_config, app.sections, None, record), rows)  # accepted
-    for override, key in (
-        (["privacy.secure_aggregation=simulated"], "privacy.secure_aggregation"),
-        (["communication.compression=quantize"], "communication.compression"),
-        (["robustness.aggregation=clip_zero"], "robustness.aggregation"),
-    ):
-        cfg = resolve(app.default_config, app.sections, None, [*record, *override])
-        with pytest.raises(UserError, match=f"train.engine = 'grouped' does not run {key} = .*use train.engine = 'tff'"):
-            federation.check(cfg, rows)
+    for override in ([], ["privacy.secure_aggregation=masked"], ["communication.compression=quantize"],
+                     ["robustness.aggregation=clip_zero"]):
+        federation.check(resolve(app.default_config, app.sections, None, [*record, *override]), rows)  # accepted
 
 
 def test_clipped_gradient_sums_are_the_clipped_sums_of_each_examples_own_gradient():
