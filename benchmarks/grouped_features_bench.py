@@ -6,7 +6,8 @@ Run with `make bench` or:  uv run --locked python benchmarks/grouped_features_be
 and prints it.
 
 The round is `engine_bench`'s (healthcare MLP 30-64-1, 57 examples per client, batch 16, one
-local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on ([robustness] and
+local epoch, client SGD 0.1, server SGD 1.0) with one feature switched on (workers_2: the round
+spread over two loopback TFF workers, as `--workers`; server_adam / server_yogi at rate 0.01; [robustness] and
 [communication]: median, trimmed_mean 0.2, clip_zero, scaled_update with a tenth of the clients
 bad, 8-bit quantize / hadamard / dft; secure_masked: the Bonawitz protocol over every client of
 the round, in Python; ddp_simulated / ddp_masked: distributed DP, clip 1.0, z 1.0, its integer
@@ -25,6 +26,7 @@ process tree (Python + the TFF worker) over the whole cell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS_MD = ROOT / "benchmarks" / "grouped_features.md"
 
 FEATURES = (
-    "mean", "fedprox", "server_adam", "dp_fixed", "dp_adaptive", "dp_record", "secure_simulated", "secure_masked",
+    "mean", "workers_2", "fedprox", "server_adam", "server_yogi", "dp_fixed", "dp_adaptive", "dp_record", "secure_simulated", "secure_masked",
     "ddp_simulated", "ddp_masked",
 )
 # [robustness] and [communication] (grouped_robust.py): a tenth of the clients bad for scaled_update
@@ -70,8 +72,8 @@ def process_for(feature: str, n_clients: int):
     )
     if feature == "fedprox":
         return dataclasses.replace(train, algorithm="fedprox", proximal_strength=0.1), {}
-    if feature == "server_adam":
-        return dataclasses.replace(train, server_optimizer="adam", server_learning_rate=0.01), {}
+    if feature.startswith("server_"):  # Reddi et al.'s adaptive server optimizers
+        return dataclasses.replace(train, server_optimizer=feature.removeprefix("server_"), server_learning_rate=0.01), {}
     if feature == "dp_record":  # DP-SGD at every client (grouped_dp_sgd.py): per-example clipping and noise
         section = PrivacySection(level="record", clip_norm=1.0)
         return train, {"privacy": types.SimpleNamespace(level="record", section=section, noise_multiplier=1.0)}
@@ -122,11 +124,10 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
     from healthcare.model import ModelConfig, tff_model_fn
     from tff_apps.learning import factory
     from tff_apps.program.round_loop import next_round
-    from tff_apps.runtime.context import Runtime
 
     train, kwargs = process_for(feature, n_clients)
     timed = timed or TIMED_ROUNDS[n_clients]
-    with PeakRss(os.getpid()) as peak, Runtime():
+    with PeakRss(os.getpid()) as peak, runtime_for(feature):
         # the limit's eager Keras model is built after the process's graph-mode ones (Keras 2.14
         # swaps its classes to the mode of the latest build: traffic/app.py `train_and_evaluate`)
         if feature in MODEL_FEATURES:
@@ -154,6 +155,22 @@ def measure(feature: str, n_clients: int, timed: int | None = None) -> dict:
         "feature": feature, "clients": n_clients, "grouped_s": grouped, "limit_s": limit,
         "ratio": grouped / limit, "peak_rss_mb": mb(peak.peak), "engine": factory.engine_of(process),
     }
+
+
+@contextlib.contextmanager
+def runtime_for(feature: str):
+    """The TFF runtime of a cell: one worker of its own, or for workers_2 two loopback workers
+    (`tff-apps run --workers`: each trains one contiguous slice of the round's clients)."""
+    from tff_apps.runtime.context import Runtime
+
+    if feature != "workers_2":
+        with Runtime():
+            yield
+        return
+    from workers_bench import loopback_workers
+
+    with loopback_workers(2) as addresses, Runtime(workers=addresses):
+        yield
 
 
 def traffic_model(kind: str, n_clients: int):

@@ -11,6 +11,7 @@ Extra `--set` values go to both jobs, e.g. `--set train.local_epochs=5` for more
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -54,13 +55,10 @@ def final_weights(run_dir: Path, rounds: int):
     return [np.asarray(leaf) for leaf in tf.nest.flatten(saved)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args()
-
-    ports = [portpicker.pick_unused_port() for _ in range(2)]
+@contextlib.contextmanager
+def loopback_workers(count: int):
+    """`count` TFF workers on free loopback ports (ours: stopped on exit); yields their addresses."""
+    ports = [portpicker.pick_unused_port() for _ in range(count)]
     processes = [start_worker(port) for port in ports]
     try:
         deadline = time.monotonic() + 30
@@ -68,7 +66,19 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("the workers did not start")
             time.sleep(0.05)
-        addresses = [f"127.0.0.1:{port}" for port in ports]
+        yield [f"127.0.0.1:{port}" for port in ports]
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args()
+
+    with loopback_workers(2) as addresses:
         with tempfile.TemporaryDirectory() as tmp:
             runs = Path(tmp)
             results = {}
@@ -91,9 +101,6 @@ def main() -> None:
             ratio = statistics.median(results["1 worker "][1:]) / statistics.median(results["2 workers"][1:])
             print(f"speed-up of 2 workers over 1 (median round): {ratio:.2f}x on {os.cpu_count()} cores")
             print(f"max |weight difference| after {args.rounds} rounds, 1 vs 2 workers: {diff:.3g}")
-    finally:
-        for process in processes:
-            stop_process(process)
 
 
 if __name__ == "__main__":
