@@ -243,6 +243,8 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
         sampling: dp_config.Sampling = dp_config.client_sampling(cfg.train, len(rows))
     else:
         sampling = dp_config.record_sampling(cfg.train, rows)
+    # the statistics' public ranges are checked before the noise is calibrated (seconds of accounting)
+    spec = statistics_spec(app, cfg, prepared) if dp_statistics.releases(section) else None
     plan = calibration.plan(section, cfg.train, sampling)
     if plan.rounds < cfg.train.rounds:
         log.info(
@@ -251,7 +253,7 @@ def start(app, cfg, prepared, run_id: str, resume: bool = False) -> RunPrivacy |
         )
     result = RunPrivacy(plan, fingerprint_of(prepared), secure=secure, warning=client_noise_warning(plan))
     if plan.statistics:
-        result.statistics_spec = statistics_spec(app, cfg, prepared)
+        result.statistics_spec = spec
     if result.warning:
         log.warning(result.warning)  # before training, on stderr; the run's log gets it too
     if section.lifetime_epsilon > 0:
