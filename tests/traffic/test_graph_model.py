@@ -89,7 +89,7 @@ def test_the_two_product_convolution_is_the_sum_over_supports(kind):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_graph_job_runs_through_tff_with_every_baseline_and_personalization(tmp_path: Path):
+def test_a_graph_job_runs_grouped_with_every_baseline_and_personalization(tmp_path: Path):
     job = [
         "--set", "data.n_districts=2", "--set", "data.sensors_per_district=4", "--set", "data.days=7",
         "--set", "train.rounds=2", "--set", "train.local_steps=5", "--set", "train.batch_size=8",
