@@ -19,6 +19,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from tff_apps.learning.client_data import RoundRows
+
 GROUP_BYTES = 8 << 20  # below glibc's largest mmap threshold (32 MB), so freed buffers are reused
 
 
@@ -84,7 +86,10 @@ def _client_rows(dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray, int]
 
     `client_data.client_dataset` builds `from_tensor_slices(rows).batch(b)`: its rows are read
     straight from the dataset (about 0.1 ms; iterating a dataset costs about 20 ms per
-    client). Any other dataset is iterated, and its batches must all be full but the last."""
+    client). `client_data.RoundRows` are those rows already. Any other dataset is iterated, and
+    its batches must all be full but the last."""
+    if isinstance(dataset, RoundRows):
+        return dataset.x, dataset.y, dataset.batch_size
     source = getattr(dataset, "_input_dataset", None)
     if (
         type(dataset).__name__ == "_BatchDataset"

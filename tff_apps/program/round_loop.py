@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from tff_apps.config import TrainSection
 from tff_apps.learning import participation
-from tff_apps.learning.client_data import ClientTrainData, client_dataset, round_seed
+from tff_apps.learning.client_data import ClientTrainData, client_dataset, client_round_rows, round_seed
 from tff_apps.learning.factory import engine_of
 from tff_apps.learning.federation import ClientsSection
 from tff_apps.privacy.dp_config import examples_per_round
@@ -151,12 +151,13 @@ def run_rounds(
     the clients that reported.
 
     `round_input(client, train, seed)`: a client's round input, by default its dataset
-    (`client_data.client_dataset`); across sites, the reference its site opens
+    (`client_data.client_dataset`; the grouped engine's: its rows, `client_round_rows`); across sites, the reference its site opens
     (`sites.site_training.round_reference`).
     """
     sampling = sampling_seed(seed, privacy)
     rounds = train.rounds
-    make_dataset = round_input or client_dataset
+    # the grouped engine stacks the rows themselves: no tf.data pipeline built per client and round
+    make_dataset = round_input or (client_round_rows if engine_of(process) == "grouped" else client_dataset)
     if privacy is not None:
         privacy.check_clients({c.name: c.rows for c in clients})
         rounds = privacy.rounds

@@ -330,3 +330,17 @@ def test_stacked_clients_hold_each_batch_in_order_with_a_mask_of_its_rows():
             np.testing.assert_array_equal(stacked["x"][c, s, :n], batch["x"])
             np.testing.assert_array_equal(stacked["y"][c, s, :n], batch["y"])
             assert stacked["mask"][c, s, :n].all() and not stacked["mask"][c, s, n:].any()
+
+
+@pytest.mark.parametrize("train", [TRAIN, dataclasses.replace(TRAIN, local_steps=4, batch_size=3)])
+def test_a_clients_round_rows_stack_as_its_dataset_does(train):
+    """The grouped engine's round input (`client_round_rows`, no tf.data) stacks to the very
+    group its tf.data dataset (`client_dataset`, the stock engine's) gives."""
+    seeds = [client_data.round_seed(0, 1, i) for i in range(len(CLIENTS))]
+    rows = [client_data.client_round_rows(c, train, seed) for c, seed in zip(CLIENTS, seeds)]
+    datasets = [client_data.client_dataset(c, train, seed) for c, seed in zip(CLIENTS, seeds)]
+    from_rows, from_datasets = grouped_data.stack_datasets(rows), grouped_data.stack_datasets(datasets)
+    assert from_rows.keys() == from_datasets.keys()
+    for key in from_rows:
+        np.testing.assert_array_equal(from_rows[key], from_datasets[key])
+    assert from_rows["mask"].sum() == sum(len(r.x) for r in rows) > 0
