@@ -132,8 +132,9 @@ def dp_plan(clip: float, noise: float, clipping: str = "fixed"):
 
 
 def test_client_level_dp_with_a_binding_clip_matches_stock(runtime):
-    """Uniform weighting (the DP mean's), client Adam."""
-    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05)
+    """Uniform weighting (the DP mean's), client Adam, server Yogi."""
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05, server_optimizer="yogi",
+                                server_learning_rate=0.05)
     clipped, _ = assert_same_model(train, privacy=dp_plan(clip=0.05, noise=0.0))
     _, unclipped, _, _ = run_engine("grouped", train, privacy=dp_plan(clip=1e6, noise=0.0))
     assert max_difference(unclipped, clipped) > 1e-2  # the clip binds
@@ -141,8 +142,9 @@ def test_client_level_dp_with_a_binding_clip_matches_stock(runtime):
 
 def test_adaptive_clipping_matches_stock_and_moves_the_clip(runtime):
     """TFF's quantile estimator (Andrew et al.), run by both engines from one DP query: the
-    same clip every round, so the same model (noise 0: the clipped count's noise too)."""
-    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05)
+    same clip every round, so the same model (noise 0: the clipped count's noise too); server Adam."""
+    train = dataclasses.replace(TRAIN, client_optimizer="adam", client_learning_rate=0.05, server_optimizer="adam",
+                                server_learning_rate=0.01)
     plan = dp_plan(clip=0.05, noise=0.0, clipping="adaptive")
     _, stock_metrics = assert_same_model(train, privacy=plan)
     _, _, _, grouped_metrics = run_engine("grouped", train, privacy=plan)
