@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -59,11 +60,17 @@ def poisson_batches(n_rows: int, q: float, steps: int, rng: np.random.Generator)
     return [np.flatnonzero(row) for row in chosen]
 
 
-def padded_dataset(
-    x: np.ndarray, y: np.ndarray, batches: list[np.ndarray], expected_batch_size: float
-) -> tf.data.Dataset:
-    """One element per step: the batch padded to a common width, its 0/1 mask, and the
-    expected batch size that divides the noised sum."""
+@dataclass(frozen=True)
+class PoissonRoundSteps:
+    """A client's DP-SGD round input as arrays: the element `padded_dataset` slices into steps
+    (the grouped engine stacks these without a tf.data pipeline)."""
+
+    element: collections.OrderedDict
+
+
+def padded_steps(x: np.ndarray, y: np.ndarray, batches: list[np.ndarray], expected_batch_size: float) -> PoissonRoundSteps:
+    """One row per step: the batch padded to a common width, its 0/1 mask, and the expected
+    batch size that divides the noised sum."""
     steps = len(batches)
     width = max(1, max((len(b) for b in batches), default=0))
     index = np.zeros((steps, width), np.int64)
@@ -71,22 +78,33 @@ def padded_dataset(
     for step, rows in enumerate(batches):
         index[step, : len(rows)] = rows
         mask[step, : len(rows)] = 1.0
-    element = collections.OrderedDict(
+    return PoissonRoundSteps(collections.OrderedDict(
         batch=collections.OrderedDict(x=x[index].astype(np.float32), y=y[index].astype(np.float32)),
         mask=mask,
         expected_batch_size=np.full(steps, expected_batch_size, np.float32),
-    )
-    return tf.data.Dataset.from_tensor_slices(element)
+    ))
 
 
-def poisson_client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
+def padded_dataset(
+    x: np.ndarray, y: np.ndarray, batches: list[np.ndarray], expected_batch_size: float
+) -> tf.data.Dataset:
+    """`padded_steps` as a dataset of one element per step (the stock engine's round input)."""
+    return tf.data.Dataset.from_tensor_slices(padded_steps(x, y, batches, expected_batch_size).element)
+
+
+def poisson_round_steps(client: ClientTrainData, train: TrainSection, seed: int) -> PoissonRoundSteps:
     """A client's round input for DP-SGD (the record-level counterpart of
-    `client_data.client_dataset`): `dp_config.record_steps_per_round` Poisson batches."""
+    `client_data.client_round_rows`): `dp_config.record_steps_per_round` Poisson batches."""
     n = len(client.x)
     q = min(1.0, train.batch_size / n)
     steps = dp_config.record_steps_per_round(train, n)
     batches = poisson_batches(n, q, steps, np.random.default_rng(seed))
-    return padded_dataset(client.x, client.y, batches, q * n)
+    return padded_steps(client.x, client.y, batches, q * n)
+
+
+def poisson_client_dataset(client: ClientTrainData, train: TrainSection, seed: int) -> tf.data.Dataset:
+    """`poisson_round_steps` as the stock engine's dataset (the counterpart of `client_data.client_dataset`)."""
+    return tf.data.Dataset.from_tensor_slices(poisson_round_steps(client, train, seed).element)
 
 
 def element_spec(input_spec) -> collections.OrderedDict:

@@ -44,6 +44,7 @@ from tensorflow_federated.python.common_libs import structure
 from shared.errors import UserError
 from tff_apps.learning import grouped_data
 from tff_apps.learning.dense_chain import ENGINE_KEY, DenseChain
+from tff_apps.learning.dp_sgd import PoissonRoundSteps
 from tff_apps.learning.grouped_process import stacked_group_type, stacked_optimizer_state, where_client
 
 POISSON_FIELDS = ("x", "y", "mask", "expected_batch_size", "active")
@@ -88,10 +89,13 @@ def _poisson_steps(dataset: tf.data.Dataset) -> dict[str, np.ndarray]:
     """One client's steps: x [steps, width, ...], y likewise, mask [steps, width], expected
     batch size [steps].
 
-    `dp_sgd.padded_dataset` builds `from_tensor_slices(steps)`: its tensors are read straight
-    from the dataset (iterating costs about 20 ms per client, as `grouped_data._client_rows`
-    measured). Any other dataset of the same elements is iterated."""
-    if type(dataset).__name__ == "_TensorSliceDataset":
+    `dp_sgd.PoissonRoundSteps` holds those arrays; `dp_sgd.padded_dataset` builds
+    `from_tensor_slices(steps)`: its tensors are read straight from the dataset (iterating costs
+    about 20 ms per client, as `grouped_data._client_rows` measured). Any other dataset of the
+    same elements is iterated."""
+    if isinstance(dataset, PoissonRoundSteps):
+        element = dataset.element
+    elif type(dataset).__name__ == "_TensorSliceDataset":
         element = tf.nest.pack_sequence_as(dataset.element_spec, [np.asarray(t) for t in dataset._tensors])
     else:
         elements = list(dataset.as_numpy_iterator())

@@ -169,7 +169,7 @@ def run_rounds(
         if privacy.level == "record" and round_input is None:  # across sites: drawn at the site
             from tff_apps.learning import dp_sgd
 
-            make_dataset = dp_sgd.poisson_client_dataset
+            make_dataset = dp_sgd.poisson_round_steps if engine_of(process) == "grouped" else dp_sgd.poisson_client_dataset
     state = process.initialize()
     lineage = None
     if init_from is not None:

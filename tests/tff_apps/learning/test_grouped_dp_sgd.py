@@ -197,9 +197,15 @@ def test_poisson_inputs_are_stacked_step_by_step_with_the_inactive_steps_marked(
     stacked = grouped_dp_sgd.stack_poisson_datasets(datasets)
     # the same inputs read by iterating (the fallback for datasets that are not tensor slices)
     iterated = grouped_dp_sgd.stack_poisson_datasets([ds.map(lambda e: e) for ds in datasets])
-    assert stacked.keys() == iterated.keys() == set(grouped_dp_sgd.POISSON_FIELDS)
+    # and the arrays a job hands the grouped engine (`dp_sgd.poisson_round_steps`, no tf.data)
+    seeds = [client_data.round_seed(0, 1, i) for i in range(len(CLIENTS))]
+    arrays = grouped_dp_sgd.stack_poisson_datasets(
+        [dp_sgd.poisson_round_steps(c, TRAIN, seed) for c, seed in zip(CLIENTS, seeds)]
+    )
+    assert stacked.keys() == iterated.keys() == arrays.keys() == set(grouped_dp_sgd.POISSON_FIELDS)
     for key in stacked:
         np.testing.assert_array_equal(stacked[key], iterated[key])
+        np.testing.assert_array_equal(stacked[key], arrays[key])
     steps = [dp_config.record_steps_per_round(TRAIN, len(c.x)) for c in CLIENTS]
     assert stacked["mask"].shape[:2] == (len(CLIENTS), max(steps))
     np.testing.assert_array_equal(stacked["active"].sum(axis=1), steps)
