@@ -30,7 +30,7 @@ class ClientTrainData:
 class RoundRows:
     """One client's round input as arrays: its rows in the order `client_dataset` batches them.
     The grouped engine stacks these (`grouped_data`) without a tf.data pipeline, which costs
-    about 10 ms a client and round to build."""
+    about 0.8 ms a client and round to build (1,000 clients: 0.80 s against 0.034 s)."""
 
     x: np.ndarray
     y: np.ndarray

@@ -44,7 +44,7 @@ def aggregation_of(train: TrainSection, plan, secure, federation=None) -> Aggreg
         # bad updates it refuses (federation.check_robustness, first)
         if robust.stacks or robust.scaled or secure is not None:
             raise UserError(f"{ENGINE_KEY} = 'grouped' runs record-level DP with the uniform mean, compressed or "
-                            "clip_zero, only")
+                            f"inside clip_zero, as the stock engine does; use {ENGINE_KEY} = 'tff'")
         return Aggregation("robust", weighted=False, robust=dataclasses.replace(robust, weighted=False))
     if level == "record" and secure is None:  # DP-SGD (`grouped_dp_sgd`): noised at the clients, the uniform mean
         return Aggregation("unweighted", weighted=False)
