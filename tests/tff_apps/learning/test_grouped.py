@@ -84,14 +84,11 @@ def assert_same_model(train: TrainSection, model: ModelConfig = MLP, **kwargs):
     return fast_weights, stock_all
 
 
-def test_weighted_fedavg_matches_stock(runtime):
-    """An L2-regularized MLP, client SGD, server momentum; clients of 3 to 14 rows."""
-    assert_same_model(dataclasses.replace(TRAIN, server_momentum=0.9))
-
-
-def test_a_round_cut_into_groups_of_one_client_matches_stock(runtime, monkeypatch):
-    """Large rounds travel in groups of at most GROUP_BYTES (grouped_data.round_groups): here
-    every client is a group of its own, and the sums over groups still give stock's model."""
+def test_weighted_fedavg_in_groups_of_one_client_matches_stock(runtime, monkeypatch):
+    """An L2-regularized MLP, client SGD, server momentum; clients of 3 to 14 rows. Large
+    rounds travel in groups of at most GROUP_BYTES (grouped_data.round_groups): here every
+    client is a group of its own, and the sums over groups still give stock's model (the
+    other tests run their rounds as one group)."""
     monkeypatch.setattr(grouped_data, "GROUP_BYTES", 1)
     datasets = [client_data.client_dataset(c, TRAIN, i) for i, c in enumerate(CLIENTS)]
     assert [len(g["mask"]) for g in grouped_data.round_groups(datasets)] == [1] * len(CLIENTS)
