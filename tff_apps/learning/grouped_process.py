@@ -19,8 +19,9 @@ from tff_apps.learning.grouped_data import round_groups
 
 class GroupedProcess:
     """The learning process of the grouped engine, with the interface `round_loop.run_rounds`
-    uses: `initialize()`, `next(state, datasets)` (one tf.data.Dataset per client, as for
-    the stock process), `get_model_weights(state)`, `set_model_weights(state, weights)`.
+    uses: `initialize()`, `next(state, datasets)` (a round input per client: a tf.data.Dataset, as for
+    the stock process, or its rows as arrays, `client_data.RoundRows`), `get_model_weights(state)`,
+    `set_model_weights(state, weights)`.
     The state has the stock composed process's shape (LearningAlgorithmState; the
     finalizer's part is the server optimizer's state), and `output.metrics` has its
     `client_work.train` metrics."""
