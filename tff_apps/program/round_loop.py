@@ -157,7 +157,8 @@ def run_rounds(
     sampling = sampling_seed(seed, privacy)
     rounds = train.rounds
     # the grouped engine stacks the rows themselves: no tf.data pipeline built per client and round
-    make_dataset = round_input or (client_round_rows if engine_of(process) == "grouped" else client_dataset)
+    grouped = engine_of(process) == "grouped"
+    make_dataset = round_input or (client_round_rows if grouped else client_dataset)
     if privacy is not None:
         privacy.check_clients({c.name: c.rows for c in clients})
         rounds = privacy.rounds
@@ -169,7 +170,7 @@ def run_rounds(
         if privacy.level == "record" and round_input is None:  # across sites: drawn at the site
             from tff_apps.learning import dp_sgd
 
-            make_dataset = dp_sgd.poisson_round_steps if engine_of(process) == "grouped" else dp_sgd.poisson_client_dataset
+            make_dataset = dp_sgd.poisson_round_steps if grouped else dp_sgd.poisson_client_dataset
     state = process.initialize()
     lineage = None
     if init_from is not None:
